@@ -1,0 +1,352 @@
+"""Configuration: dataclasses loadable from YAML, validated with errors that name the field.
+
+One `ModelConfig` describes the decoder (its `moe` field, a `MoEConfig`, makes it a LLaMA-MoE); `ParallelConfig`
+describes the layout. The training config (`megamoe/train.py`) nests these two.
+
+    cfg = ModelConfig.from_dict(yaml.safe_load(open("model.yaml")))   # or load_yaml(path, ModelConfig)
+    cfg.validate()                                                   # raises ConfigError("moe.top_k: ...")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message starts with the dotted field name."""
+
+
+ROUTERS = ("topk_noisy", "mixtral", "switch")
+GATE_NETWORKS = ("linear", "mlp")
+DROP_POLICIES = ("zero", "input")
+LOAD_ESTIMATES = ("shazeer", "llama_moe")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class MoEConfig:
+    """The MoE part of a LLaMA-MoE model.
+
+    Routers:
+      topk_noisy  llama-moe v1 TopKBalancedNoisyGate: top-k of the gate logits (Gaussian noise with learned sigma in
+                  training), softmax over the k, cv^2 balance loss on importance and load.
+      mixtral     softmax over all experts, top-k, renormalise; switch-style aux loss; optional z-loss.
+      switch      top-1 of the softmax with a capacity (token dropping); switch aux loss.
+    Expert sizes: `expert_sizes` is None (equal split of the layer's routed FFN width), a list of E sizes for every
+    layer, or a list (one per MoE layer) of lists of E sizes.
+    """
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "topk_noisy"
+    gate_network: str = "mlp"
+    expert_sizes: list | None = None
+    residual_size: int = 0                 # always-on shared expert (sharing-inter / v2 residual), FFN neurons
+    score_scale: float | list = 1.0        # multiplies combine weights; a float or one per MoE layer
+    noise: bool = True                     # topk_noisy: noise in training; switch: Gumbel noise in training
+    noise_epsilon: float = 0.01
+    load_estimate: str = "shazeer"         # topk_noisy in training: "shazeer" (noisy logits vs threshold) or
+                                           # "llama_moe" (their quirk: pure noise term vs threshold)
+    balance_loss_weight: float = 0.01      # topk_noisy cv^2 loss weight; mixtral/switch aux loss weight
+    z_loss_weight: float = 0.0
+    capacity_factor: float | None = None   # None: dropless. switch defaults to 1.25 when None
+    drop_policy: str = "zero"              # a dropped (token, expert) slot contributes 0 or weight * its input
+    moe_layers: list | None = None         # indices of MoE layers; None: every layer
+    gate_init_std: float = 0.02
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_layers is None or i in self.moe_layers
+
+    def layer_scale(self, moe_index: int) -> float:
+        s = self.score_scale
+        return float(s[moe_index]) if isinstance(s, (list, tuple)) else float(s)
+
+    def sizes_for(self, moe_index: int, routed_width: int) -> list[int]:
+        """Per-expert sizes of the `moe_index`-th MoE layer (routed width = FFN width minus the residual)."""
+        es = self.expert_sizes
+        if es is None:
+            return [routed_width // self.num_experts] * self.num_experts
+        if es and isinstance(es[0], (list, tuple)):
+            return [int(s) for s in es[moe_index]]
+        return [int(s) for s in es]
+
+    def effective_capacity_factor(self) -> float | None:
+        if self.capacity_factor is None and self.router == "switch":
+            return 1.25
+        return self.capacity_factor
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-architecture decoder; with `moe` set, a LLaMA-MoE."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008         # FFN width; for an MoE layer, sum of expert sizes + residual_size
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None        # None: = num_heads (MHA)
+    head_dim: int | None = None            # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    moe: MoEConfig | None = None
+    attention_backend: str = "auto"        # auto | sdpa | flash | te
+    init_std: float = 0.02
+    recompute: bool = False                # activation checkpointing of every decoder layer
+    params_dtype: str = "float32"          # float32 | bfloat16 | float16
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def moe_index(self, layer: int) -> int | None:
+        """Position of `layer` among MoE layers, or None for a dense layer."""
+        if self.moe is None or not self.moe.is_moe_layer(layer):
+            return None
+        if self.moe.moe_layers is None:
+            return layer
+        return sorted(self.moe.moe_layers).index(layer)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_index(i) is not None for i in range(self.num_layers))
+
+    def expert_sizes(self, layer: int) -> list[int]:
+        mi = self.moe_index(layer)
+        assert mi is not None, f"layer {layer} is dense"
+        return self.moe.sizes_for(mi, self.intermediate_size - self.moe.residual_size)
+
+    def validate(self) -> "ModelConfig":
+        _positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"))
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ConfigError(f"num_kv_heads: {self.num_kv_heads} must be >= 1 and divide num_heads ({self.num_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(f"num_heads: {self.num_heads} does not divide hidden_size ({self.hidden_size}); "
+                              "set head_dim explicitly")
+        if self.dim_head % 2:
+            raise ConfigError(f"head_dim: {self.dim_head} must be even for RoPE")
+        if self.rope_scaling is not None:
+            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rt not in ROPE_TYPES:
+                raise ConfigError(f"rope_scaling.rope_type: {rt!r} is not one of {ROPE_TYPES}")
+        if self.attention_backend not in ("auto", "sdpa", "flash", "te"):
+            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash, te")
+        if self.params_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"params_dtype: {self.params_dtype!r} is not one of float32, bfloat16, float16")
+        if self.moe is not None:
+            self._validate_moe()
+        return self
+
+    def _validate_moe(self):
+        m = self.moe
+        if m.num_experts < 1:
+            raise ConfigError(f"moe.num_experts: {m.num_experts} must be >= 1")
+        if not 1 <= m.top_k <= m.num_experts:
+            raise ConfigError(f"moe.top_k: {m.top_k} must be between 1 and moe.num_experts ({m.num_experts})")
+        if m.router not in ROUTERS:
+            raise ConfigError(f"moe.router: {m.router!r} is not one of {ROUTERS}")
+        if m.gate_network not in GATE_NETWORKS:
+            raise ConfigError(f"moe.gate_network: unknown gate type {m.gate_network!r}; expected one of {GATE_NETWORKS}")
+        if m.router == "switch" and m.top_k != 1:
+            raise ConfigError(f"moe.top_k: the switch router is top-1, got {m.top_k}")
+        if m.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"moe.drop_policy: {m.drop_policy!r} is not one of {DROP_POLICIES}")
+        if m.load_estimate not in LOAD_ESTIMATES:
+            raise ConfigError(f"moe.load_estimate: {m.load_estimate!r} is not one of {LOAD_ESTIMATES}")
+        if m.capacity_factor is not None and m.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor: {m.capacity_factor} must be > 0 (or null for dropless)")
+        if not 0 <= m.residual_size < self.intermediate_size:
+            raise ConfigError(f"moe.residual_size: {m.residual_size} must be in [0, intermediate_size)")
+        if m.moe_layers is not None:
+            bad = [i for i in m.moe_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ConfigError(f"moe.moe_layers: {bad} are not layer indices in [0, {self.num_layers})")
+        n_moe = self.num_moe_layers
+        if isinstance(m.score_scale, (list, tuple)) and len(m.score_scale) != n_moe:
+            raise ConfigError(f"moe.score_scale: {len(m.score_scale)} values for {n_moe} MoE layers")
+        routed = self.intermediate_size - m.residual_size
+        es = m.expert_sizes
+        if es is None:
+            if routed % m.num_experts:
+                raise ConfigError(f"moe.expert_sizes: null asks for an equal split, but num_experts ({m.num_experts}) "
+                                  f"does not divide the routed FFN width ({routed}); give expert_sizes explicitly")
+            return
+        per_layer = es if es and isinstance(es[0], (list, tuple)) else [es] * n_moe
+        if len(per_layer) != n_moe:
+            raise ConfigError(f"moe.expert_sizes: {len(per_layer)} layers given for {n_moe} MoE layers")
+        for li, sizes in enumerate(per_layer):
+            if len(sizes) != m.num_experts:
+                raise ConfigError(f"moe.expert_sizes[{li}]: {len(sizes)} sizes for {m.num_experts} experts")
+            if any(int(s) < 1 for s in sizes):
+                raise ConfigError(f"moe.expert_sizes[{li}]: every expert needs at least one neuron, got {sizes}")
+            if sum(sizes) != routed:
+                raise ConfigError(f"moe.expert_sizes[{li}]: sizes add up to {sum(sizes)}, but the routed FFN width "
+                                  f"is intermediate_size - residual_size = {routed}")
+
+    # ---- parameter counts (for summaries and MFU) ----
+    def param_counts(self) -> dict:
+        """Total and activated (per token) parameter counts, embeddings included."""
+        H, d = self.hidden_size, self.dim_head
+        attn = H * d * (2 * self.num_heads + 2 * self.kv_heads)
+        emb = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
+        total = active = emb + H  # + final norm
+        for i in range(self.num_layers):
+            total += attn + 2 * H
+            active += attn + 2 * H
+            mi = self.moe_index(i)
+            if mi is None:
+                total += 3 * H * self.intermediate_size
+                active += 3 * H * self.intermediate_size
+                continue
+            sizes = self.expert_sizes(i)
+            gate = H * self.moe.num_experts + (self.moe.num_experts ** 2 if self.moe.gate_network == "mlp" else 0)
+            gate += H * self.moe.num_experts if self.moe.router == "topk_noisy" else 0
+            shared = 3 * H * self.moe.residual_size
+            total += 3 * H * sum(sizes) + gate + shared
+            # activated: the k largest experts bound the per-token cost; equal sizes make it exact
+            active += 3 * H * sum(sorted(sizes)[-self.moe.top_k:]) + gate + shared
+        return {"total": total, "active": active}
+
+    # ---- (de)serialisation ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "ModelConfig":
+        return from_dict(cls, d, where)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size is derived: world / (tp * pp) for dense parts; experts use ep * etp."""
+    tp: int = 1               # tensor parallel
+    ep: int = 1               # expert parallel
+    etp: int = 1              # expert tensor parallel
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    def validate(self, model: ModelConfig | None = None, world_size: int | None = None) -> "ParallelConfig":
+        for f in ("tp", "ep", "etp"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"parallel.{f}: {getattr(self, f)} must be >= 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel: needs tp > 1")
+        if world_size is not None:
+            if world_size % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide the world size {world_size}")
+            if world_size % (self.ep * self.etp):
+                raise ConfigError(f"parallel.ep: ep*etp = {self.ep * self.etp} does not divide the world size "
+                                  f"{world_size}")
+        if model is not None:
+            if model.num_heads % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide num_heads ({model.num_heads})")
+            if model.kv_heads % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide num_kv_heads ({model.kv_heads})")
+            if model.vocab_size % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide vocab_size ({model.vocab_size})")
+            if model.moe is not None:
+                if model.moe.num_experts % self.ep:
+                    raise ConfigError(f"parallel.ep: {self.ep} does not divide moe.num_experts "
+                                      f"({model.moe.num_experts})")
+                for i in range(model.num_layers):
+                    if model.moe_index(i) is None:
+                        continue
+                    bad = [s for s in model.expert_sizes(i) if s % self.etp]
+                    if bad:
+                        raise ConfigError(f"parallel.etp: {self.etp} does not divide expert sizes {bad} of layer {i}")
+                if model.moe.residual_size % self.tp:
+                    raise ConfigError(f"parallel.tp: {self.tp} does not divide moe.residual_size")
+            if any(model.moe_index(i) is None for i in range(model.num_layers)) and model.intermediate_size % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide intermediate_size ({model.intermediate_size})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generic dataclass <- dict with field-naming errors
+
+def _positive(obj, names):
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{n}: {v!r} must be a positive integer")
+
+
+def from_dict(cls, d: Any, where: str = ""):
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field of {cls.__name__} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in d.items():
+        path = f"{where}.{k}" if where else k
+        sub = _dataclass_in(hints[k])
+        if sub is not None and isinstance(v, dict):
+            v = from_dict(sub, v, path)
+        kwargs[k] = _check_scalar(hints[k], v, path)
+    return cls(**kwargs)
+
+
+def _dataclass_in(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def _check_scalar(tp, v, path):
+    """Light type check for scalars: catches `top_k: "two"` or `hidden_size: 4.5` with the field's name."""
+    args = set(typing.get_args(tp)) or {tp}
+    if v is None:
+        if type(None) in args:
+            return v
+        raise ConfigError(f"{path}: null is not allowed")
+    if int in args and isinstance(v, bool) and bool not in args:
+        raise ConfigError(f"{path}: expected an integer, got {v!r}")
+    if args <= {int, type(None)} and not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise ConfigError(f"{path}: expected an integer, got {v!r}")
+    if args <= {float, type(None)} and not isinstance(v, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {v!r}")
+    if float in args and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{path}: {v} is not finite")
+        return float(v) if list not in args else v
+    if args <= {bool, type(None)} and not isinstance(v, bool):
+        raise ConfigError(f"{path}: expected true or false, got {v!r}")
+    if args <= {str, type(None)} and not isinstance(v, str):
+        raise ConfigError(f"{path}: expected a string, got {v!r}")
+    return v
+
+
+def load_yaml(path: str, cls):
+    import yaml
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return from_dict(cls, d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
