@@ -1,0 +1,1 @@
+"""Training building blocks used by megamoe/train.py: config, LR schedule, metrics, monitor, checkpointing."""
