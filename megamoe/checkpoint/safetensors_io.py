@@ -1,0 +1,283 @@
+"""Streaming safetensors: a validating reader and a writer that never holds a whole file in memory.
+
+The safetensors format is simple: 8 bytes (little-endian u64) header length N, N bytes of JSON
+`{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
+little-endian tensor bytes; offsets are relative to the end of the header.
+
+Why our own instead of `safetensors.torch`:
+- `save_file` needs every tensor of a file in memory at once; `StreamingWriter` writes the header first (the layout
+  is planned ahead) and then appends tensor by tensor, so converting a 7B model needs one layer in RAM.
+- `safe_open` memory-maps the file, and every page it touches counts in the process's RSS until the file is closed;
+  `SafetensorsReader` reads one tensor with `os.pread` into a private buffer instead.
+- A truncated or corrupt file gets an error naming the file and what is wrong, before any tensor is used.
+
+Files written here load with `safetensors.safe_open` / `transformers` (tests check this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    DTYPES["F8_E5M2"] = torch.float8_e5m2
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, malformed or inconsistent. The message names the file."""
+
+
+def dtype_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class SafetensorsReader:
+    """Read tensors from one safetensors file without memory-mapping it.
+
+        r = SafetensorsReader("model.safetensors")     # validates the header and the file size
+        r.keys(); r.shape("x"); r.dtype("x")            # metadata only
+        t = r.get("x")                                  # one tensor, in a private buffer
+        t = r.get_rows("x", 0, 128)                     # rows [0, 128) of dim 0, reading only those bytes
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
+        try:
+            self._parse()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse(self):
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{self.path}: header length {n} does not fit a {size}-byte file "
+                                  "(truncated, or not a safetensors file)")
+        raw = os.pread(self._fd, n, 8)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        end_max = 0
+        for name, info in header.items():
+            try:
+                dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            if dt not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dt!r}")
+            if e - b != numel(shape) * dtype_size(dt) or b < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: offsets [{b}, {e}) do not match "
+                                      f"{dt} {shape}")
+            end_max = max(end_max, e)
+        if self.data_start + end_max > size:
+            raise CheckpointError(f"{self.path}: truncated: the header needs {self.data_start + end_max} bytes, "
+                                  f"the file has {size}")
+        self.header = header
+
+    # ---- metadata ----
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def __contains__(self, name) -> bool:
+        return name in self.header
+
+    def shape(self, name) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def dtype(self, name) -> str:
+        return self.header[name]["dtype"]
+
+    def nbytes(self, name) -> int:
+        b, e = self.header[name]["data_offsets"]
+        return e - b
+
+    # ---- data ----
+    def _read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            k = os.preadv(self._fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + got}")
+            got += k
+        return buf
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        b, e = info["data_offsets"]
+        return _from_bytes(self._read(self.data_start + b, e - b), info["dtype"], info["shape"])
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0, reading only those bytes."""
+        info = self.header[name]
+        shape = list(info["shape"])
+        row = numel(shape[1:]) * dtype_size(info["dtype"])
+        b, _ = info["data_offsets"]
+        data = self._read(self.data_start + b + start * row, (stop - start) * row)
+        return _from_bytes(data, info["dtype"], [stop - start] + shape[1:])
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _from_bytes(buf, dtype: str, shape) -> torch.Tensor:
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[dtype]).view(list(shape))
+
+
+class StreamingWriter:
+    """Write one safetensors file tensor by tensor, in a planned order.
+
+        w = StreamingWriter(path, [(name, "BF16", shape), ...], metadata={"format": "pt"})
+        for name, ... in plan: w.write(name, tensor)      # must follow the plan's order
+        w.close()                                          # checks that every planned tensor was written
+
+    The header (with every offset) is written first, so the file grows sequentially and only the tensor being
+    written is in memory. Writing out of order, a wrong shape or dtype, or closing early raise errors.
+    """
+
+    def __init__(self, path: str, plan, metadata: dict | None = None, align: int = 8):
+        self.path = path
+        header, off = {}, 0
+        self.order = []
+        for name, dt, shape in plan:
+            n = numel(shape) * dtype_size(dt)
+            header[name] = {"dtype": dt, "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+            self.order.append((name, dt, [int(s) for s in shape]))
+            off += n
+        self.total = off
+        if metadata:
+            header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * ((-len(raw)) % align)  # pad so tensor data starts aligned (the reference writer does too)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor):
+        if self._next >= len(self.order):
+            raise RuntimeError(f"{self.path}: {name!r} written but every planned tensor is already written")
+        want, dt, shape = self.order[self._next]
+        if name != want:
+            raise RuntimeError(f"{self.path}: expected tensor {want!r} next, got {name!r}")
+        if list(tensor.shape) != shape or NAMES.get(tensor.dtype) != dt:
+            raise RuntimeError(f"{self.path}: tensor {name!r} is {NAMES.get(tensor.dtype)} {list(tensor.shape)}, "
+                               f"planned {dt} {shape}")
+        write_tensor_bytes(self._f, tensor)
+        self._next += 1
+
+    def close(self):
+        if self._f is None:
+            return
+        try:
+            if self._next != len(self.order):
+                raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self.order)} planned tensors "
+                                   f"(next: {self.order[self._next][0]!r})")
+        finally:
+            self._f.close()
+            self._f = None
+
+    def abort(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def write_tensor_bytes(f, tensor: torch.Tensor):
+    """Append the raw (little-endian, C-order) bytes of `tensor` to the binary file `f`."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return
+    # a uint8 view of the storage: no copy, works for bf16/fp8 that numpy lacks
+    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+def sha256_file(path: str, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class BackgroundHasher:
+    """sha256 of several files in a background thread (hashlib releases the GIL), so the source checksum costs
+    no wall time when a second core is free. `result()` joins and returns {basename: hexdigest}."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self._out, self._err = {}, None
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        try:
+            for p in self.paths:
+                self._out[os.path.basename(p)] = sha256_file(p)
+        except BaseException as e:  # reported by result()
+            self._err = e
+
+    def result(self) -> dict:
+        self._t.join()
+        if self._err is not None:
+            raise self._err
+        return dict(self._out)

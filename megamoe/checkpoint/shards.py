@@ -1,0 +1,321 @@
+"""Our checkpoint format: safetensors partitioned by tensor-, expert- and expert-tensor-parallel rank, plus a
+JSON manifest. Loading re-shards to any other layout, lazily, tensor by tensor.
+
+Directory layout (T = tp, EP = ep, R = etp):
+
+    manifest.json                          format version, model config, parallel layout, partition method,
+                                           source checksum, and for every tensor: full shape, dtype, rule, parts
+    model-tp{t:02d}-of-{T:02d}.safetensors  non-expert tensors, TP slice t. Replicated tensors (norms, routers)
+                                           are stored once, in the tp00 file.
+    experts-ep{e:02d}-etp{r:02d}.safetensors  the experts owned by EP rank e (global expert names, experts
+                                           e*E/EP ... (e+1)*E/EP - 1), ETP slice r (gate/up rows, down columns).
+
+Every file holds tensors under their *global* names (docs/architecture.md) so a file can be read on its own.
+The trainer loads its rank's slice, whatever layout the checkpoint was written with:
+
+    from megamoe.checkpoint.shards import load_shards, ShardedCheckpoint
+    full = load_shards(path)                                    # TP1/EP1 state dict (full tensors)
+    mine = load_shards(path, tp=(rank_tp, TP), ep=(rank_ep, EP), etp=(rank_etp, ETP))
+    ckpt = ShardedCheckpoint(path); ckpt.config; ckpt.get("layers.0.attn.q_proj.weight")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..config import ConfigError, ModelConfig, ParallelConfig
+from .layout import expected_names, expected_shape, slicing
+from .safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter
+
+FORMAT = "megamoe-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def model_file(t: int, T: int) -> str:
+    return f"model-tp{t:02d}-of-{T:02d}.safetensors"
+
+
+def expert_file(e: int, r: int) -> str:
+    return f"experts-ep{e:02d}-etp{r:02d}.safetensors"
+
+
+def is_shard_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
+    size = n // parts
+    return i * size, (i + 1) * size
+
+
+def placement(cfg: ModelConfig, par: ParallelConfig, name: str, shape) -> dict:
+    """Where tensor `name` goes under layout `par`: its rule, split dim and list of part files."""
+    rule = slicing(name)
+    if rule[0] == "replicated":
+        return {"rule": "replicated", "dim": None, "parts": [model_file(0, par.tp)]}
+    if rule[0] == "tp":
+        dim = rule[1]
+        if shape[dim] % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide dim {dim} of {name} {list(shape)}")
+        return {"rule": "tp", "dim": dim, "parts": [model_file(t, par.tp) for t in range(par.tp)]}
+    _, e, dim = rule
+    per = cfg.moe.num_experts // par.ep
+    if shape[dim] % par.etp:
+        raise ConfigError(f"parallel.etp: {par.etp} does not divide dim {dim} of {name} {list(shape)}")
+    return {"rule": "expert", "dim": dim, "expert": e,
+            "parts": [expert_file(e // per, r) for r in range(par.etp)]}
+
+
+class ShardWriter:
+    """Write a full model, tensor by tensor in a fixed order, into partitioned files under `out_dir`.
+
+        w = ShardWriter(out_dir, cfg, ParallelConfig(tp=2, ep=2), dtypes={name: "BF16", ...}, info={...})
+        for name in w.names: w.write(name, full_tensor)     # in w.names order; one tensor in memory at a time
+        w.close()                                           # writes manifest.json last
+
+    `dtypes` maps every name of `expected_names(cfg)` to a safetensors dtype string (e.g. "BF16").
+    `info` goes into the manifest verbatim (partition method, source checksum, ...).
+    """
+
+    def __init__(self, out_dir: str, cfg: ModelConfig, par: ParallelConfig, dtypes: dict, info: dict | None = None):
+        par.validate(cfg)
+        self.out_dir, self.cfg, self.par, self.info = out_dir, cfg, par, info or {}
+        self.names = expected_names(cfg)
+        missing = [n for n in self.names if n not in dtypes]
+        if missing:
+            raise CheckpointError(f"no dtype for {missing[:3]} ({len(missing)} tensors)")
+        self.entries, plans = {}, {}
+        for t in range(par.tp):
+            plans[model_file(t, par.tp)] = []
+        if cfg.moe is not None:
+            for e in range(par.ep):
+                for r in range(par.etp):
+                    plans[expert_file(e, r)] = []
+        for n in self.names:
+            shape = expected_shape(cfg, n)
+            p = placement(cfg, par, n, shape)
+            p.update(shape=shape, dtype=dtypes[n])
+            self.entries[n] = p
+            for f in p["parts"]:
+                part_shape = list(shape)
+                if p["dim"] is not None:
+                    part_shape[p["dim"]] //= len(p["parts"])
+                plans[f].append((n, dtypes[n], part_shape))
+        self.writers = {}
+        meta = {"format": "pt", "megamoe": FORMAT}
+        try:
+            for f, plan in plans.items():
+                self.writers[f] = StreamingWriter(os.path.join(out_dir, f), plan, metadata=meta)
+        except BaseException:
+            self.abort()
+            raise
+        self.nbytes = sum(w.total for w in self.writers.values())
+        self._i = 0
+
+    def write(self, name: str, tensor: torch.Tensor):
+        if self._i >= len(self.names) or name != self.names[self._i]:
+            want = self.names[self._i] if self._i < len(self.names) else "nothing"
+            raise RuntimeError(f"ShardWriter: expected {want!r} next, got {name!r}")
+        e = self.entries[name]
+        if list(tensor.shape) != e["shape"]:
+            raise CheckpointError(f"{name}: shape {list(tensor.shape)}, the config implies {e['shape']}")
+        parts = e["parts"]
+        if e["dim"] is None:
+            self.writers[parts[0]].write(name, tensor)
+        else:
+            for f, piece in zip(parts, tensor.chunk(len(parts), dim=e["dim"])):
+                self.writers[f].write(name, piece)
+        self._i += 1
+
+    def close(self) -> str:
+        if self._i != len(self.names):
+            raise RuntimeError(f"ShardWriter: closed after {self._i} of {len(self.names)} tensors")
+        for w in self.writers.values():
+            w.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "model": self.cfg.to_dict(),
+            "parallel": {"tp": self.par.tp, "ep": self.par.ep, "etp": self.par.etp},
+            **self.info,
+            "files": sorted(self.writers),
+            "tensors": self.entries,
+        }
+        path = os.path.join(self.out_dir, MANIFEST)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=1)
+        return path
+
+    def abort(self):
+        for w in self.writers.values():
+            w.abort()
+
+
+class ShardedCheckpoint:
+    """A checkpoint directory in our format, opened lazily (only headers are read until a tensor is asked for)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        mpath = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such directory")
+        if not os.path.isfile(mpath):
+            raise CheckpointError(f"{mpath}: missing; {path} is not a megamoe sharded checkpoint")
+        try:
+            with open(mpath) as f:
+                m = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{mpath}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if m.get("format") != FORMAT:
+            raise CheckpointError(f"{mpath}: format is {m.get('format')!r}, expected {FORMAT!r}")
+        if m.get("version") != VERSION:
+            raise CheckpointError(f"{mpath}: format version {m.get('version')!r}; this megamoe reads {VERSION}")
+        self.manifest = m
+        try:
+            self.config = ModelConfig.from_dict(m["model"], "model").validate()
+            self.parallel = ParallelConfig(**m["parallel"])
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{mpath}: {e}") from None
+        self.tensors = m["tensors"]
+        self.readers = {}
+        for f in m["files"]:
+            self.readers[f] = SafetensorsReader(os.path.join(path, f))
+        for name, e in self.tensors.items():
+            for i, f in enumerate(e["parts"]):
+                r = self.readers.get(f)
+                if r is None or name not in r:
+                    raise CheckpointError(f"{os.path.join(path, f)}: lacks tensor {name!r} listed in the manifest")
+                want = list(e["shape"])
+                if e["dim"] is not None:
+                    want[e["dim"]] //= len(e["parts"])
+                if r.shape(name) != want or r.dtype(name) != e["dtype"]:
+                    raise CheckpointError(f"{os.path.join(path, f)}: {name} is {r.dtype(name)} {r.shape(name)}, "
+                                          f"the manifest says {e['dtype']} {want}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name) -> list[int]:
+        return list(self.tensors[name]["shape"])
+
+    def dtype(self, name) -> str:
+        return self.tensors[name]["dtype"]
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, f)) for f in self.readers)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor."""
+        e = self.tensors.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        if e["dim"] is None:
+            return self.readers[e["parts"][0]].get(name)
+        parts = [self.readers[f].get(name) for f in e["parts"]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e["dim"])
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) of the tensor along its split dim, reading only the parts that overlap."""
+        e = self.tensors[name]
+        dim, parts = e["dim"], e["parts"]
+        n = e["shape"][dim]
+        size = n // len(parts)
+        pieces = []
+        for i, f in enumerate(parts):
+            a, b = i * size, (i + 1) * size
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
+            r = self.readers[f]
+            if dim == 0:
+                pieces.append(r.get_rows(name, lo - a, hi - a))
+            else:
+                pieces.append(r.get(name).narrow(dim, lo - a, hi - lo).clone())
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    def get_local(self, name: str, tp=(0, 1), etp=(0, 1)) -> torch.Tensor:
+        """The slice of `name` held by tensor-parallel rank tp=(rank, size) (experts: expert-TP rank etp)."""
+        e = self.tensors[name]
+        if e["dim"] is None:
+            return self.get(name)
+        rank, size = etp if e["rule"] == "expert" else tp
+        n = e["shape"][e["dim"]]
+        if n % size:
+            raise ConfigError(f"{'parallel.etp' if e['rule'] == 'expert' else 'parallel.tp'}: {size} does not "
+                              f"divide dim {e['dim']} ({n}) of {name}")
+        if size == 1 and len(e["parts"]) == 1:
+            return self.get(name)
+        return self.get_range(name, *_chunk(n, size, rank))
+
+    def close(self):
+        for r in self.readers.values():
+            r.close()
+
+
+def local_names(cfg: ModelConfig, names, ep=(0, 1)) -> list[str]:
+    """The names a rank holds: all non-expert tensors, and the experts owned by EP rank ep=(rank, size)."""
+    rank, size = ep
+    if cfg.moe is not None and cfg.moe.num_experts % size:
+        raise ConfigError(f"parallel.ep: {size} does not divide moe.num_experts ({cfg.moe.num_experts})")
+    out = []
+    for n in names:
+        rule = slicing(n)
+        if rule[0] == "expert":
+            per = cfg.moe.num_experts // size
+            if rule[1] // per != rank:
+                continue
+        out.append(n)
+    return out
+
+
+def load_shards(path: str, tp=(0, 1), ep=(0, 1), etp=(0, 1), dtype: torch.dtype | None = None,
+                progress: bool = False) -> dict:
+    """State dict for one rank (defaults: the full TP1/EP1 model), from a checkpoint written with any layout.
+
+    tp/ep/etp are (rank, size) pairs. Expert tensors keep their global names (`layers.i.mlp.experts.{e}...`).
+    `dtype` casts on the fly (e.g. torch.float32 for CPU checks)."""
+    ck = ShardedCheckpoint(path)
+    try:
+        out = {}
+        names = local_names(ck.config, ck.names, ep)
+        for n in tqdm(names, desc="load shards", disable=not progress, unit="tensor"):
+            t = ck.get_local(n, tp, etp)
+            out[n] = t.to(dtype) if dtype is not None else t
+        return out
+    finally:
+        ck.close()
+
+
+def reshard(src: str, out_dir: str, par: ParallelConfig, info_update: dict | None = None,
+            progress: bool = True) -> dict:
+    """Re-write checkpoint `src` into `out_dir` (must exist, empty) with layout `par`, streaming tensor by tensor.
+    The tensors are bit-identical; only their partition changes. Returns the new manifest's path and sizes."""
+    ck = ShardedCheckpoint(src)
+    try:
+        info = {k: v for k, v in ck.manifest.items()
+                if k not in ("format", "version", "model", "parallel", "files", "tensors")}
+        info.update(info_update or {})
+        dtypes = {n: ck.dtype(n) for n in ck.names}
+        w = ShardWriter(out_dir, ck.config, par, dtypes, info)
+        if list(w.names) != list(ck.names):
+            w.abort()
+            raise CheckpointError(f"{src}: the manifest's tensors do not match its model config")
+        try:
+            bar = tqdm(total=w.nbytes, desc="reshard", unit="B", unit_scale=True, disable=not progress)
+            for n in w.names:
+                t = ck.get(n)
+                w.write(n, t)
+                bar.update(t.numel() * t.element_size())
+            bar.close()
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        return {"bytes": w.nbytes, "tensors": len(w.names)}
+    finally:
+        ck.close()
