@@ -1,0 +1,433 @@
+"""JSONL -> megatron `.bin/.idx`: streaming, parallel tokenization with per-line error reporting.
+
+How it works
+------------
+1. `plan_chunks` cuts every input file into byte ranges of about `chunk_bytes`, each ending just after a newline
+   (a seek plus a short read per cut: no pass over the data). Gzip files (`.gz`) are one chunk each.
+2. Each chunk is one task. A worker (a forked process; or the main process when `workers=1`) reads only its range,
+   decodes, parses and tokenizes its lines in batches, and writes the ids to a part file of its own. It returns
+   the document lengths, its line count and the bad lines it met (local line numbers).
+3. The main process takes the results *in input order* (`Pool.imap`), turns local line numbers into `file:line`,
+   appends each part to the output with a file copy and updates the progress bar (bytes, ETA, documents/s,
+   tokens/s). It does no tokenization, so N workers give close to N times one worker's speed.
+4. Output goes to temporary names and is renamed into place when complete (`indexed.IndexedWriter`): an
+   interrupted or failed run never leaves a dataset that looks whole. Part files live in a `*.parts.<pid>.tmp`
+   directory that is removed in every case.
+
+Memory is bounded by (workers + prefetched tasks) x `chunk_bytes`, whatever the input size.
+
+Bad lines (`BAD_INPUT_REASONS`): invalid UTF-8, a blank line, malformed JSON, a value that is not a JSON object, a
+missing key, a non-string value, an empty (whitespace-only) document. With `on_error="fail"` the first one, in input
+order, raises `PreprocessError("<file>:<line>: <reason>")` and nothing is written; with `"skip"` they are counted per
+reason, the first few of each are listed in the summary, and the run goes on.
+
+Every document gets EOS (`tokenizer.eod`) appended, and BOS prepended when `prepend_bos=True`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .indexed import IndexedWriter
+from .tokenizers import TextTokenizer, load_tokenizer, token_dtype
+
+__all__ = ["PreprocessConfig", "PreprocessSummary", "PreprocessError", "preprocess", "preprocess_domains",
+           "expand_inputs", "plan_chunks", "BAD_INPUT_REASONS", "is_validation_file"]
+
+BAD_INPUT_REASONS = ("invalid UTF-8", "blank line", "malformed JSON", "not a JSON object", "missing key",
+                     "not a string", "empty document")
+_INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_VALID_RE = re.compile(r"(^|[_\-.])(valid|validation|val|dev|heldout|held_out)([_\-.]|$)", re.IGNORECASE)
+
+
+class PreprocessError(ValueError):
+    """Bad input under `on_error='fail'`, or an input problem that makes the whole run impossible."""
+
+
+@dataclass
+class PreprocessConfig:
+    json_key: str = "text"
+    append_eos: bool = True
+    prepend_bos: bool = False
+    workers: int = 1
+    on_error: str = "skip"  # "skip" | "fail"
+    chunk_bytes: int = 8 << 20
+    batch_docs: int = 512
+    overwrite: bool = False
+    progress: bool = True
+    max_examples: int = 5  # bad-line examples kept per reason
+
+    def __post_init__(self):
+        if self.on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error must be 'skip' or 'fail', got {self.on_error!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclass
+class PreprocessSummary:
+    output_prefix: str
+    documents: int = 0
+    tokens: int = 0
+    lines: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    skipped: Counter = field(default_factory=Counter)
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+    files: List[str] = field(default_factory=list)
+    dtype: str = ""
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def format(self) -> str:
+        s = max(self.seconds, 1e-9)
+        out = [f"{self.output_prefix}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}) from "
+               f"{len(self.files)} file(s), {self.lines:,} lines, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+               f"({self.documents / s:,.0f} docs/s, {self.tokens / s:,.0f} tokens/s)"]
+        if self.skipped:
+            out.append(f"  skipped {self.skipped_total:,} line(s):")
+            for reason, n in sorted(self.skipped.items()):
+                out.append(f"    {reason}: {n:,}")
+                for ex in self.examples.get(reason, []):
+                    out.append(f"      {ex}")
+        else:
+            out.append("  skipped 0 lines")
+        return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        return {"output_prefix": self.output_prefix, "documents": self.documents, "tokens": self.tokens,
+                "lines": self.lines, "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "skipped": dict(self.skipped), "dtype": self.dtype, "files": self.files}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input discovery and chunking
+# ----------------------------------------------------------------------------------------------------------------
+def is_validation_file(name: str) -> bool:
+    """Whether a file name marks held-out data (`valid.jsonl`, `val_00.jsonl`, `c4-validation.jsonl`, ...)."""
+    base = os.path.basename(name)
+    for suf in _INPUT_SUFFIXES:
+        if base.endswith(suf):
+            base = base[: -len(suf)]
+            break
+    return bool(_VALID_RE.search(base))
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Files as given; directories expanded (recursively, sorted) to their `.jsonl/.json(.gz)` files."""
+    files: List[str] = []
+    for p in inputs:
+        if os.path.isdir(p):
+            found = []
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                found += [os.path.join(root, n) for n in sorted(names) if n.endswith(_INPUT_SUFFIXES)]
+            if not found:
+                raise PreprocessError(f"{p}: directory holds no {'/'.join(_INPUT_SUFFIXES)} files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise PreprocessError(f"{p}: no such file or directory")
+    return files
+
+
+def plan_chunks(files: Sequence[str], chunk_bytes: int) -> List[Tuple[int, str, int, int]]:
+    """(file index, path, start, end) byte ranges; each ends after a newline (or at EOF). end=-1: whole gz file."""
+    chunks = []
+    for fi, path in enumerate(files):
+        if path.endswith(".gz"):
+            chunks.append((fi, path, 0, -1))
+            continue
+        size = os.path.getsize(path)
+        start = 0
+        with open(path, "rb") as f:
+            while start < size:
+                cut = start + chunk_bytes
+                if cut >= size:
+                    end = size
+                else:
+                    f.seek(cut)
+                    f.readline()  # move past the line the cut fell into
+                    end = min(f.tell(), size)
+                chunks.append((fi, path, start, end))
+                start = end
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the per-chunk work (runs in workers)
+# ----------------------------------------------------------------------------------------------------------------
+_W: dict = {}  # worker state: tokenizer, config, parts dir
+
+
+def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: PreprocessConfig):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no nested rayon pool
+    _W["tok"] = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
+    _W["cfg"] = cfg
+    _W["dtype"] = np.dtype(token_dtype(_W["tok"].vocab_size))
+
+
+def _read_chunk(path: str, start: int, end: int) -> bytes:
+    if end < 0:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _parse_line(raw: bytes, key: str):
+    """-> (text, None) or (None, (reason, detail))."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, ("invalid UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+    if not line.strip():
+        return None, ("blank line", "")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, ("malformed JSON", f"{e.msg} at column {e.colno}")
+    if not isinstance(obj, dict):
+        return None, ("not a JSON object", f"got {type(obj).__name__}")
+    if key not in obj:
+        keys = ", ".join(sorted(map(str, obj))[:8])
+        return None, ("missing key", f"no key {key!r} (keys: {keys or 'none'})")
+    text = obj[key]
+    if not isinstance(text, str):
+        return None, ("not a string", f"key {key!r} holds {type(text).__name__}, expected a string")
+    if not text.strip():
+        return None, ("empty document", f"key {key!r} is empty or whitespace only")
+    return text, None
+
+
+def _process_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
+    ci, fi, path, start, end, parts_dir = task
+    tok: TextTokenizer = _W["tok"]
+    cfg: PreprocessConfig = _W["cfg"]
+    dtype = _W["dtype"]
+    data = _read_chunk(path, start, end)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the chunk's last line
+    errors: List[Tuple[int, str, str]] = []
+    sizes: List[int] = []
+    n_tokens = 0
+    part = os.path.join(parts_dir, f"part{ci:08d}.bin")
+    prefix = [tok.bos] if cfg.prepend_bos and tok.bos is not None else []
+    suffix = [tok.eod] if cfg.append_eos else []
+    with open(part, "wb") as out:
+        batch: List[str] = []
+
+        def flush():
+            nonlocal n_tokens
+            if not batch:
+                return
+            for ids in tok.encode_batch(batch):
+                arr = np.asarray(prefix + ids + suffix, dtype=dtype)
+                out.write(arr.tobytes())
+                sizes.append(arr.size)
+                n_tokens += arr.size
+            batch.clear()
+
+        for li, raw in enumerate(lines):
+            text, err = _parse_line(raw, cfg.json_key)
+            if err is not None:
+                errors.append((li, err[0], err[1]))
+                if cfg.on_error == "fail":
+                    break
+                continue
+            batch.append(text)
+            if len(batch) >= cfg.batch_docs:
+                flush()
+        if not (errors and cfg.on_error == "fail"):
+            flush()
+    return {"chunk": ci, "file": fi, "part": part, "sizes": np.asarray(sizes, dtype=np.int32),
+            "lines": len(lines), "errors": errors, "tokens": n_tokens,
+            "bytes": (end - start) if end >= 0 else os.path.getsize(path)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar over input bytes with documents/s and tokens/s; silent when disabled."""
+
+    def __init__(self, total_bytes: int, desc: str, enabled: bool):
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, nbytes: int, docs: int, tokens: int) -> None:
+        if self.bar is None:
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tok/s", refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tokenizer_of(tokenizer) -> TextTokenizer:
+    return tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Optional[PreprocessConfig] = None,
+               pool=None) -> PreprocessSummary:
+    """Tokenize JSONL `inputs` (files and/or directories) into `<output_prefix>.bin/.idx`.
+
+    `tokenizer` is a `TextTokenizer` or a path for `load_tokenizer`. Returns a `PreprocessSummary`; raises
+    `PreprocessError` for bad input under `on_error='fail'` (naming file and line) and when no document survives.
+    """
+    cfg = cfg or PreprocessConfig()
+    tok = _tokenizer_of(tokenizer)
+    files = expand_inputs(inputs)
+    dtype = np.dtype(token_dtype(tok.vocab_size))
+    total = sum(os.path.getsize(f) for f in files)
+    # about 8 chunks per worker for small inputs (load balance), never above cfg.chunk_bytes
+    chunk_bytes = max(1, min(cfg.chunk_bytes, max(64 << 10, total // (cfg.workers * 8) + 1)))
+    chunks = plan_chunks(files, chunk_bytes)
+    parts_dir = output_prefix + f".parts.{os.getpid()}.tmp"
+    tasks = [(ci, fi, path, s, e, parts_dir) for ci, (fi, path, s, e) in enumerate(chunks)]
+    summary = PreprocessSummary(output_prefix=output_prefix, files=list(files), dtype=dtype.name)
+    t0 = time.perf_counter()
+
+    writer = IndexedWriter(output_prefix, dtype, overwrite=cfg.overwrite)
+    os.makedirs(parts_dir, exist_ok=True)
+    progress = _Progress(total, os.path.basename(output_prefix), cfg.progress)
+    own_pool = None
+    try:
+        if cfg.workers == 1:
+            _worker_init(tok, tok.path, cfg)
+            results = map(_process_chunk, tasks)
+        else:
+            if pool is None:
+                ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+                own_pool = pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(tok, tok.path, cfg))
+            results = pool.imap(_process_chunk, tasks, chunksize=1)
+        lines_before = Counter()  # per file: lines in the chunks already merged
+        with writer:
+            for r in results:
+                path = files[r["file"]]
+                for li, reason, detail in r["errors"]:
+                    where = f"{path}:{lines_before[r['file']] + li + 1}"
+                    msg = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+                    if cfg.on_error == "fail":
+                        raise PreprocessError(msg + "  [--on-error fail: nothing was written]")
+                    summary.skipped[reason] += 1
+                    ex = summary.examples.setdefault(reason, [])
+                    if len(ex) < cfg.max_examples:
+                        ex.append(msg)
+                lines_before[r["file"]] += r["lines"]
+                writer.append_bin_file(r["part"], r["sizes"])
+                os.remove(r["part"])
+                summary.documents += len(r["sizes"])
+                summary.tokens += r["tokens"]
+                summary.lines += r["lines"]
+                summary.bytes += r["bytes"]
+                progress.update(r["bytes"], summary.documents, summary.tokens)
+            if summary.documents == 0:
+                raise PreprocessError(f"{output_prefix}: no documents to write: {summary.lines} line(s) read from "
+                                      f"{len(files)} file(s), {summary.skipped_total} skipped "
+                                      f"({dict(summary.skipped)})")
+            writer.publish()
+    except BaseException:
+        if own_pool is not None:
+            own_pool.terminate()
+            own_pool = None
+        raise
+    finally:
+        progress.close()
+        if not writer.published:
+            writer.abort()
+        if own_pool is not None:
+            own_pool.close()
+            own_pool.join()
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[PreprocessConfig] = None,
+                       domains: Optional[Sequence[str]] = None) -> dict:
+    """One dataset per domain directory of `root` (SlimPajama-style `root/<domain>/*.jsonl`).
+
+    Files whose names mark held-out data (`is_validation_file`) go to `<output_dir>/<domain>/valid_text_document`,
+    the others to `<output_dir>/<domain>/train_text_document`. Writes `<output_dir>/manifest.json` (domains, prefixes
+    relative to it, document/token counts, tokenizer) for `DomainMixture.from_manifest`. Returns the manifest."""
+    cfg = cfg or PreprocessConfig()
+    tok = _tokenizer_of(tokenizer)
+    if not os.path.isdir(root):
+        raise PreprocessError(f"{root}: not a directory (expected one subdirectory per domain)")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if domains is not None:
+        missing = [d for d in domains if d not in names]
+        if missing:
+            raise PreprocessError(f"{root}: no domain directory for {missing} (found {names})")
+        names = list(domains)
+    if not names:
+        raise PreprocessError(f"{root}: no domain subdirectories")
+    plan = {}
+    for d in names:
+        files = expand_inputs([os.path.join(root, d)])
+        plan[d] = {"train": [f for f in files if not is_validation_file(f)],
+                   "valid": [f for f in files if is_validation_file(f)]}
+        if not plan[d]["train"]:
+            raise PreprocessError(f"{os.path.join(root, d)}: only validation files, no training data")
+    manifest = {"format": "megamoe-domains-v1", "tokenizer": tok.describe(), "json_key": cfg.json_key,
+                "append_eos": cfg.append_eos, "prepend_bos": cfg.prepend_bos, "domains": {}}
+    pool = None
+    if cfg.workers > 1:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(tok, tok.path, cfg))
+    try:
+        for d in names:
+            entry = {}
+            for split in ("train", "valid"):
+                if not plan[d][split]:
+                    continue
+                prefix = os.path.join(output_dir, d, f"{split}_text_document")
+                s = preprocess(plan[d][split], prefix, tok, cfg, pool=pool)
+                if cfg.progress:
+                    print(s.format(), file=sys.stderr)
+                entry[split] = os.path.relpath(prefix, output_dir)
+                entry[f"{split}_documents"] = s.documents
+                entry[f"{split}_tokens"] = s.tokens
+                entry[f"{split}_skipped"] = dict(s.skipped)
+            manifest["domains"][d] = entry
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    path = os.path.join(output_dir, "manifest.json")
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return manifest

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Tokenize JSONL into megatron `.bin/.idx` datasets (read by megatron-core's IndexedDataset and Megatron-LM).
+
+One dataset from files and/or directories:
+
+    python tools/preprocess_data.py --input data/en_cc/ data/extra.jsonl --output-prefix out/cc \\
+        --tokenizer /path/to/hf_tokenizer_dir --workers 8
+
+    -> out/cc_text_document.bin / .idx   (megatron's naming: <prefix>_<json-key>_document)
+
+One dataset per domain directory (SlimPajama layout, or `tools/build_local_corpus.py` output):
+
+    python tools/preprocess_data.py --per-domain corpus/ --output-dir tokenized/ --tokenizer tok.model --workers 8
+
+    -> tokenized/<domain>/train_text_document.{bin,idx}, tokenized/<domain>/valid_text_document.{bin,idx}
+       (files named valid*/val*/validation*/dev* are held out) and tokenized/manifest.json
+
+EOS is appended to every document; `--append-bos` also prepends BOS. Bad lines (malformed JSON, missing key,
+non-UTF-8 bytes, empty documents, ...) are reported as file:line; `--on-error fail` stops at the first one and writes
+nothing, `--on-error skip` (default) counts them and goes on. Output is renamed into place only when complete.
+The library code is `megamoe.data.preprocess`.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from megamoe.data.preprocess import PreprocessConfig, PreprocessError, preprocess, preprocess_domains
+from megamoe.data.tokenizers import load_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="JSONL files and/or directories (searched recursively, sorted)")
+    src.add_argument("--per-domain", metavar="ROOT", help="a directory with one subdirectory of JSONL per domain")
+    p.add_argument("--output-prefix", help="with --input: output prefix; '_<json-key>_document' is appended")
+    p.add_argument("--output-dir", help="with --per-domain: output directory")
+    p.add_argument("--domains", nargs="+", help="with --per-domain: only these domain subdirectories")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory or sentencepiece .model file")
+    p.add_argument("--json-key", default="text", help="the JSON key holding the document text (default: text)")
+    p.add_argument("--append-bos", action="store_true", help="prepend BOS to every document")
+    p.add_argument("--no-eos", action="store_true", help="do not append EOS (megatron expects it; rarely wanted)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="tokenizer processes")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="what a bad input line does")
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="input bytes per work item")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same prefix")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--summary-json", help="also write the summary as JSON here")
+    a = p.parse_args(argv)
+    if a.input and not a.output_prefix:
+        p.error("--input needs --output-prefix")
+    if a.per_domain and not a.output_dir:
+        p.error("--per-domain needs --output-dir")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    cfg = PreprocessConfig(json_key=a.json_key, append_eos=not a.no_eos, prepend_bos=a.append_bos,
+                           workers=a.workers, on_error=a.on_error, chunk_bytes=int(a.chunk_mb * (1 << 20)),
+                           overwrite=a.overwrite, progress=not a.quiet)
+    try:
+        tok = load_tokenizer(a.tokenizer)
+        if a.input:
+            s = preprocess(a.input, f"{a.output_prefix}_{a.json_key}_document", tok, cfg)
+            print(s.format())
+            result = s.to_dict()
+        else:
+            result = preprocess_domains(a.per_domain, a.output_dir, tok, cfg, domains=a.domains)
+            print(f"wrote {os.path.join(a.output_dir, 'manifest.json')}: "
+                  + ", ".join(f"{d} ({e.get('train_tokens', 0):,} train tokens)"
+                              for d, e in result["domains"].items()))
+    except (PreprocessError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published for the dataset in progress", file=sys.stderr)
+        return 130
+    if a.summary_json:
+        with open(a.summary_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
