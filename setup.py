@@ -21,7 +21,7 @@ except ImportError:  # metadata-only builds (pip's dependency resolution) do not
 if torch is not None and os.environ.get("MEGAMOE_SKIP_EXT") != "1":
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.13 headers need C++20
     if cpp_sources:
         ext_modules.append(cpp_extension.CppExtension(
             "megamoe._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
@@ -31,7 +31,8 @@ if torch is not None and os.environ.get("MEGAMOE_SKIP_EXT") != "1":
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         ext_modules.append(cpp_extension.CUDAExtension(
             "megamoe._C_cuda", cu_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]}))
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}))
     if ext_modules:
         cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
 

@@ -1,8 +1,10 @@
 """Token permute / unpermute: gather tokens into expert-major order and scatter them back.
 
 `permute` and `unpermute` are the public ops. They dispatch to the fastest backend present (CUDA or C++ from
-`csrc/`, built as `megamoe._C`) and fall back to the plain-torch reference below, which is also what the tests
-compare against. Set MEGAMOE_PERMUTE_BACKEND=torch|cpp|cuda to force one.
+`csrc/`, built as `megamoe._C` / `megamoe._C_cuda`) and fall back to the plain-torch reference below, which is also
+what the tests compare against. Set MEGAMOE_PERMUTE_BACKEND=torch|cpp|cuda to force one (a forced backend that
+cannot run raises instead of falling back). The first call logs one line on the `megamoe.ops.permute` logger
+saying which backend runs.
 
 Layout contract (see docs/architecture.md):
   permute(hidden [T,H], indices [T,k], num_experts, capacity=None, pad_multiple=1)
@@ -12,12 +14,40 @@ Layout contract (see docs/architecture.md):
   `capacity` (token, slot) pairs in that order and drops the rest. With `pad_multiple`, each expert's block is
   padded with zero rows to a multiple of it (for aligned grouped GEMMs).
   unpermute(permuted [N,H], row_map [T,k], weights [T,k]) -> [T,H] = sum over kept slots of weight * row.
+
+Worked example (E=3, k=2, no capacity, pad_multiple=1):
+  indices = [[2, 0],      row_map = [[3, 0],     permuted rows: 0: token0 (expert 0)
+             [0, 1]]                 [1, 2]]                     1: token1 (expert 0)
+                                                                 2: token1 (expert 1)
+  tokens_per_expert = [2, 1, 1], offsets = [0, 2, 3, 4]          3: token0 (expert 2)
+
+`permute_tokens` returns the same plus the padded per-expert counts and the offsets [E+1] of each expert's block
+(what a grouped GEMM needs); `permute_routing_map` takes a megatron-style [T,E] boolean routing map instead of
+indices.
+
+Gradients: permute's backward sums the k row gradients of a token (fp32 accumulation); unpermute's backward gives
+each kept row weight * grad_out[t] and each weight <row, grad_out[t]>; dropped slots and padding rows get zero.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+
 import torch
 
+from megamoe.ops import _ext
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "cpp", "cuda")
+ENV_VAR = "MEGAMOE_PERMUTE_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain-torch reference (the semantics; also the fallback)
+# ----------------------------------------------------------------------------------------------------------------
 
 def make_row_map(indices: torch.Tensor, num_experts: int, capacity: int | None = None, pad_multiple: int = 1):
     """Plain-torch index build. Returns (row_map [T,k] int64, tokens_per_expert [E] int64, padded_counts [E] int64)."""
@@ -53,22 +83,204 @@ def permute_reference(hidden: torch.Tensor, row_map: torch.Tensor, num_rows: int
 
 
 def unpermute_reference(permuted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scatter-combine: out[t] = sum_j weights[t, j] * permuted[row_map[t, j]] over kept slots (fp32 accumulation)."""
+    """Scatter-combine: out[t] = sum_j weights[t, j] * permuted[row_map[t, j]] over kept slots (accumulated in fp32,
+    or fp64 for fp64 rows)."""
     T, k = row_map.shape
+    acc = torch.promote_types(permuted.dtype, torch.float32)
+    N, H = permuted.shape
     keep = (row_map >= 0)
-    rows = permuted.index_select(0, row_map.clamp(min=0).reshape(-1)).view(T, k, -1)
-    w = (weights.float() * keep).unsqueeze(-1)
-    return (rows.float() * w).sum(1).to(permuted.dtype)
+    # dropped slots read an appended zero row (also keeps N = 0 valid)
+    rows = torch.cat([permuted, permuted.new_zeros(1, H)]).index_select(
+        0, torch.where(keep, row_map, N).reshape(-1)).view(T, k, H)
+    w = (weights.to(acc) * keep).unsqueeze(-1)
+    return (rows.to(acc) * w).sum(1).to(permuted.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backend choice
+# ----------------------------------------------------------------------------------------------------------------
+
+def select_backend(device: torch.device) -> str:
+    """The backend that runs for tensors on `device`: MEGAMOE_PERMUTE_BACKEND if set, else CUDA kernels for CUDA
+    tensors, C++ kernels for CPU tensors, plain torch when the extension is missing (or for other devices)."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced not in ("", "auto") + BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or unset), got {forced!r}")
+    if forced == "torch":
+        _ext.log_backend_once(logger, "permute", "torch", f"plain-torch reference, forced by {ENV_VAR}")
+        return "torch"
+    if forced == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{ENV_VAR}=cpp needs CPU tensors, got tensors on {device}")
+        if not _ext.cpp_available():
+            raise RuntimeError(f"{ENV_VAR}=cpp but the C++ extension is unavailable: {_ext.load_error('_C')}")
+        _ext.log_backend_once(logger, "permute", "cpp", f"C++ CPU kernels from megamoe._C, forced by {ENV_VAR}")
+        return "cpp"
+    if forced == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{ENV_VAR}=cuda needs CUDA tensors, got tensors on {device}")
+        if not _ext.cuda_available():
+            raise RuntimeError(f"{ENV_VAR}=cuda but the CUDA extension is unavailable: {_ext.load_error('_C_cuda')}")
+        _ext.log_backend_once(logger, "permute", "cuda", f"CUDA kernels from megamoe._C_cuda, forced by {ENV_VAR}")
+        return "cuda"
+    if device.type == "cuda":
+        if _ext.cuda_available():
+            _ext.log_backend_once(logger, "permute", "cuda", "CUDA kernels from megamoe._C_cuda")
+            return "cuda"
+        _ext.log_backend_once(logger, "permute", "torch",
+                              f"CUDA extension unavailable, plain-torch fallback: {_ext.load_error('_C_cuda')}")
+        return "torch"
+    if device.type == "cpu":
+        if _ext.cpp_available():
+            _ext.log_backend_once(logger, "permute", "cpp", "C++ CPU kernels from megamoe._C")
+            return "cpp"
+        _ext.log_backend_once(logger, "permute", "torch",
+                              f"C++ extension unavailable, plain-torch fallback: {_ext.load_error('_C')}")
+        return "torch"
+    _ext.log_backend_once(logger, "permute", "torch", f"no kernels for device type {device.type!r}")
+    return "torch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd ops over the compiled kernels (torch.ops.megamoe.*, schemas in csrc/permute.cpp)
+# ----------------------------------------------------------------------------------------------------------------
+
+class PermuteFunction(torch.autograd.Function):
+    """permuted[row_map[t, j]] = hidden[t]; backward: grad_hidden[t] = sum_j grad[row_map[t, j]] (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, hidden, row_map, num_rows: int, zero_fill: bool):
+        ctx.save_for_backward(row_map)
+        return torch.ops.megamoe.permute_rows(hidden, row_map, None, num_rows, zero_fill)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_map,) = ctx.saved_tensors
+        return torch.ops.megamoe.combine_rows(grad.contiguous(), row_map, None), None, None, None
+
+
+class UnpermuteFunction(torch.autograd.Function):
+    """out[t] = sum_j weights[t, j] * permuted[row_map[t, j]]; backward to both `permuted` and `weights`."""
+
+    @staticmethod
+    def forward(ctx, permuted, row_map, weights):
+        ctx.save_for_backward(permuted, row_map, weights)
+        return torch.ops.megamoe.combine_rows(permuted, row_map, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        permuted, row_map, weights = ctx.saved_tensors
+        grad_perm, grad_w = torch.ops.megamoe.unpermute_backward(grad.contiguous(), permuted, row_map, weights)
+        return (grad_perm if ctx.needs_input_grad[0] else None, None,
+                grad_w if ctx.needs_input_grad[2] else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Permuted:
+    """Result of `permute_tokens`. `offsets[e]:offsets[e] + tokens_per_expert[e]` are expert e's real rows,
+    `offsets[e] + tokens_per_expert[e]:offsets[e + 1]` its zero padding."""
+    permuted: torch.Tensor           # [N, H]
+    row_map: torch.Tensor            # [T, k] int64, -1 = dropped
+    tokens_per_expert: torch.Tensor  # [E] int64, kept rows (unpadded)
+    padded_counts: torch.Tensor      # [E] int64, rows incl. padding (what a grouped GEMM iterates over)
+    offsets: torch.Tensor            # [E + 1] int64, start of each expert's block; offsets[E] = N
+
+
+def _check_permute_args(hidden, indices, num_experts, capacity, pad_multiple):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a [T, H] tensor, got {getattr(hidden, 'shape', type(hidden))}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
+        raise ValueError(f"indices must be a [T, k] tensor with T = {hidden.shape[0]} (hidden's rows), "
+                         f"got {getattr(indices, 'shape', type(indices))}")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.device != hidden.device:
+        raise ValueError(f"indices on {indices.device} but hidden on {hidden.device}")
+    if int(num_experts) < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if capacity is not None and int(capacity) < 0:
+        raise ValueError(f"capacity must be None or >= 0, got {capacity}")
+    if int(pad_multiple) < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+
+
+def _offsets(padded: torch.Tensor) -> torch.Tensor:
+    return torch.cat([padded.new_zeros(1), torch.cumsum(padded, 0)])
+
+
+def permute_tokens(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
+                   pad_multiple: int = 1) -> Permuted:
+    """`permute` with the grouped-GEMM metadata (padded counts and offsets). See the module docstring."""
+    _check_permute_args(hidden, indices, num_experts, capacity, pad_multiple)
+    backend = select_backend(hidden.device)
+    if backend == "torch":
+        row_map, kept, padded = make_row_map(indices, int(num_experts), capacity, int(pad_multiple))
+        num_rows = int(padded.sum())
+        return Permuted(permute_reference(hidden, row_map, num_rows), row_map, kept, padded, _offsets(padded))
+    row_map, kept, padded, offsets, totals = torch.ops.megamoe.row_map(
+        indices, int(num_experts), -1 if capacity is None else int(capacity), int(pad_multiple))
+    num_rows, num_kept = totals.tolist()  # the one device-to-host copy (the output size)
+    permuted = PermuteFunction.apply(hidden, row_map, num_rows, num_rows > num_kept)
+    return Permuted(permuted, row_map, kept, padded, offsets)
 
 
 def permute(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
             pad_multiple: int = 1):
     """See module docstring. Returns (permuted, row_map, tokens_per_expert)."""
-    row_map, kept, padded = make_row_map(indices, num_experts, capacity, pad_multiple)
-    num_rows = int(padded.sum())
-    return permute_reference(hidden, row_map, num_rows), row_map, kept
+    p = permute_tokens(hidden, indices, num_experts, capacity, pad_multiple)
+    return p.permuted, p.row_map, p.tokens_per_expert
 
 
 def unpermute(permuted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """See module docstring."""
-    return unpermute_reference(permuted, row_map, weights)
+    if not isinstance(permuted, torch.Tensor) or permuted.dim() != 2:
+        raise ValueError(f"permuted must be a [N, H] tensor, got {getattr(permuted, 'shape', type(permuted))}")
+    if not isinstance(row_map, torch.Tensor) or row_map.dim() != 2 or row_map.dtype != torch.int64:
+        raise ValueError(f"row_map must be a [T, k] int64 tensor (from permute), got "
+                         f"{getattr(row_map, 'shape', type(row_map))} {getattr(row_map, 'dtype', '')}")
+    if not isinstance(weights, torch.Tensor) or weights.shape != row_map.shape or not weights.is_floating_point():
+        raise ValueError(f"weights must be a floating [T, k] = {tuple(row_map.shape)} tensor, got "
+                         f"{getattr(weights, 'shape', type(weights))} {getattr(weights, 'dtype', '')}")
+    if not (permuted.device == row_map.device == weights.device):
+        raise ValueError(f"permuted, row_map and weights must share a device, got {permuted.device}, "
+                         f"{row_map.device}, {weights.device}")
+    if select_backend(permuted.device) == "torch":
+        return unpermute_reference(permuted, row_map, weights)
+    return UnpermuteFunction.apply(permuted, row_map, weights)
+
+
+def indices_from_routing_map(routing_map: torch.Tensor, probs: torch.Tensor | None = None):
+    """Megatron-style [T, E] boolean routing map -> (indices [T, k] int64, weights [T, k] or None).
+
+    Every token must route to the same number k of experts; a token's slots are its experts in ascending order
+    (so the permuted row order equals megatron-core's `permute(tokens, routing_map)`). `probs` [T, E] gives the
+    weights, gathered at the chosen experts."""
+    if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
+        raise ValueError(f"routing_map must be a [T, E] bool tensor, got {tuple(routing_map.shape)} {routing_map.dtype}")
+    T, E = routing_map.shape
+    per_token = routing_map.sum(1)
+    k = int(per_token[0]) if T else 0
+    if T and not bool((per_token == k).all()):
+        raise ValueError(f"every token must route to the same number of experts; counts range "
+                         f"{int(per_token.min())}..{int(per_token.max())}")
+    expert_ids = torch.arange(E, device=routing_map.device).expand(T, E)
+    indices = torch.sort(torch.where(routing_map, expert_ids, E), dim=1).values[:, :k].contiguous()
+    weights = None
+    if probs is not None:
+        if probs.shape != routing_map.shape:
+            raise ValueError(f"probs must be [T, E] = {tuple(routing_map.shape)}, got {tuple(probs.shape)}")
+        weights = probs.gather(1, indices)
+    return indices, weights
+
+
+def permute_routing_map(hidden: torch.Tensor, routing_map: torch.Tensor, capacity: int | None = None,
+                        pad_multiple: int = 1, probs: torch.Tensor | None = None):
+    """`permute_tokens` from a [T, E] boolean routing map. Returns (Permuted, weights [T, k] or None)."""
+    indices, weights = indices_from_routing_map(routing_map, probs)
+    return permute_tokens(hidden, indices, routing_map.shape[1], capacity, pad_multiple), weights

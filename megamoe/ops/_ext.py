@@ -1,0 +1,70 @@
+"""Loading the compiled extensions and announcing which backend runs.
+
+`megamoe._C` (csrc/*.cpp, every machine) and `megamoe._C_cuda` (csrc/*.cu, where torch has CUDA) register their
+kernels under `torch.ops.megamoe` through TORCH_LIBRARY; such a .so has no Python module init, so it is loaded
+with `torch.ops.load_library` from the file next to `megamoe/__init__.py` (built by `pip install
+--no-build-isolation -e .` or `python3 setup.py build_ext --inplace`).
+
+`log_backend_once` writes one INFO line per (op, backend) per process: the first call tells which path runs, later
+calls stay silent.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+
+import torch
+
+_lock = threading.RLock()
+_loaded: dict[str, str | None] = {}   # name -> path loaded, or None if absent / failed
+_errors: dict[str, str] = {}
+_announced: set[tuple[str, str]] = set()
+
+
+def _package_dir() -> str:
+    import megamoe
+    return os.path.dirname(os.path.abspath(megamoe.__file__))
+
+
+def load_library(name: str) -> bool:
+    """Load `megamoe.<name>` (e.g. "_C", "_C_cuda") once; return whether its ops are registered."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name] is not None
+        candidates = sorted(glob.glob(os.path.join(_package_dir(), name + ".so"))
+                            + glob.glob(os.path.join(_package_dir(), name + ".*.so")))
+        _loaded[name] = None
+        if not candidates:
+            _errors[name] = f"megamoe/{name}.so not found (build it: pip install --no-build-isolation -e .)"
+            return False
+        if name == "_C_cuda" and "_C" not in _loaded:
+            load_library("_C")  # the CUDA library registers implementations for schemas defined in _C
+        try:
+            torch.ops.load_library(candidates[0])
+            _loaded[name] = candidates[0]
+        except (OSError, RuntimeError) as exc:  # e.g. built against another torch
+            _errors[name] = f"loading {candidates[0]} failed: {exc}"
+        return _loaded[name] is not None
+
+
+def load_error(name: str) -> str:
+    return _errors.get(name, "")
+
+
+def cpp_available() -> bool:
+    return load_library("_C") and hasattr(torch.ops.megamoe, "row_map")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and cpp_available() and load_library("_C_cuda")
+
+
+def log_backend_once(logger: logging.Logger, op: str, backend: str, detail: str) -> None:
+    key = (op, backend)
+    if key in _announced:
+        return
+    _announced.add(key)
+    logger.info("%s: %s backend (%s)", op, backend, detail)
