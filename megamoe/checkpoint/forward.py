@@ -1,0 +1,172 @@
+"""A plain-torch LLaMA / LLaMA-MoE forward over *our* parameter names, streaming one layer at a time.
+
+It is the conversion guard's yardstick: after writing a checkpoint, the converter runs this on a few tokens from
+the source and from the written files and refuses to report success when the logits differ. It reads weights
+through an accessor (`get(name) -> Tensor`), so a 7B checkpoint is evaluated with one layer in memory, and it
+computes in fp32 whatever the stored dtype.
+
+    logits = reference_logits(cfg, get, ids)                       # the model's real routing (eval: no noise)
+    logits = reference_logits(cfg, get, ids, all_experts=True)     # every expert weight 1: the dense identity
+
+Routing at eval, per `cfg.moe.router`:
+    topk_noisy  top-k of the gate logits, softmax over the k (llama-moe v1 TopKBalancedNoisyGate without noise)
+    mixtral     softmax over all E, top-k, renormalise (equal to topk_noisy's weights, as a function of the logits)
+    switch      top-1 of the softmax, weight = that probability (capacity dropping is not modelled)
+then weights x score_scale, y = sum_k w_k expert_k(x) (+ shared(x), always on).
+`all_experts=True` replaces routing by weight 1 for every expert: with score scale E and a uniform router this is
+what the construct-then-check identity evaluates; for a disjoint partition covering every neuron it equals the
+dense FFN exactly (up to float summation order).
+
+Tested against transformers' LlamaForCausalLM and MixtralForCausalLM (tests/test_interchange.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.dim_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    rt = rs.get("rope_type", rs.get("type", "default"))
+    if rt == "linear":
+        inv = inv / float(rs["factor"])
+    elif rt == "llama3":
+        factor, lo, hi = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old = float(rs.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv.float()
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rot(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _swiglu(x, g, u, d):
+    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+
+class Forward:
+    """The same forward, advanced one layer at a time, so that a converter can evaluate a model while it streams
+    the weights through memory (each `layer(i, get)` only asks `get` for layer i's tensors).
+
+        f = Forward(cfg, ids); f.embed(get); for i in range(L): f.layer(i, get); logits = f.head(get)
+    """
+
+    def __init__(self, cfg: ModelConfig, ids: torch.Tensor, all_experts: bool = False):
+        self.cfg, self.ids, self.all_experts = cfg, ids, all_experts
+        S = ids.shape[1]
+        ang = torch.outer(torch.arange(S, dtype=torch.float32), rope_inv_freq(cfg))
+        self.cos, self.sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        self.x = None
+
+    @torch.no_grad()
+    def embed(self, get):
+        self.x = F.embedding(self.ids, get("embed.weight").float())
+
+    @torch.no_grad()
+    def layer(self, i: int, get):
+        cfg, x = self.cfg, self.x
+        w = lambda n: get(n).float()  # noqa: E731
+        B, S = self.ids.shape
+        H, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_head
+        p = f"layers.{i}."
+        h = _rms(x, w(p + "attn_norm.weight"), cfg.rms_norm_eps)
+        q = F.linear(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
+        k = F.linear(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+        v = F.linear(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+        q, k = q * self.cos + _rot(q) * self.sin, k * self.cos + _rot(k) * self.sin
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + F.linear(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
+        h = _rms(x, w(p + "mlp_norm.weight"), cfg.rms_norm_eps)
+        mi = cfg.moe_index(i)
+        if mi is None:
+            x = x + _swiglu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
+                            w(p + "mlp.down_proj.weight"))
+        else:
+            x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.all_experts).view(B, S, H)
+        self.x = x
+
+    @torch.no_grad()
+    def head(self, get) -> torch.Tensor:
+        cfg = self.cfg
+        x = _rms(self.x, get("norm.weight").float(), cfg.rms_norm_eps)
+        head = get("embed.weight") if cfg.tie_word_embeddings else get("lm_head.weight")
+        return F.linear(x, head.float())
+
+
+def reference_logits(cfg: ModelConfig, get: Callable[[str], torch.Tensor], ids: torch.Tensor,
+                     all_experts: bool = False) -> torch.Tensor:
+    """Logits [B, S, V] (fp32) of the model `cfg` whose weights `get(name)` returns, on token ids [B, S]."""
+    f = Forward(cfg, ids, all_experts)
+    f.embed(get)
+    for i in range(cfg.num_layers):
+        f.layer(i, get)
+    return f.head(get)
+
+
+def router_weights(cfg: ModelConfig, mi: int, p: str, w, h: torch.Tensor) -> torch.Tensor:
+    """Dense [T, E] combine weights (zeros for unselected experts), score scale included."""
+    m = cfg.moe
+    if m.gate_network == "linear":
+        logits = F.linear(h, w(p + "mlp.router.gate.weight"))
+    else:
+        logits = F.linear(torch.tanh(F.linear(h, w(p + "mlp.router.gate.0.weight"))), w(p + "mlp.router.gate.2.weight"))
+    dense = torch.zeros_like(logits)
+    if m.router == "topk_noisy":
+        top, idx = logits.topk(m.top_k, dim=-1)
+        dense.scatter_(1, idx, top.softmax(-1))
+    elif m.router == "mixtral":
+        probs = logits.softmax(-1)
+        top, idx = probs.topk(m.top_k, dim=-1)
+        dense.scatter_(1, idx, top / top.sum(-1, keepdim=True))
+    else:  # switch
+        probs = logits.softmax(-1)
+        top, idx = probs.max(-1, keepdim=True)
+        dense.scatter_(1, idx, top)
+    return dense * m.layer_scale(mi)
+
+
+def _moe(cfg, mi, p, w, h, all_experts):
+    m = cfg.moe
+    if all_experts:
+        weights = torch.ones(h.shape[0], m.num_experts)
+    else:
+        weights = router_weights(cfg, mi, p, w, h)
+    y = torch.zeros_like(h)
+    for e in range(m.num_experts):
+        rows = weights[:, e].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        q = f"{p}mlp.experts.{e}."
+        out = _swiglu(h[rows], w(q + "gate_proj.weight"), w(q + "up_proj.weight"), w(q + "down_proj.weight"))
+        y.index_add_(0, rows, out * weights[rows, e, None])
+    if m.residual_size:
+        y = y + _swiglu(h, w(p + "mlp.shared.gate_proj.weight"), w(p + "mlp.shared.up_proj.weight"),
+                        w(p + "mlp.shared.down_proj.weight"))
+    return y
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """max |a-b|, the reference magnitude max |a|, and their ratio (the guard's relative error)."""
+    diff = (a.float() - b.float()).abs().max().item()
+    ref = a.float().abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_ref": ref, "rel": diff / max(ref, 1e-12)}
