@@ -132,9 +132,12 @@ class RouterStatsAccumulator:
         tpe = torch.stack([s.tokens_per_expert.detach().float().cpu() for s in stats_list])
         imp = torch.stack([s.importance.detach().float().cpu() for s in stats_list])
         load = torch.stack([s.load.detach().float().cpu() for s in stats_list])
-        dropped = torch.tensor([float(s.num_dropped) for s in stats_list])
-        bal = torch.tensor([float(s.balance_loss) for s in stats_list])
-        z = torch.tensor([float(s.z_loss) if s.z_loss is not None else 0.0 for s in stats_list])
+        dropped = torch.tensor([float(s.num_dropped.detach()) if torch.is_tensor(s.num_dropped) else float(s.num_dropped)
+                                for s in stats_list])
+        bal = torch.tensor([float(s.balance_loss.detach()) if torch.is_tensor(s.balance_loss) else float(s.balance_loss)
+                            for s in stats_list])
+        z = torch.tensor([float(s.z_loss.detach()) if torch.is_tensor(s.z_loss) else float(s.z_loss or 0.0)
+                          for s in stats_list])
         if self.n == 0:
             self.tpe, self.imp, self.load, self.dropped, self.balance, self.zloss = tpe, imp, load, dropped, bal, z
         else:

@@ -1,0 +1,91 @@
+"""Model wrapping and optimizer: megatron-core DDP + `get_megatron_optimizer` (AdamW) for our LlamaMoEModel.
+
+    ddp = wrap_model(model, model_cfg, pcfg, precision)          # megatron.core.distributed.DistributedDataParallel
+    opt = build_optimizer(ddp, optim_cfg, pcfg, precision)        # megatron-core optimizer (distributed or not)
+
+Gradients accumulate in DDP's fp32 main-grad buffers over micro-batches; `finalize_model_grads([ddp])` all-reduces
+them over the data-parallel group (experts over the expert-data-parallel group, sequence-parallel norm weights over
+TP). Weight decay skips 1-D parameters and biases (megatron-core's standard override: wd_mult = 0; applied by
+megamoe.training.schedule.LRSchedule). On a CPU, megatron's optimizer/DDP code runs inside
+`megamoe.compat.cpu.cuda_to_cpu()` (its `device='cuda'` literals become CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["transformer_config", "wrap_model", "build_optimizer", "unwrap"]
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def transformer_config(model_cfg, pcfg, precision: str):
+    """The megatron TransformerConfig that DDP and the optimizer read (layout, dtypes); the model itself is ours."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+    bf16 = precision == "bf16"
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_heads, num_query_groups=model_cfg.kv_heads,
+        ffn_hidden_size=model_cfg.intermediate_size,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        expert_model_parallel_size=pcfg.ep, expert_tensor_parallel_size=pcfg.etp,
+        sequence_parallel=pcfg.sequence_parallel,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=True, gradient_accumulation_fusion=False,
+    )
+
+
+def wrap_model(model, model_cfg, pcfg, precision: str):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megamoe.compat.cpu import cuda_to_cpu
+    tcfg = transformer_config(model_cfg, pcfg, precision)
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=pcfg.distributed_optimizer,
+                                            check_for_nan_in_grad=False)
+    with cuda_to_cpu():
+        ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
+    return ddp
+
+
+def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megamoe.compat.cpu import cuda_to_cpu
+    ocfg = OptimizerConfig(
+        optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.lr * optim_cfg.min_lr_ratio,
+        weight_decay=optim_cfg.weight_decay, adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2,
+        adam_eps=optim_cfg.eps, clip_grad=optim_cfg.clip_grad, bf16=precision == "bf16",
+        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        use_distributed_optimizer=pcfg.distributed_optimizer,
+    )
+    with cuda_to_cpu():
+        return get_megatron_optimizer(ocfg, [ddp_model])
+
+
+def guarded_step(optimizer) -> tuple[bool, float]:
+    """megatron's optimizer.step() split open so that a non-finite gradient norm skips the update:
+    prepare grads -> global grad norm -> (finite?) clip to optimizer.config.clip_grad -> update.
+    Returns (updated, grad_norm before clipping)."""
+    import math
+
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    if optimizer.prepare_grads():          # found inf (dynamic loss scaling)
+        return False, float("nan")
+    gn = optimizer.get_grad_norm()
+    gn = float(gn) if gn is not None else 0.0
+    if not math.isfinite(gn):
+        return False, gn
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(o, "is_stub_optimizer", False):
+            continue
+        params = o.get_parameters()
+        if params and o.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=gn)
+    return bool(optimizer.step_with_ready_grads()), gn
