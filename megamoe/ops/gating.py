@@ -40,9 +40,9 @@ def topk_gating_reference(logits: torch.Tensor, k: int, order: str = "topk_softm
     T, E = logits.shape
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, {E}], got {k}")
-    x = logits.float()
+    x = logits if logits.dtype == torch.float64 else logits.float()  # fp32 math (fp64 kept for gradchecks)
     if noise is not None:
-        x = x + noise.float()
+        x = x + noise.to(x.dtype)
     thresholds = None
     if return_thresholds:
         if k >= E:
@@ -59,7 +59,7 @@ def topk_gating_reference(logits: torch.Tensor, k: int, order: str = "topk_softm
         w, idx = torch.topk(probs, k, dim=-1)
         if renormalize:
             w = w / w.sum(-1, keepdim=True)
-    importance = torch.zeros(E, dtype=torch.float32, device=logits.device).index_add(0, idx.reshape(-1), w.reshape(-1))
+    importance = torch.zeros(E, dtype=w.dtype, device=logits.device).index_add(0, idx.reshape(-1), w.reshape(-1))
     counts = torch.bincount(idx.reshape(-1), minlength=E)
     positions = dropped = None
     if capacity is not None:

@@ -1,0 +1,283 @@
+"""The LLaMA / LLaMA-MoE decoder, readable in one sitting.
+
+Built from our own small modules on megatron-core's tensor-parallel layers (why: docs/architecture.md). Inside the
+decoder, activations are [seq, batch, hidden] so that sequence parallelism splits dim 0; the public interface takes
+[batch, seq] token ids and returns [batch, seq, vocab] logits (the local vocabulary shard under TP).
+
+    cfg = ModelConfig(...)                    # megamoe.config
+    model = LlamaMoEModel(cfg)                # dense layers, or MoE layers where cfg.moe says so
+    out = model(input_ids, labels=labels)     # out.loss = lm_loss + aux_loss (the routers' balance losses)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import ModelConfig
+from megamoe.moe.layer import MoELayer
+from megamoe.moe.router import RouterStats, upcast
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def megatron_config(cfg: ModelConfig):
+    """The megatron-core ModelParallelConfig our parallel layers need, from the layout in force."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from megamoe import parallel
+    pcfg = parallel.ensure_initialized(cfg)
+    return ModelParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        expert_model_parallel_size=pcfg.ep, expert_tensor_parallel_size=pcfg.etp,
+        sequence_parallel=pcfg.sequence_parallel, params_dtype=DTYPES[cfg.params_dtype],
+        use_cpu_initialization=True,  # same initial weights at every TP size
+        perform_initialization=True, gradient_accumulation_fusion=False,
+    )
+
+
+def init_normal(std: float):
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMSNorm and RoPE
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in fp32, cast back, then scale. Its weight is tagged for megatron's
+    sequence-parallel gradient all-reduce (it sees only this rank's slice of the sequence)."""
+
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        setattr(self.weight, "sequence_parallel", sequence_parallel)
+
+    def forward(self, x):
+        xf = upcast(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for RoPE, with the LLaMA-3 ("llama3") or linear scaling when configured."""
+    d = cfg.dim_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv = inv / rs["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs.get("original_max_position_embeddings", 8192)
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        smooth = (old / wl - lo) / (hi - lo)
+        scaled = torch.where(wl > lo_wl, inv / factor, inv)
+        mid = (wl <= lo_wl) & (wl >= hi_wl)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype):
+    """cos, sin of shape [S, d] for positions [S] (HF's rotate_half convention: frequencies repeated twice)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :].to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, heads, S, d]; cos/sin: [S, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+
+_attn_backend_logged = False
+
+
+def _pick_attention_backend(cfg: ModelConfig, x: torch.Tensor) -> str:
+    global _attn_backend_logged
+    want = cfg.attention_backend
+    backend = "sdpa"
+    if want in ("auto", "flash") and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        try:
+            import flash_attn  # noqa: F401
+            backend = "flash"
+        except ImportError:
+            if want == "flash":
+                raise RuntimeError("attention_backend: 'flash' asked for, but flash-attn is not installed")
+    elif want == "te":
+        raise RuntimeError("attention_backend: 'te' is not wired yet; use auto, sdpa or flash")
+    if not _attn_backend_logged:
+        log.info("attention: %s", {"sdpa": "torch scaled_dot_product_attention", "flash": "flash-attn"}[backend])
+        _attn_backend_logged = True
+    return backend
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE. q/k/v are column-parallel (heads split over TP), o is row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        tp = mcfg.tensor_model_parallel_size
+        self.cfg = cfg
+        self.d = cfg.dim_head
+        self.n_heads, self.n_kv = cfg.num_heads // tp, cfg.kv_heads // tp
+        H = cfg.hidden_size
+        init = init_normal(cfg.init_std)
+        out_init = init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        col = dict(config=mcfg, init_method=init, bias=False, gather_output=False)
+        self.q_proj = ColumnParallelLinear(H, cfg.num_heads * self.d, **col)
+        self.k_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
+        self.v_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mcfg, init_method=out_init, bias=False,
+                                        input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x, cos, sin):
+        # x: [S, B, H] (the full sequence: column-parallel layers all-gather it under sequence parallelism)
+        q, _ = self.q_proj(x)
+        k, _ = self.k_proj(x)
+        v, _ = self.v_proj(x)
+        S, B = q.shape[:2]
+        q = q.view(S, B, self.n_heads, self.d).permute(1, 2, 0, 3)   # [B, h, S, d]
+        k = k.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
+        v = v.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if _pick_attention_backend(self.cfg, q) == "flash":
+            from flash_attn import flash_attn_func
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [B,S,h,d]
+            o = o.permute(1, 0, 2, 3)
+        else:
+            if self.n_kv != self.n_heads:  # query head h uses kv head h // (n_heads / n_kv), as HF's repeat_kv
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3)  # [S,B,h,d]
+        out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
+        return out
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU FFN: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, mcfg, width: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        H = cfg.hidden_size
+        init = init_normal(cfg.init_std)
+        col = dict(config=mcfg, init_method=init, bias=False, gather_output=False)
+        self.gate_proj = ColumnParallelLinear(H, width, **col)
+        self.up_proj = ColumnParallelLinear(H, width, **col)
+        self.down_proj = RowParallelLinear(width, H, config=mcfg, bias=False, input_is_parallel=True, skip_bias_add=False,
+                                           init_method=init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers)))
+
+    def forward(self, x):
+        g, _ = self.gate_proj(x)
+        u, _ = self.up_proj(x)
+        out, _ = self.down_proj(F.silu(g) * u)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+        super().__init__()
+        sp, dt = mcfg.sequence_parallel, DTYPES[cfg.params_dtype]
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
+        self.attn = Attention(cfg, mcfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
+        self.is_moe = cfg.moe_index(layer_idx) is not None
+        self.mlp = MoELayer(cfg, mcfg, layer_idx) if self.is_moe else MLP(cfg, mcfg, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h)
+        else:
+            y, stats = self.mlp(h), None
+        return x + y, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+
+class LlamaMoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+        cfg.validate()
+        self.cfg = cfg
+        mcfg = megatron_config(cfg)
+        self.sequence_parallel = mcfg.sequence_parallel
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=init_normal(cfg.init_std),
+                                            config=mcfg)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, mcfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.sequence_parallel, DTYPES[cfg.params_dtype])
+        self.lm_head = None if cfg.tie_word_embeddings else ColumnParallelLinear(
+            cfg.hidden_size, cfg.vocab_size, config=mcfg, init_method=init_normal(cfg.init_std), bias=False,
+            gather_output=False)
+        if cfg.tie_word_embeddings:  # output projection reusing the embedding weight (megatron's way)
+            self._tied_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mcfg, bias=False,
+                                                   init_method=init_normal(cfg.init_std), gather_output=False,
+                                                   skip_weight_param_allocation=True)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, return_logits: bool = True) -> ModelOutput:
+        from megatron.core import tensor_parallel as tpar
+        B, S = input_ids.shape
+        x = self.embed(input_ids).transpose(0, 1).contiguous()  # [S, B, H]
+        if self.sequence_parallel:
+            x = tpar.scatter_to_sequence_parallel_region(x)
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(S, device=input_ids.device), x.dtype)
+        stats = []
+        for layer in self.layers:
+            if self.cfg.recompute and self.training:
+                x, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x, st = layer(x, cos, sin)
+            if st is not None:
+                stats.append(st)
+        x = self.norm(x)
+        if self.lm_head is not None:
+            logits, _ = self.lm_head(x)                       # [S, B, V/tp]
+        else:
+            logits, _ = self._tied_head(x, weight=self.embed.weight)
+        logits = upcast(logits)
+        aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=logits.device))
+        out = ModelOutput(logits=logits.transpose(0, 1) if return_logits else None, aux_loss=aux, router_stats=stats)
+        if labels is not None:
+            # megatron's cross entropy works in place on its input: give it a copy when the logits are returned
+            ce_in = logits.clone() if return_logits else logits
+            per_tok = tpar.vocab_parallel_cross_entropy(ce_in, labels.transpose(0, 1).contiguous())  # [S, B]
+            if loss_mask is None:
+                lm = per_tok.mean()
+            else:
+                m = loss_mask.transpose(0, 1).float()
+                lm = (per_tok * m).sum() / m.sum().clamp(min=1)
+            out.lm_loss, out.loss = lm, lm + aux
+        return out
+
+    def num_params(self) -> dict:
+        return self.cfg.param_counts()

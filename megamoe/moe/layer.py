@@ -1,0 +1,56 @@
+"""MoELayer = router + token dispatcher + experts (+ an always-on residual expert).
+
+    y = sum_{e in topk(x)} w_e * scale * expert_e(x)  [+ shared(x)]
+
+forward(x [S, B, H]) -> (y [S, B, H], RouterStats). A (token, expert) slot dropped by the capacity contributes 0
+(drop_policy "zero") or w * scale * x ("input": the expert acts as the identity for it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megamoe.config import ModelConfig
+from megamoe.moe.dispatcher import LocalDispatcher
+from megamoe.moe.experts import Experts
+from megamoe.moe.router import Router, upcast
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        moe = cfg.moe
+        self.layer_idx, self.moe = layer_idx, moe
+        mi = cfg.moe_index(layer_idx)
+        self.router = Router(moe, cfg.hidden_size, moe.layer_scale(mi), mcfg.sequence_parallel)
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        per_rank = moe.num_experts // ep
+        local = list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank))
+        etp = ps.get_expert_tensor_parallel_world_size()
+        from megamoe.model.llama import DTYPES, MLP
+        self.experts = Experts(cfg.hidden_size, cfg.expert_sizes(layer_idx), local, etp, cfg.init_std,
+                               cfg.num_layers, DTYPES[cfg.params_dtype])
+        self.shared = MLP(cfg, mcfg, moe.residual_size) if moe.residual_size else None
+        self.dispatcher = self._build_dispatcher(ep, etp, local)
+
+    def _build_dispatcher(self, ep: int, etp: int, local: list[int]):
+        if ep == 1 and etp == 1:
+            return LocalDispatcher(self.moe.num_experts)
+        from megamoe.moe.dispatcher import AllToAllDispatcher  # EP/ETP > 1
+        return AllToAllDispatcher(self.moe.num_experts, local)
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.router(flat)
+        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(flat, routing)
+        expert_out = self.experts(expert_in, tokens_per_expert)
+        y = self.dispatcher.combine(expert_out, handle)
+        if routing.dropped is not None and self.moe.drop_policy == "input":
+            w = (routing.weights * routing.dropped).sum(-1, keepdim=True)
+            y = y + (w * upcast(flat)).to(y.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x).reshape(flat.shape)
+        return y.view(shape), routing.stats

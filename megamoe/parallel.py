@@ -1,0 +1,94 @@
+"""Process groups for a ParallelConfig, from megatron-core's parallel_state.
+
+Under `torchrun` the world comes from the environment (NCCL on GPUs, gloo on CPUs). Outside it -- a notebook, a test,
+`tools/checkpoint_convert.py` -- `initialize()` makes a world of one, so the same model code runs everywhere.
+
+    from megamoe.parallel import initialize
+    initialize(ParallelConfig(tp=2, ep=2))   # under torchrun --nproc_per_node=4
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import ModelConfig, ParallelConfig
+
+log = logging.getLogger(__name__)
+_config: ParallelConfig | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Initialise torch.distributed: from torchrun's environment, or a single-process world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MEGAMOE_DIST_TIMEOUT", 600)))
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+
+
+def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = None, seed: int = 1234) -> ParallelConfig:
+    """Set up torch.distributed and megatron-core's model-parallel groups. Idempotent for the same layout."""
+    global _config
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megamoe.compat import cpu
+
+    pcfg = pcfg or ParallelConfig()
+    cpu.apply()
+    init_distributed()
+    pcfg.validate(model, dist.get_world_size())
+    if ps.model_parallel_is_initialized():
+        if _config is not None and (_config.tp, _config.ep, _config.etp) != (pcfg.tp, pcfg.ep, pcfg.etp):
+            raise RuntimeError(f"parallel state already initialised as {_config}; call megamoe.parallel.destroy() first")
+        _config = pcfg
+        return pcfg
+    ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tp, expert_model_parallel_size=pcfg.ep,
+                                 expert_tensor_parallel_size=pcfg.etp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _config = pcfg
+    if dist.get_rank() == 0:
+        log.info("parallel layout: world %d = tp %d x dp %d; experts: ep %d x etp %d x edp %d; sequence parallel %s",
+                 dist.get_world_size(), pcfg.tp, ps.get_data_parallel_world_size(), pcfg.ep, pcfg.etp,
+                 ps.get_expert_data_parallel_world_size(), pcfg.sequence_parallel)
+    return pcfg
+
+
+def ensure_initialized(model: ModelConfig | None = None) -> ParallelConfig:
+    """The parallel layout in force; a world of one if nothing was initialised yet."""
+    from megatron.core import parallel_state as ps
+    if _config is not None and ps.model_parallel_is_initialized():
+        return _config
+    return initialize(ParallelConfig(), model)
+
+
+def current() -> ParallelConfig | None:
+    return _config
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and torch.distributed (tests, or re-initialising with another layout)."""
+    global _config
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _config = None
