@@ -72,6 +72,7 @@ class GradientStats:
     loss: float                           # mean next-token cross entropy of the calibration set
     centroids: dict | None = None         # {layer: [C, H]} for clusters="centroids"
     sequence_clusters: np.ndarray | None = None
+    cluster_means: dict | None = None     # {layer: [C, H]} mean MLP input of each cluster's tokens
     meta: dict = field(default_factory=dict)
 
 
@@ -353,7 +354,7 @@ def gradient_importance(model, data: CalibrationData, *, clusters="kmeans", num_
             seq_lab, c_count, meta = _sequence_clusters(clusters, data, num_clusters, np.concatenate(final_feats), seed)
         tok_lab = None if per_token else torch.as_tensor(np.repeat(seq_lab, s).reshape(n, s))
         # ---- 3. backward, layer by layer ----
-        imp, cnt = {}, {}
+        imp, cnt, means = {}, {}, {}
         prog = _Progress("gradient pass, backward", L, ntok, progress)
         for i in reversed(range(L)):
             layer = m.layer(i)
@@ -362,6 +363,7 @@ def gradient_importance(model, data: CalibrationData, *, clusters="kmeans", num_
             cap = _Capture(layer, "swiglu")
             acc = torch.zeros(c_count, f, dtype=torch.float64)
             count = torch.zeros(c_count, dtype=torch.float64)
+            xsum = torch.zeros(c_count, m.hidden_size, dtype=torch.float64)
             hin = store.get(i)
             cvec = torch.as_tensor(cents[i], dtype=dtype) if per_token else None
             for b in _batches(n, micro_batch):
@@ -369,10 +371,9 @@ def gradient_importance(model, data: CalibrationData, *, clusters="kmeans", num_
                 out = m.run_layer(layer, x)
                 dx, dh = torch.autograd.grad(out, (x, cap.h), grad_outputs=grad[b])
                 score = (cap.h.detach() * dh).abs().reshape(-1, f).double()
-                if per_token:
-                    lab = (cap.x.detach().reshape(-1, cap.x.shape[-1]) @ cvec.T).argmax(-1)
-                else:
-                    lab = tok_lab[b].reshape(-1)
+                xin = cap.x.detach().reshape(-1, cap.x.shape[-1])
+                lab = (xin @ cvec.T).argmax(-1) if per_token else tok_lab[b].reshape(-1)
+                xsum.index_add_(0, lab, xin.double())
                 acc.index_add_(0, lab, score)
                 count.index_add_(0, lab, torch.ones(lab.shape[0], dtype=torch.float64))
                 grad[b] = dx
@@ -385,8 +386,9 @@ def gradient_importance(model, data: CalibrationData, *, clusters="kmeans", num_
                             i, empty)
             imp[i] = (acc / count.clamp(min=1)[:, None]).numpy()
             cnt[i] = count.numpy().astype(np.int64)
+            means[i] = (xsum / count.clamp(min=1)[:, None]).float().numpy()
             prog.step(i)
     finally:
         store.close()
     return GradientStats(dict(sorted(imp.items())), dict(sorted(cnt.items())), total, cents,
-                         None if per_token else seq_lab, meta)
+                         None if per_token else seq_lab, dict(sorted(means.items())), meta)
