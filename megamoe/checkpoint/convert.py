@@ -232,6 +232,10 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
             raise ConfigError(f"--partitions {partitions_dir}: no partition for layers {missing}")
         return parts, {}, (next(iter(parts.values())).method if parts else "file")
     F = dense_cfg.intermediate_size
+    if method in ("random", "clustering") and F % num_experts:
+        raise ConfigError(f"--experts: {num_experts} experts do not divide the FFN width (intermediate_size {F} in "
+                          f"{os.path.join(hf.path, 'config.json')}); the balanced method {method!r} needs F/E "
+                          f"neurons per expert: choose E among the divisors of {F}")
     if method == "random":
         return {i: P.split_random(F, num_experts, seed=seed + i) for i in layers}, {}, method
     if method == "clustering":

