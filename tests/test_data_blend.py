@@ -144,15 +144,21 @@ def test_state_from_another_mixture_is_refused(prefixes):
 
 
 def test_data_parallel_slices_tile_the_global_batch(prefixes):
-    single = _mix(prefixes, {"alpha": 0.2, "beta": 0.5, "gamma": 0.3})
-    ranks = [_mix(prefixes, {"alpha": 0.2, "beta": 0.5, "gamma": 0.3}) for _ in range(4)]
+    """Four ranks, each calling next_batch(4) with its rank, tile what one process draws with next_batch(16)."""
+    w = {"alpha": 0.2, "beta": 0.5, "gamma": 0.3}
+    single = _mix(prefixes, w)
+    ranks = [_mix(prefixes, w, rank=r, world_size=4) for r in range(4)]
+    per_call = _mix(prefixes, w)
     for _ in range(5):
         x, d = single.next_batch(16)
-        parts = [m.next_batch(16, rank=r, world_size=4) for r, m in enumerate(ranks)]
+        parts = [m.next_batch(4) for m in ranks]
+        assert all(p[0].shape == (4, SEQ + 1) for p in parts)
         assert torch.equal(torch.cat([p[0] for p in parts]), x)
         assert torch.equal(torch.cat([p[1] for p in parts]), d)
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        single.next_batch(10, rank=0, world_size=4)
+        assert torch.equal(per_call.next_batch(4, rank=2, world_size=4)[0], parts[2][0])
+    assert ranks[0].state_dict() == ranks[3].state_dict() == single.state_dict()
+    with pytest.raises(ValueError, match="rank 4"):
+        _mix(prefixes, w, rank=4, world_size=4)
 
 
 def test_validation_batches_fixed_and_complete(prefixes):
@@ -236,6 +242,7 @@ def test_release_rule_equals_formula_and_rewards_excess_loss():
     losses["en_book"] += 0.3  # book is behind its reference
     losses["en_cc"] -= 0.1  # cc is ahead
     new = update_domain_weights(w0, losses, "llama2_7b", rule="sheared_llama", eta=1.0, c=1e-4)
+    assert update_domain_weights(w0, losses, "llama2_7b", smoothing=1e-4) == new  # the trainer's keyword
     refw = _release_rule_reference(w0, losses, {d: ref[canonical_domain(d)] for d in w0}, 1.0, 1e-4)
     assert new == pytest.approx(refw, rel=1e-12)
     assert new["en_book"] > w0["en_book"] and new["en_cc"] < w0["en_cc"]

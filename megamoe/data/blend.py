@@ -32,10 +32,12 @@ Static weights are the same machinery with weights that never change. The realis
 around the weights (LLaMA-MoE also samples each block's domain at random, `rng.choices(weights)`).
 `build_megatron_blend` is also provided for users who want Megatron-LM's static `BlendedDataset` as is.
 
-Data parallelism: every rank constructs the mixture with the same arguments and calls
-`next_batch(global_batch_size, rank=dp_rank, world_size=dp_size)`; the domains of the whole global batch are drawn
-(cheap) so all ranks advance the same cursors, and each rank reads only its contiguous slice of rows
-`[rank * B/W, (rank+1) * B/W)`. The returned `domain_ids` are the slice's.
+Data parallelism: every rank constructs the mixture with the same arguments plus its `rank` and `world_size`
+(the data-parallel rank and size) and calls `next_batch(B)` with its *own* (micro-)batch size B. The domains of the
+whole global batch of `B * world_size` rows are drawn (cheap) so all ranks advance the same cursors, and each rank
+reads only its contiguous slice of rows `[rank * B, (rank + 1) * B)`: the ranks' batches tile exactly the batch a
+single process would draw with `next_batch(B * world_size)`. `rank`/`world_size` can also be passed per call.
+The returned `domain_ids` are the slice's. `validation_batches` is the same on every rank.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
-from .dynamic import resolve_weights
+from .dynamic import resolve_weights, update_domain_weights  # noqa: F401  (re-exported for the trainer)
 from .indexed import read_sizes
 
-__all__ = ["DomainMixture", "build_megatron_blend", "IndexTokenizer", "check_split_sizes"]
+__all__ = ["DomainMixture", "build_megatron_blend", "IndexTokenizer", "check_split_sizes", "update_domain_weights"]
 
 logger = logging.getLogger(__name__)
 _STATE_VERSION = 1
@@ -143,13 +145,14 @@ class DomainMixture:
             (`<prefix>/cache/GPTDataset_indices`, next to the data).
         valid_prefixes: optional domain -> prefix of held-out validation data (e.g. from the local corpus).
         eod: the end-of-document id (only hashed into megatron's cache key); default 0 when unknown.
-        vocab_size: the tokenizer's vocabulary size (optional, checked against the data's dtype).
+        vocab_size: the tokenizer's vocabulary size (optional; hashed into megatron's cache key).
+        rank, world_size: this process's data-parallel rank and the data-parallel size (see the module docstring).
     """
 
     def __init__(self, prefixes: Mapping[str, str], weights: Union[None, str, Mapping[str, float]] = None,
                  seq_len: int = 256, seed: int = 1234, split: str = "98,2,0", cache_dir: Optional[str] = None,
                  valid_prefixes: Optional[Mapping[str, str]] = None, eod: Optional[int] = None,
-                 vocab_size: Optional[int] = None, tokenizer=None):
+                 vocab_size: Optional[int] = None, tokenizer=None, rank: int = 0, world_size: int = 1):
         if not prefixes:
             raise ValueError("DomainMixture needs at least one domain prefix")
         if seq_len < 1:
@@ -161,6 +164,9 @@ class DomainMixture:
         if unknown:
             raise ValueError(f"valid_prefixes names domains without training data: {unknown}")
         self.seq_len, self.seed, self.split = int(seq_len), int(seed), split
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.cache_dir = cache_dir
         self._weights = resolve_weights(weights, self.domains)
         self.initial_weights = dict(self._weights)
@@ -254,21 +260,26 @@ class DomainMixture:
             self._perm_cache[d] = cached
         return int(cached[1][pos])
 
-    def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next batch: `(tokens LongTensor [B/W, seq_len+1], domain_ids LongTensor [B/W])`.
+    def next_batch(self, batch_size: int, rank: Optional[int] = None,
+                   world_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next batch: `(tokens LongTensor [B, seq_len+1], domain_ids LongTensor [B])`.
 
-        `batch_size` is the global batch; with `world_size > 1` this rank gets rows `[rank*B/W, (rank+1)*B/W)`."""
-        if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+        `batch_size` B is this rank's rows; the global batch drawn is `B * world_size` and this rank gets rows
+        `[rank*B, (rank+1)*B)`. `rank`/`world_size` default to the constructor's."""
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
+        per = batch_size
+        batch_size = per * world_size
         dom = self._draw_domains(self.step, batch_size)
         picks = []
         for j in dom:
             d = self.domains[j]
             picks.append((d, self.cursors[d]))
             self.cursors[d] += 1
-        per = batch_size // world_size
         lo = rank * per
         out = np.empty((per, self.seq_len + 1), dtype=np.int64)
         for r, (d, cur) in enumerate(picks[lo:lo + per]):

@@ -134,13 +134,19 @@ def _align(name: str, values: Mapping[str, float], domains: Sequence[str]) -> Di
 
 def update_domain_weights(weights: Mapping[str, float], losses: Mapping[str, float],
                           ref_losses: Union[str, Mapping[str, float]], rule: str = "sheared_llama",
-                          eta: float = 1.0, c: float = 1e-4) -> Dict[str, float]:
+                          eta: float = 1.0, c: float = 1e-4, smoothing: Optional[float] = None) -> Dict[str, float]:
     """One dynamic-batch-loading update (see the module docstring). Returns new normalised weights.
+
+    `smoothing` is an alias of `c` (the trainer's config calls it `dynamic_smoothing`).
 
     `ref_losses` is a dict or a key of `REFERENCE_LOSSES`. Losses and reference losses are looked up by domain name
     or its canonical SlimPajama name. Computed in float64 with a max-shifted softmax."""
+    if smoothing is not None:
+        c = smoothing
     if rule not in UPDATE_RULES:
         raise ValueError(f"unknown update rule {rule!r}; choose one of {UPDATE_RULES}")
+    if ref_losses is None:
+        raise ValueError("dynamic domain weights need reference losses per domain (a dict, or 'llama2_7b')")
     if isinstance(ref_losses, str):
         if ref_losses not in REFERENCE_LOSSES:
             raise ValueError(f"unknown reference losses {ref_losses!r}; known: {sorted(REFERENCE_LOSSES)}")
