@@ -175,3 +175,14 @@ def test_gradients_match_finite_differences():
                 p[i] += eps
             fd = (up - down) / (2 * eps)
             assert abs(fd - p.grad[i].item()) < 1e-6 + 1e-4 * abs(fd), f"{n}{i}: autograd {p.grad[i]} vs fd {fd}"
+
+
+def test_attention_backend_choice_and_clear_errors():
+    from megamoe.model.llama import _pick_attention_backend
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2)
+    x = torch.zeros(1, 2, 3, 8)
+    assert _pick_attention_backend(cfg, x) == "sdpa"                      # auto on CPU fp32
+    for want in ("flash", "te"):
+        cfg.attention_backend = want
+        with pytest.raises(RuntimeError, match=f"attention_backend: '{want}'"):
+            _pick_attention_backend(cfg, x)

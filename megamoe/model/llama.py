@@ -107,21 +107,30 @@ def apply_rope(x, cos, sin):
 _attn_backend_logged = False
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
 def _pick_attention_backend(cfg: ModelConfig, x: torch.Tensor) -> str:
+    """sdpa (default), flash (flash-attn) or te (transformer-engine). "auto" takes flash-attn, then
+    transformer-engine, when installed and the tensors are half precision on a GPU; one log line says which runs."""
     global _attn_backend_logged
     want = cfg.attention_backend
+    gpu_half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
     backend = "sdpa"
-    if want in ("auto", "flash") and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        try:
-            import flash_attn  # noqa: F401
-            backend = "flash"
-        except ImportError:
-            if want == "flash":
-                raise RuntimeError("attention_backend: 'flash' asked for, but flash-attn is not installed")
-    elif want == "te":
-        raise RuntimeError("attention_backend: 'te' is not wired yet; use auto, sdpa or flash")
+    if want in ("flash", "te"):
+        module = {"flash": "flash_attn", "te": "transformer_engine"}[want]
+        if not _importable(module):
+            raise RuntimeError(f"attention_backend: {want!r} asked for, but {module} is not installed")
+        if not gpu_half:
+            raise RuntimeError(f"attention_backend: {want!r} needs bf16/fp16 tensors on a GPU")
+        backend = want
+    elif want == "auto" and gpu_half:
+        backend = "flash" if _importable("flash_attn") else ("te" if _importable("transformer_engine") else "sdpa")
     if not _attn_backend_logged:
-        log.info("attention: %s", {"sdpa": "torch scaled_dot_product_attention", "flash": "flash-attn"}[backend])
+        log.info("attention: %s", {"sdpa": "torch scaled_dot_product_attention", "flash": "flash-attn",
+                                   "te": "transformer-engine DotProductAttention"}[backend])
         _attn_backend_logged = True
     return backend
 
@@ -145,6 +154,7 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
         self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mcfg, init_method=out_init, bias=False,
                                         input_is_parallel=True, skip_bias_add=False)
+        self._te = None  # transformer-engine attention module, built on first use when that backend runs
 
     def forward(self, x, cos, sin):
         # x: [S, B, H] (the full sequence: column-parallel layers all-gather it under sequence parallelism)
@@ -156,7 +166,16 @@ class Attention(nn.Module):
         k = k.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
         v = v.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if _pick_attention_backend(self.cfg, q) == "flash":
+        backend = _pick_attention_backend(self.cfg, q)
+        if backend == "te":
+            if self._te is None:
+                from transformer_engine.pytorch import DotProductAttention
+                self._te = DotProductAttention(self.n_heads, self.d, num_gqa_groups=self.n_kv, qkv_format="sbhd",
+                                               attn_mask_type="causal")
+            o = self._te(*(t.permute(2, 0, 1, 3).contiguous() for t in (q, k, v)))  # [S,B,h*d]
+            out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
+            return out
+        if backend == "flash":
             from flash_attn import flash_attn_func
             o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [B,S,h,d]
             o = o.permute(1, 0, 2, 3)
