@@ -20,6 +20,15 @@ from megamoe.construct.partition import (Partition, PartitionError, greedy_assig
                                          split_sharing_inner, split_sharing_inter, write_partitions)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread avoids spin-wait contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def assert_exact_balanced(p: Partition, f: int, e: int):
     assert p.num_experts == e and p.ffn_width == f
     assert sorted(itertools.chain(*p.experts)) == list(range(f))
