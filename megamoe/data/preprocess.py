@@ -175,8 +175,10 @@ def plan_chunks(files: Sequence[str], chunk_bytes: int) -> List[Tuple[int, str, 
 _W: dict = {}  # worker state: tokenizer, config, parts dir
 
 
-def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: PreprocessConfig):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no nested rayon pool
+def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: PreprocessConfig,
+                 in_pool: bool = True):
+    if in_pool:  # one core per worker: no nested rayon thread pool in the HF tokenizer
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W["tok"] = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
     _W["cfg"] = cfg
     _W["dtype"] = np.dtype(token_dtype(_W["tok"].vocab_size))
@@ -317,9 +319,12 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     os.makedirs(parts_dir, exist_ok=True)
     progress = _Progress(total, os.path.basename(output_prefix), cfg.progress)
     own_pool = None
+    old_par = None
     try:
-        if cfg.workers == 1:
-            _worker_init(tok, tok.path, cfg)
+        if cfg.workers == 1:  # in this process, on one core (restored below)
+            old_par = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            _worker_init(tok, tok.path, cfg, in_pool=False)
             results = map(_process_chunk, tasks)
         else:
             if pool is None:
@@ -358,6 +363,11 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
             own_pool = None
         raise
     finally:
+        if cfg.workers == 1:
+            if old_par is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = old_par
         progress.close()
         if not writer.published:
             writer.abort()

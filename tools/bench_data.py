@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Benchmark the data path, with its references measured in the same run.
+
+1. Preprocessing throughput (tokens/s) on the local corpus (tools/build_local_corpus.py), all domains' training
+   files as one dataset:
+     - reference: a single-process loop as Megatron-LM writes it: read a line, json.loads, the HF tokenizer's
+       `tok(text).input_ids` per document, append EOS, megatron-core's `IndexedDatasetBuilder.add_document`;
+     - `preprocess_data` (megamoe.data.preprocess) with 1 and with 2 workers.
+   The outputs are checked to be byte-identical to the reference's. Goal: >= 1.8x the reference with 2 workers.
+2. Blended sampling: DomainMixture.next_batch time per batch, next to one training step (forward, backward, AdamW)
+   of the tiny model (configs/tiny.yaml, vocabulary set to the tokenizer's) on the same batch.
+
+    python tools/bench_data.py [--max-mb 4] [--corpus DIR] [--tokenizer DIR] [--repeats 1] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference_loop(files, prefix, hf_dir):
+    """Megatron-LM style single-process preprocessing: per-document HF tokenization + IndexedDatasetBuilder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    eos = tok.eos_token_id
+    dtype = np.uint16 if len(tok) < 65500 else np.int32
+    t0 = time.perf_counter()
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    n_tok = n_doc = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                ids = tok(json.loads(line)["text"], add_special_tokens=False).input_ids + [eos]
+                b.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                n_tok += len(ids)
+                n_doc += 1
+    b.finalize(prefix + ".idx")
+    return time.perf_counter() - t0, n_doc, n_tok
+
+
+def bench_preprocess(files, work, hf_dir, repeats):
+    from megamoe.data.preprocess import PreprocessConfig, preprocess
+    from megamoe.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(hf_dir)
+    tok.encode("warm up")
+    rows = {}
+    for r in range(repeats):
+        ref_prefix = os.path.join(work, f"ref{r}")
+        t, n_doc, n_tok = reference_loop(files, ref_prefix, hf_dir)
+        rows.setdefault("reference (1 process, megatron builder)", []).append(t)
+        for w in (1, 2):
+            p = os.path.join(work, f"ours_w{w}_{r}")
+            t0 = time.perf_counter()
+            s = preprocess(files, p, tok, PreprocessConfig(workers=w, progress=False))
+            rows.setdefault(f"preprocess_data --workers {w}", []).append(time.perf_counter() - t0)
+            for ext in (".bin", ".idx"):
+                if open(p + ext, "rb").read() != open(ref_prefix + ext, "rb").read():
+                    raise SystemExit(f"MISMATCH: {p}{ext} differs from the reference output")
+            assert s.tokens == n_tok and s.documents == n_doc
+    return rows, n_doc, n_tok
+
+
+def bench_sampling(tok_dir, hf_dir, seq_len, batch_size, steps):
+    """Seconds per next_batch, and per training step of the tiny model (or None with the reason)."""
+    import torch
+
+    from megamoe.data import DomainMixture
+
+    t0 = time.perf_counter()
+    mix = DomainMixture.from_manifest(os.path.join(tok_dir, "manifest.json"), weights="uniform",
+                                      seq_len=seq_len, seed=1)
+    build = time.perf_counter() - t0
+    mix.next_batch(batch_size)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, _ = mix.next_batch(batch_size)
+    fetch = (time.perf_counter() - t0) / steps
+    step_time, why = None, ""
+    try:
+        from megamoe import parallel
+        from megamoe.model import LlamaMoEModel
+        from megamoe.training.config import load_train_config
+
+        cfg = load_train_config(os.path.join(REPO, "configs", "tiny.yaml"))
+        mcfg = cfg.model
+        mcfg.vocab_size = int(mix.tokenizer.vocab_size or 49152)
+        parallel.initialize(None, mcfg, seed=1)
+        torch.manual_seed(0)
+        model = LlamaMoEModel(mcfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = x % mcfg.vocab_size
+
+        def step():
+            out = model(x[:, :-1], labels=x[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+
+        step()
+        t0 = time.perf_counter()
+        for _ in range(max(3, steps // 10)):
+            step()
+        step_time = (time.perf_counter() - t0) / max(3, steps // 10)
+        why = (f"tiny model: hidden {mcfg.hidden_size}, {mcfg.num_layers} layers, vocab {mcfg.vocab_size}, "
+               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+    except Exception as err:  # noqa: BLE001 - the model is another module; report and go on
+        why = f"training step unavailable: {type(err).__name__}: {err}"
+    return build, fetch, step_time, why
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", help="an existing local-corpus directory (default: build one in a temp dir)")
+    p.add_argument("--max-mb", type=float, default=4.0, help="per-domain cap when building the corpus")
+    p.add_argument("--tokenizer", help="HF tokenizer directory (default: the embedded SmolLM2 tokenizer)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200, help="batches timed for the sampling figure")
+    p.add_argument("--json", help="write the figures here")
+    a = p.parse_args(argv)
+
+    from megamoe.data.corpus import build_local_corpus
+    from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
+
+    if a.tokenizer is None:
+        from megamoe.checkpoint.embedded import materialize_smollm2
+
+        a.tokenizer = materialize_smollm2()
+    work = tempfile.mkdtemp(prefix="bench_data_")
+    try:
+        corpus = a.corpus or os.path.join(work, "corpus")
+        if not a.corpus:
+            build_local_corpus(corpus, max_mb=a.max_mb, seed=1234, log=lambda s: None)
+        domains = sorted(d for d in os.listdir(corpus) if os.path.isfile(os.path.join(corpus, d, "train.jsonl")))
+        files = [os.path.join(corpus, d, "train.jsonl") for d in domains]
+        mb = sum(os.path.getsize(f) for f in files) / 1e6
+        import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost outside the timings)
+
+        print(f"corpus: {len(domains)} domains ({', '.join(domains)}), {mb:.1f} MB of training JSONL; "
+              f"cpus: {os.cpu_count()}")
+        rows, n_doc, n_tok = bench_preprocess(files, work, a.tokenizer, a.repeats)
+        ref = min(rows["reference (1 process, megatron builder)"])
+        print(f"\npreprocessing {n_doc:,} documents, {n_tok:,} tokens (outputs byte-identical to the reference)")
+        print(f"{'':44s} {'seconds':>8s} {'tokens/s':>11s} {'vs reference':>13s}")
+        figures = {"documents": n_doc, "tokens": n_tok, "corpus_mb": mb}
+        for name, ts in rows.items():
+            t = min(ts)
+            print(f"{name:44s} {t:8.2f} {n_tok / t:11,.0f} {ref / t:12.2f}x")
+            figures[name] = {"seconds": t, "tokens_per_s": n_tok / t, "speedup": ref / t}
+        sp2 = ref / min(rows["preprocess_data --workers 2"])
+        print(f"goal >= 1.80x with 2 workers: {'MET' if sp2 >= 1.8 else 'NOT MET'} ({sp2:.2f}x)")
+
+        tok_dir = os.path.join(work, "tok")
+        preprocess_domains(corpus, tok_dir, a.tokenizer, PreprocessConfig(workers=2, progress=False))
+        build, fetch, step, why = bench_sampling(tok_dir, a.tokenizer, a.seq_len, a.batch_size, a.steps)
+        print(f"\nblended sampling, {len(domains)} domains, batch {a.batch_size} x {a.seq_len + 1} tokens:")
+        print(f"  DomainMixture build (megatron index build/cache): {build:.2f} s")
+        print(f"  next_batch: {fetch * 1e3:.3f} ms/batch ({a.batch_size * a.seq_len / fetch:,.0f} tokens/s)")
+        if step is not None:
+            print(f"  one training step of the tiny model on that batch: {step * 1e3:.1f} ms "
+                  f"(fetch = {fetch / step * 100:.2f}% of a step)  [{why}]")
+        else:
+            print(f"  {why}")
+        figures.update({"mixture_build_s": build, "fetch_ms": fetch * 1e3,
+                        "train_step_ms": None if step is None else step * 1e3, "model": why})
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(figures, f, indent=2)
+        return 0 if sp2 >= 1.8 else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
