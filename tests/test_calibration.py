@@ -272,3 +272,25 @@ def test_construct_pipeline_all_methods(tiny, tmp_path):
         construct(d, ConstructionSpec(method="metis", num_experts=4), data)
     with pytest.raises(PartitionError, match="layers"):
         construct(d, ConstructionSpec(method="random", num_experts=4, layers=[7]))
+
+
+def test_smollm2_streamed_gradient_equals_full_model(smollm2_dir):
+    """The real embedded model (tied embeddings, GQA 9/3, rope theta 1e5): streamed importance = full backward."""
+    from transformers import LlamaForCausalLM
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    g = gradient_importance(smollm2_dir, CalibrationData(ids), clusters=np.array([1, 0]), micro_batch=2)
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    layers = (0, 29)
+    hs = {}
+    for i in layers:
+        def pre(mod, args, i=i):
+            hs[i] = args[0]
+            args[0].retain_grad()
+        model.model.layers[i].mlp.down_proj.register_forward_pre_hook(pre)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert g.loss == pytest.approx(out.loss.item(), rel=1e-5)
+    for i in layers:
+        score = (hs[i].detach() * hs[i].grad).abs().double()
+        want = torch.stack([score[1].mean(0), score[0].mean(0)]).numpy()   # sequence 1 is cluster 0
+        np.testing.assert_allclose(g.importance[i], want, rtol=1e-3, atol=1e-6 * want.max())
