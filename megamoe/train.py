@@ -279,6 +279,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     router_acc = RouterStatsAccumulator()
     losses: dict[int, float] = {}
     eval_results = None
+    eval_history: list[dict] = []
     last_saved = start_step if cfg.checkpoint.resume and start_step else None
 
     def state_for_checkpoint(step):
@@ -300,6 +301,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
             return
         res, routing = evaluate(ddp, data, cfg.eval.batch_size, cfg.eval.batches, device)
         eval_results = res
+        eval_history.append({"step": step, "results": res, "routing": routing})
         rec = {"kind": "eval", "step": step, "tokens": tokens_seen, "routing_by_domain": routing}
         for d, r in res.items():
             rec[f"eval/{d}/loss"], rec[f"eval/{d}/ppl"] = r["loss"], r["ppl"]
@@ -319,6 +321,8 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
 
     # ---- the loop ----
     step = start_step
+    if cfg.eval.at_start and start_step == 0:
+        run_eval(0)
     stopped_by = None
     try:
         for step in range(start_step, cfg.train.steps):
@@ -354,7 +358,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
             else:
                 log.warning("step %d: non-finite loss/grad (lm %s, aux %s, grad norm %s); update skipped (%d in a row)",
                             done, lm_loss, aux_loss, grad_norm, guard.consecutive + 1)
-            guard.record(ok, done, ddp, list(zip(moe_layer_ids, last_stats)))
+            guard.record(ok, done, ddp, list(zip(moe_layer_ids, last_stats)), batch)
 
             # ---- log ----
             if done % cfg.log.interval == 0 or done == cfg.train.steps:
@@ -399,13 +403,14 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
         final_dir = export_final_model(ddp, mcfg, os.path.join(cfg.out_dir, "final_model"))
     summary = {"steps": step + 1 if stopped_by or cfg.train.steps > start_step else start_step,
                "start_step": start_step, "tokens": tokens_seen, "stopped_by": stopped_by,
-               "skipped_steps": guard.skipped, "losses": losses, "eval": eval_results,
+               "skipped_steps": guard.skipped, "losses": losses, "eval": eval_results, "eval_history": eval_history,
                "params": counts, "out_dir": os.path.abspath(cfg.out_dir),
                "checkpoint_dir": ckpt.root, "metrics": os.path.abspath(monitor.jsonl_path),
                "final_model": final_dir, "tgs": meter.tgs, "flops_per_token": fpt}
     if is_main:
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1, default=str)
+            json.dump({k: v for k, v in summary.items() if k not in ("losses", "eval_history")}, f, indent=1,
+                      default=str)
     return summary
 
 

@@ -187,6 +187,22 @@ def model_sharded_state_dict(model) -> dict:
     return out
 
 
+def _init_empty_optimizer_state(opt):
+    """A fresh megatron optimizer (torch-AdamW fallback) has no state, and its sharded_state_dict(is_loading=True)
+    then fails (it reads one shared `step`): give every parameter zero Adam state first; the load overwrites it."""
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        inner = getattr(o, "optimizer", None)
+        if inner is None:
+            continue
+        for g in inner.param_groups:
+            for p in g["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st.setdefault("exp_avg", torch.zeros_like(p.data))
+                    st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+
+
 def _fix_optimizer_steps(opt):
     """megatron's torch-Adam fallback loads one shared `step` tensor for all params: give each its own."""
     for o in getattr(opt, "chained_optimizers", [opt]):
@@ -297,6 +313,7 @@ class CheckpointManager:
         with cuda_to_cpu():
             sd = {"model": model_sd}
             if optimizer is not None:
+                _init_empty_optimizer_state(optimizer)
                 sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
             loaded = dist_checkpointing.load(sd, path)
             with torch.no_grad():

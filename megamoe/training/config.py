@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ class EvalConfig:
     batches: int = 4                   # validation batches per domain
     batch_size: int = 4
     at_end: bool = True
+    at_start: bool = False             # evaluate before the first step (not on resume): the "before" numbers
     plots: bool = True                 # routing heat-maps at each evaluation (matplotlib)
 
 
@@ -208,9 +210,27 @@ class TrainConfig:
         return self.train.global_batch_tokens // per_step
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, but `2e-4` is a float (YAML 1.1 wants `2.0e-4`, which nobody writes)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text_or_file):
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -242,7 +262,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
     if path:
         try:
             with open(path) as f:
-                d = yaml.safe_load(f) or {}
+                d = _yaml_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except yaml.YAMLError as e:
