@@ -306,3 +306,23 @@ def test_cli_per_domain_and_fail_exit_code(tmp_path, hf_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and f"{root / 'web' / 'train.jsonl'}:2: malformed JSON" in err
     assert not any(p.name.startswith("x_text_document") for p in tmp_path.iterdir())
+
+
+def test_gzip_input_equals_plain_and_zst_needs_its_package(tmp_path, hf_tok, texts):
+    import gzip
+
+    _write_jsonl(tmp_path / "plain.jsonl", texts)
+    with gzip.open(tmp_path / "packed.jsonl.gz", "wb") as f:
+        f.write((tmp_path / "plain.jsonl").read_bytes())
+    cfg = PreprocessConfig(workers=2, progress=False)
+    preprocess([str(tmp_path / "plain.jsonl")], str(tmp_path / "a"), hf_tok, cfg)
+    preprocess([str(tmp_path / "packed.jsonl.gz")], str(tmp_path / "b"), hf_tok, cfg)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        (tmp_path / "x.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(PreprocessError, match=r"x.jsonl.zst: reading .zst needs the 'zstandard' package"):
+            preprocess([str(tmp_path / "x.jsonl.zst")], str(tmp_path / "c"), hf_tok, PreprocessConfig(progress=False))
+        assert not (tmp_path / "c.bin").exists()

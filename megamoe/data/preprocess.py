@@ -3,7 +3,8 @@
 How it works
 ------------
 1. `plan_chunks` cuts every input file into byte ranges of about `chunk_bytes`, each ending just after a newline
-   (a seek plus a short read per cut: no pass over the data). Gzip files (`.gz`) are one chunk each.
+   (a seek plus a short read per cut: no pass over the data). Compressed files (`.gz`; `.zst` when the optional
+   `zstandard` package is installed) are one chunk each, decompressed in memory by their worker.
 2. Each chunk is one task. A worker (a forked process; or the main process when `workers=1`) reads only its range,
    decodes, parses and tokenizes its lines in batches, and writes the ids to a part file of its own. It returns
    the document lengths, its line count and the bad lines it met (local line numbers).
@@ -48,7 +49,8 @@ __all__ = ["PreprocessConfig", "PreprocessSummary", "PreprocessError", "preproce
 
 BAD_INPUT_REASONS = ("invalid UTF-8", "blank line", "malformed JSON", "not a JSON object", "missing key",
                      "not a string", "empty document")
-_INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+_COMPRESSED = (".gz", ".zst")
 _VALID_RE = re.compile(r"(^|[_\-.])(valid|validation|val|dev|heldout|held_out)([_\-.]|$)", re.IGNORECASE)
 
 
@@ -150,7 +152,7 @@ def plan_chunks(files: Sequence[str], chunk_bytes: int) -> List[Tuple[int, str, 
     """(file index, path, start, end) byte ranges; each ends after a newline (or at EOF). end=-1: whole gz file."""
     chunks = []
     for fi, path in enumerate(files):
-        if path.endswith(".gz"):
+        if path.endswith(_COMPRESSED):
             chunks.append((fi, path, 0, -1))
             continue
         size = os.path.getsize(path)
@@ -185,6 +187,14 @@ def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: P
 
 
 def _read_chunk(path: str, start: int, end: int) -> bytes:
+    if end < 0 and path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as err:
+            raise PreprocessError(f"{path}: reading .zst needs the 'zstandard' package (pip install zstandard), "
+                                  f"or decompress first with `zstd -d`") from err
+        with open(path, "rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
     if end < 0:
         with gzip.open(path, "rb") as f:
             return f.read()
