@@ -294,3 +294,19 @@ def test_smollm2_streamed_gradient_equals_full_model(smollm2_dir):
         score = (hs[i].detach() * hs[i].grad).abs().double()
         want = torch.stack([score[1].mean(0), score[0].mean(0)]).numpy()   # sequence 1 is cluster 0
         np.testing.assert_allclose(g.importance[i], want, rtol=1e-3, atol=1e-6 * want.max())
+
+
+def test_jsonl_domains_by_file(tok_dir, tmp_path):
+    files = {}
+    for dom, base in (("law", 0), ("code", 20)):
+        p = tmp_path / f"{dom}.jsonl"
+        p.write_text("".join(json.dumps({"text": " ".join(f"w{base + k}" for k in range(j, j + 5))}) + "\n"
+                             for j in range(0, 15, 5)))
+        files[dom] = str(p)
+    data = tokens_from_jsonl(files, tok_dir, seq_len=7, token_budget=28)
+    assert data.domains == ["law", "law", "code", "code"]
+    assert data.ids[2].tolist() == [1, 23, 24, 25, 26, 27, 2]          # BOS, w20..w24 (ids +3), EOS
+    with pytest.raises(CalibrationDataError, match="not both"):
+        tokens_from_jsonl(files, tok_dir, seq_len=7, token_budget=28, domain_key="d")
+    with pytest.raises(CalibrationDataError, match="token_budget"):
+        tokens_from_jsonl(files, tok_dir, seq_len=7, token_budget=7)

@@ -78,12 +78,35 @@ class _Packer:
 
 def tokens_from_jsonl(paths, tokenizer, seq_len: int = 2048, token_budget: int = 65536, text_key: str = "text",
                       domain_key: str | None = None, batch_lines: int = 256) -> CalibrationData:
-    """Blocks of `seq_len` tokens from one or more JSONL files (one JSON object per line, text under `text_key`,
-    dotted keys allowed). `tokenizer`: an HF tokenizer directory / sentencepiece model path, or a
-    `megamoe.data.tokenizers.TextTokenizer`."""
+    """Blocks of `seq_len` tokens from JSONL files (one JSON object per line, text under `text_key`, dotted keys
+    allowed). `tokenizer`: an HF tokenizer directory / sentencepiece model path, or a
+    `megamoe.data.tokenizers.TextTokenizer`.
+
+    paths: a file, a list of files (read in order until the budget is met), or {domain: file or files}: each domain
+    gets an equal share of the budget and its blocks are labelled with the domain. Alternatively `domain_key`
+    names a field of each JSON object holding its domain."""
     from ..data.tokenizers import load_tokenizer
     n_blocks = _check_budget(seq_len, token_budget)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    if isinstance(paths, dict):
+        if domain_key is not None:
+            raise CalibrationDataError("domain_key: give either {domain: path} or domain_key, not both")
+        if not paths:
+            raise CalibrationDataError("paths: no calibration files given")
+        ids, domains = [], []
+        share = [n_blocks // len(paths) + (1 if g < n_blocks % len(paths) else 0) for g in range(len(paths))]
+        for (dom, pth), want in zip(paths.items(), share):
+            if want == 0:
+                raise CalibrationDataError(f"token_budget: {token_budget} tokens cannot give each of the "
+                                           f"{len(paths)} domains a block of seq_len = {seq_len}")
+            part = _jsonl(pth, tok, seq_len, want, text_key, None, batch_lines)
+            ids.append(part.ids)
+            domains += [str(dom)] * part.ids.shape[0]
+        return CalibrationData(torch.cat(ids), domains)
+    return _jsonl(paths, tok, seq_len, n_blocks, text_key, domain_key, batch_lines)
+
+
+def _jsonl(paths, tok, seq_len, n_blocks, text_key, domain_key, batch_lines) -> CalibrationData:
     paths = [paths] if isinstance(paths, str) else list(paths)
     packers: dict = {}
     order: list = []          # (domain, block index) in completion order, to keep the first n_blocks
