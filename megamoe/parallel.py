@@ -84,11 +84,12 @@ def current() -> ParallelConfig | None:
     return _config
 
 
-def destroy() -> None:
-    """Tear down megatron's groups and torch.distributed (tests, or re-initialising with another layout)."""
+def destroy(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and torch.distributed (tests, or re-initialising with another layout).
+    `keep_process_group=True` keeps the world (torchrun's), so `initialize` can set up another layout in it."""
     global _config
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
     _config = None

@@ -24,6 +24,11 @@ class Expert(nn.Module):
         for lin, s in ((self.gate_proj, std), (self.up_proj, std), (self.down_proj, out_std)):
             nn.init.normal_(lin.weight, std=s)
             lin.weight.allreduce = False  # megatron DDP: reduce over the expert-data-parallel group
+            # partitioned over expert-TP (like megatron's expert linears, even at etp = 1): megatron's grad norm then
+            # counts expert grads on every TP rank instead of dropping them as "TP duplicates" on tp rank > 0
+            lin.weight.tensor_model_parallel = True
+            lin.weight.partition_dim = 1 if lin is self.down_proj else 0
+            lin.weight.partition_stride = 1
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

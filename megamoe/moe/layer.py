@@ -34,6 +34,12 @@ class MoELayer(nn.Module):
                                cfg.num_layers, DTYPES[cfg.params_dtype])
         self.shared = MLP(cfg, mcfg, moe.residual_size) if moe.residual_size else None
         self.dispatcher = self._build_dispatcher(ep, etp, local)
+        # parallel correctness (megamoe/distributed.py): balance statistics summed over the ranks holding the rest of
+        # the global batch; without SP, TP ranks hold the same tokens: each runs the experts on its share only
+        from megamoe.distributed import make_stats_reducer
+        self.router.stats_reducer = make_stats_reducer(mcfg.sequence_parallel)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mcfg.sequence_parallel else None
 
     def _build_dispatcher(self, ep: int, etp: int, local: list[int]):
         if ep == 1 and etp == 1:
@@ -45,12 +51,29 @@ class MoELayer(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.router(flat)
-        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(flat, routing)
-        expert_out = self.experts(expert_in, tokens_per_expert)
-        y = self.dispatcher.combine(expert_out, handle)
+        y = self._routed(flat, routing)
         if routing.dropped is not None and self.moe.drop_policy == "input":
             w = (routing.weights * routing.dropped).sum(-1, keepdim=True)
             y = y + (w * upcast(flat)).to(y.dtype)
         if self.shared is not None:
             y = y + self.shared(x).reshape(flat.shape)
         return y.view(shape), routing.stats
+
+    def _routed(self, flat: torch.Tensor, routing) -> torch.Tensor:
+        if self.tp_group is None:
+            expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(flat, routing)
+            return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), handle)
+        # TP without SP: tokens (and their routing) are replicated over TP; each TP rank takes its share, the
+        # outputs are all-gathered back (backward: the matching split / all-gather)
+        from dataclasses import replace
+
+        from megamoe.distributed import gather_tokens, split_tokens, token_split_sizes
+        g = self.tp_group
+        sizes = token_split_sizes(flat.shape[0], g.size())
+        part = replace(routing, indices=split_tokens(routing.indices, g, sizes),
+                       weights=split_tokens(routing.weights, g, sizes),
+                       dropped=None if routing.dropped is None else split_tokens(routing.dropped, g, sizes))
+        x = split_tokens(flat, g, sizes)
+        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x, part)
+        y = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), handle)
+        return gather_tokens(y, g, sizes)

@@ -91,7 +91,8 @@ class Router(nn.Module):
         self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.stats_reducer is None else self.stats_reducer(t)
+        # training only: evaluation may run on one rank alone, and its statistics are reported per rank
+        return t if self.stats_reducer is None or not self.training else self.stats_reducer(t)
 
     def capacity(self, num_tokens: int) -> int | None:
         cf = self.moe.effective_capacity_factor()
@@ -137,7 +138,11 @@ class Router(nn.Module):
             balance = moe.balance_loss_weight * E * (frac * mean_p).sum()
         z = logits.new_zeros(())
         if moe.z_loss_weight:
-            z = moe.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            lse2 = torch.logsumexp(logits, dim=-1).pow(2)
+            if self.stats_reducer is None:
+                z = moe.z_loss_weight * lse2.mean()
+            else:  # mean over the global batch (each rank holds part of it)
+                z = moe.z_loss_weight * self._reduce(lse2.sum()) / self._reduce(logits.new_tensor(float(T)))
         dropped = g.dropped
         n_drop = dropped.sum() if dropped is not None else torch.zeros((), dtype=torch.long, device=x.device)
         stats = RouterStats(counts, importance.detach(), load.detach(), balance, z, n_drop, T)
