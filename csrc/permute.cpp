@@ -11,9 +11,10 @@
 //                           zero rows up to a multiple of pad_multiple
 //
 // Ops (namespace megamoe):
-//   row_map(indices, num_experts, capacity, pad_multiple) -> (row_map, kept [E], padded [E], offsets [E+1], totals [2])
-//       capacity < 0 means "no capacity". totals = (N, number of kept pairs), one small tensor so that a GPU caller
-//       needs a single device-to-host copy to learn the output size.
+//   row_map(indices, num_experts, capacity, pad_multiple) -> (row_map, kept [E], padded [E], offsets [E+1], totals [3])
+//       capacity < 0 means "no capacity". totals = (N, number of kept pairs, number of out-of-range expert ids), one
+//       small tensor so that a GPU caller needs a single device-to-host copy to learn the output size and to check
+//       the input (a CUDA kernel cannot raise; the CPU kernel raises directly and reports 0).
 //   permute_rows(src [T,H], row_map, weights?, num_rows, zero_fill) -> [N, H]
 //       dst[row_map[t,j]] = (weights[t,j] *) src[t]; rows no pair maps to (padding) are zero. zero_fill tells a
 //       backend that such rows exist (the CPU kernel finds them itself).
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_map_c
   const int64_t* ip = idx.data_ptr<int64_t>();
   auto opts = idx.options();
   auto kept = at::zeros({E}, opts), padded = at::empty({E}, opts), offsets = at::empty({E + 1}, opts);
-  auto totals = at::empty({2}, opts);
+  auto totals = at::zeros({3}, opts);
   auto row_map = at::empty(idx.sizes(), opts);
   int64_t *kp = kept.data_ptr<int64_t>(), *pp = padded.data_ptr<int64_t>(), *op = offsets.data_ptr<int64_t>();
   int64_t* rp = row_map.data_ptr<int64_t>();

@@ -225,7 +225,9 @@ def permute_tokens(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int
         return Permuted(permute_reference(hidden, row_map, num_rows), row_map, kept, padded, _offsets(padded))
     row_map, kept, padded, offsets, totals = torch.ops.megamoe.row_map(
         indices, int(num_experts), -1 if capacity is None else int(capacity), int(pad_multiple))
-    num_rows, num_kept = totals.tolist()  # the one device-to-host copy (the output size)
+    num_rows, num_kept, invalid = totals.tolist()  # the one device-to-host copy (output size, input check)
+    if invalid:
+        raise ValueError(f"expert index out of range [0, {int(num_experts)}): {invalid} of {indices.numel()} entries")
     permuted = PermuteFunction.apply(hidden, row_map, num_rows, num_rows > num_kept)
     return Permuted(permuted, row_map, kept, padded, offsets)
 
