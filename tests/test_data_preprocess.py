@@ -326,3 +326,11 @@ def test_gzip_input_equals_plain_and_zst_needs_its_package(tmp_path, hf_tok, tex
         with pytest.raises(PreprocessError, match=r"x.jsonl.zst: reading .zst needs the 'zstandard' package"):
             preprocess([str(tmp_path / "x.jsonl.zst")], str(tmp_path / "c"), hf_tok, PreprocessConfig(progress=False))
         assert not (tmp_path / "c.bin").exists()
+
+
+def test_utf8_bom_and_crlf_are_accepted(tmp_path, hf_tok):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    s = preprocess([str(tmp_path / "bom.jsonl")], str(tmp_path / "ds"), hf_tok, PreprocessConfig(progress=False))
+    ds = _read(str(tmp_path / "ds"))
+    assert s.skipped_total == 0
+    assert [ds[i].tolist() for i in range(2)] == [hf_tok.encode(t) + [hf_tok.eod] for t in ("first", "second")]

@@ -234,6 +234,8 @@ def _process_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
     cfg: PreprocessConfig = _W["cfg"]
     dtype = _W["dtype"]
     data = _read_chunk(path, start, end)
+    if start == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark before the first line
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the chunk's last line
