@@ -58,3 +58,97 @@ def load_full_state_dict(model, full: dict, strict: bool = True):
         raise KeyError(f"load_full_state_dict: no full tensor for {missing[:5]}")
     with torch.no_grad():
         module.load_state_dict(local, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer state that reshards across TP / EP / DP
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""megatron's DistributedOptimizer formats: "dp_reshardable" keeps its flat per-(TP, EP)-rank buffers and reshards
+only along DP (loading into another TP/EP layout fails with a global-shape mismatch); "fully_reshardable" stores
+each parameter's Adam moments in the parameter's own (global, TP/EP-sharded) layout, so any layout loads them."""
+
+
+def _drop_main_params(sd):
+    """In fp32 the model weights are the main parameters: megatron writes no "optimizer.state.param.*" copy but asks
+    for one on load. Drop those entries on both sides."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    if isinstance(sd, dict):
+        for k in list(sd):
+            v = sd[k]
+            if isinstance(v, ShardedTensor) and ".state.param." in f".{v.key}":
+                del sd[k]
+            else:
+                _drop_main_params(v)
+    elif isinstance(sd, list):
+        for v in sd:
+            _drop_main_params(v)
+    return sd
+
+
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, metadata: dict | None = None):
+    """The optimizer's sharded state dict in the fully reshardable format (any TP/EP/DP layout loads it)."""
+    meta = dict(metadata or {})
+    meta["distrib_optim_sharding_type"] = OPTIM_METADATA["distrib_optim_sharding_type"]
+    sd = type(optimizer).sharded_state_dict(optimizer, model_sd, is_loading=is_loading, metadata=meta)
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not any(o.config.bf16 or o.config.fp16 for o in subs):
+        _drop_main_params(sd)
+    return sd
+
+
+def load_optimizer_state(optimizer, state: dict):
+    """optimizer.load_state_dict for a state that dist_checkpointing loaded in the fully reshardable format.
+
+    megatron-core 0.16.1 with torch's Adam (no TE / apex, e.g. on a CPU): the loader skips the checkpoint's
+    per-parameter `step` but then copies every key of the live state, `step` included -> KeyError. Copy the keys the
+    checkpoint has; then give every parameter its own `step` tensor from its param group's step (megatron would
+    share one tensor between all parameters)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    patched = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(o, DistributedOptimizer) and not o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            def setter(model_param, tensors, o=o):
+                gi, go = o.model_param_group_index_map[model_param]
+                main = o.optimizer.param_groups[gi]["params"][go]
+                dst = {"param": main, **o.optimizer.state[main]}
+                for k, v in tensors.items():
+                    if k in dst:
+                        dst[k].copy_(v)
+            o._set_main_param_and_optimizer_states = setter
+            patched.append(o)
+    try:
+        with torch.no_grad():
+            type(optimizer).load_state_dict(optimizer, state)
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states
+    fix_optimizer_steps(optimizer)
+
+
+def fix_optimizer_steps(optimizer):
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if inner is None:
+            continue
+        for g in inner.param_groups:
+            for p in g["params"]:
+                st = inner.state.get(p)
+                if st and "step" in g and "step" in st:
+                    st["step"] = torch.tensor(float(g["step"]))
+                elif st and "step" in st and torch.is_tensor(st["step"]):
+                    st["step"] = st["step"].clone()
+
+
+def reshardable(optimizer):
+    """Make a megatron optimizer's checkpoint reshardable across TP/EP/DP layouts: its `sharded_state_dict` writes
+    the fully reshardable format (whatever metadata the caller passes) and its `load_state_dict` reads it.
+    Returns the same optimizer; megamoe.training.checkpointing's CheckpointManager then needs no change.
+
+        opt = reshardable(get_megatron_optimizer(...))
+    """
+    optimizer.sharded_state_dict = (lambda model_sd, is_loading=False, metadata=None, **kw:
+                                    optimizer_sharded_state_dict(optimizer, model_sd, is_loading, metadata))
+    optimizer.load_state_dict = lambda state: load_optimizer_state(optimizer, state)
+    optimizer._megamoe_reshardable = True
+    return optimizer

@@ -30,7 +30,7 @@ LAYOUTS = {   # name: (tp, ep, etp, sequence_parallel, distributed_optimizer)
     "ep2": (1, 2, 1, False, True), "tp2ep2sp": (2, 2, 1, True, False), "tp2ep2": (2, 2, 1, False, False),
     "tp2etp2sp": (2, 1, 2, True, False), "ep2etp2": (1, 2, 2, False, True),     # 4 ranks
     "tp2ep2sp_dp2": (2, 2, 1, True, True), "ep4": (1, 4, 1, False, True), "dp4": (1, 1, 1, False, True),
-    "ep2_dp2": (1, 2, 1, False, True),
+    "ep2_dp2": (1, 2, 1, False, True), "tp2ep2sp_do": (2, 2, 1, True, True),
 }
 
 
@@ -90,6 +90,9 @@ def build(cfg, pcfg, full_sd=None):
         load_full_state_dict(model, full_sd)
     ddp = wrap_model(model, cfg, pcfg, "fp32")
     opt = build_optimizer(ddp, optim_cfg(), pcfg, "fp32")
+    from megamoe.parallel_checkpoint import reshardable
+    if not getattr(opt, "_megamoe_reshardable", False):   # until megamoe.training.optim applies it itself
+        reshardable(opt)
     for g in opt.param_groups:
         g["lr"] = LR
     return model, ddp, opt
@@ -293,7 +296,7 @@ def layouts(out_dir, names):
     return chk.failed
 
 
-def reshard(out_dir):
+def reshard(out_dir, save_layout="tp2ep2sp_dp2", load_layouts="ep4,dp4,ep2etp2"):
     """Save a TP2xEP2 (x DP2) run after step 2 with the distributed optimizer; load it into EP4 and into TP1xEP1
     (DP4): step 3's loss checks the weights, step 4's loss (after an update) checks the optimizer state."""
     import torch.distributed as dist
@@ -304,18 +307,18 @@ def reshard(out_dir):
     chk = Checker()
     ref = torch.load(os.path.join(out_dir, "reference.pt"), weights_only=False)
     r = ref["mixtral"]
-    pcfg = set_layout("tp2ep2sp_dp2")
+    pcfg = set_layout(save_layout)
     model, ddp, opt = build(r["cfg"], pcfg, r["full"])
     mgr = CheckpointManager(os.path.join(out_dir, "ckpt"), keep_last=2)
     for i in range(2):
         loss, *_ = train_step(ddp, opt, r["batches"][i])
-        chk.close(f"tp2ep2sp_dp2 step {i + 1} loss", loss, r["losses"][i][0])
+        chk.close(f"{save_layout} step {i + 1} loss", loss, r["losses"][i][0])
     path = mgr.save(2, ddp, opt, {"tokens": 0})
     for i in range(2, STEPS):   # uninterrupted continuation
         loss, *_ = train_step(ddp, opt, r["batches"][i])
-        chk.close(f"tp2ep2sp_dp2 uninterrupted step {i + 1} loss", loss, r["losses"][i][0])
+        chk.close(f"{save_layout} uninterrupted step {i + 1} loss", loss, r["losses"][i][0])
     del model, ddp, opt
-    for layout in ("ep4", "dp4", "ep2etp2"):
+    for layout in load_layouts.split(","):
         pcfg = set_layout(layout)
         torch.manual_seed(99)     # different initial weights: the load must overwrite all of them
         model, ddp, opt = build(r["cfg"], pcfg, None)
@@ -324,7 +327,7 @@ def reshard(out_dir):
         for i in range(2, STEPS):
             loss, *_ = train_step(ddp, opt, r["batches"][i])
             what = "weights" if i == 2 else "optimizer state"
-            chk.close(f"{layout} after loading TP2xEP2: step {i + 1} loss ({what})", loss, r["losses"][i][0])
+            chk.close(f"{layout} after loading {save_layout}: step {i + 1} loss ({what})", loss, r["losses"][i][0])
         del model, ddp, opt
     dist.barrier()
     return chk.failed
@@ -361,7 +364,7 @@ if __name__ == "__main__":
     elif mode == "layouts":
         rc = layouts(out, sys.argv[3])
     elif mode == "reshard":
-        rc = reshard(out)
+        rc = reshard(out, *sys.argv[3:])
     elif mode == "load_single":
         rc = load_single(out)
     else:
