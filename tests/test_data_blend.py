@@ -295,3 +295,16 @@ def test_dynamic_loop_moves_sampling_toward_the_lagging_domain(prefixes):
     assert after[g] / after.sum() > before[g] / before.sum() + 0.2
     assert mix.log_record()["data/weight/gamma"] == mix.weights["gamma"]
     assert mix.state_dict()["weight_history"][-1] == [20, mix.weights]
+
+
+def test_megatron_index_cache_is_written_and_reused(prefixes, tmp_path):
+    import os
+
+    cache = tmp_path / "cache"
+    a = _mix(prefixes, "uniform", cache_dir=str(cache))
+    files = sorted(os.listdir(cache))
+    assert sum(f.endswith("GPTDataset-train-shuffle_index.npy") for f in files) == len(DOMAINS)
+    stamp = {f: os.path.getmtime(cache / f) for f in files}
+    b = _mix(prefixes, "uniform", cache_dir=str(cache))  # loads the cached indices, rebuilds nothing
+    assert sorted(os.listdir(cache)) == files and all(os.path.getmtime(cache / f) == t for f, t in stamp.items())
+    assert all(torch.equal(a.next_batch(4)[0], b.next_batch(4)[0]) for _ in range(5))
