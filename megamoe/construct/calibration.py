@@ -186,11 +186,11 @@ def activation_stats(model, data: CalibrationData, *, activation: str = "swiglu"
                 h[b] = m.run_layer(layer, h[b])
                 if not collect:
                     continue
-                hh = cap.h.reshape(-1, f).double()
-                sum_abs += hh.abs().sum(0)
-                if a is not None:
+                hh = cap.h.reshape(-1, f).float()
+                sum_abs += hh.abs().sum(0, dtype=torch.float64)
+                if a is not None:                  # fp32 GEMM per micro-batch, fp64 running sum
                     k = _kernel(hh, kernel)
-                    a += k.T @ k
+                    a += (k.T @ k).double()
                 if sample is not None:
                     lo, hi = b.start * s, b.stop * s
                     sel = sample[(sample >= lo) & (sample < hi)] - lo
