@@ -295,8 +295,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
 
     where = os.path.join(hf.path, "config.json")
     dense_cfg = config_from_hf(hf.config, where)
-    key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
     check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
+    key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
     parts, cents, method = make_partitions(hf, dense_cfg, key_of, method, num_experts, seed, moe_layers,
                                            partitions_dir, progress)
     E = next(iter(parts.values())).num_experts
@@ -418,8 +418,8 @@ def _import(hf: HFDir, kind, out, t0, hasher, *, par, dtype, tolerance, guard_to
     cfg = fmt.config_from_hf(hf.config, where)
     par.validate(cfg)
     optional = [n for n in expected_names(cfg) if n.endswith("router.noise.weight")]
-    key_of = check_tensors(hf, cfg, fmt.hf_to_ours_name, optional=optional)
     check_vocab(hf, cfg, "model.embed_tokens.weight")
+    key_of = check_tensors(hf, cfg, fmt.hf_to_ours_name, optional=optional)
     emb_dt = hf.dtype(key_of["embed.weight"])
     dtypes = {n: dtype or (hf.dtype(key_of[n]) if n in key_of else emb_dt) for n in expected_names(cfg)}
     ids = guard_ids(cfg.vocab_size, guard_tokens)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Benchmark hf-to-moe on a LLaMA-2-7B-shaped checkpoint against `cp` of the same bytes, in the same run.
+
+    python tools/bench_convert.py                      # 8 layers (~3.7 GB fp16), 8 experts, TP2/EP2, random split
+    python tools/bench_convert.py --layers 32          # the full 7B shape (~13.5 GB)
+    python tools/bench_convert.py --no-guard           # also time the conversion without the logits guard
+
+The source (hidden 4096, FFN 11008, vocabulary 32000, 32 heads, fp16 random weights, sharded HF safetensors) is
+written once under --work and reused. Then, with the source in the page cache for both:
+
+    cp      `cp -r SRC DST`                                           (the floor: same bytes read and written)
+    convert `tools/checkpoint_convert.py hf-to-moe --src SRC --experts 8 --tp 2 --ep 2` in a subprocess
+
+Reported: wall time of each (best of --repeat), the ratio convert / cp (goal <= 1.5), and the conversion's peak RSS
+(goal < 4 GB; ru_maxrss of the child process). The conversion includes the source sha256 (on a second thread)
+and the guard (dense vs MoE logits on 2 x 16 tokens, the written shards read back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.checkpoint.hf_writer import HFWriter, write_json  # noqa: E402
+
+
+def make_source(path: str, layers: int, hidden=4096, ffn=11008, vocab=32000, heads=32, shard_gb=2.0):
+    marker = os.path.join(path, ".complete")
+    if os.path.isfile(marker):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    H, F, V = hidden, ffn, vocab
+    plan = [("model.embed_tokens.weight", "F16", [V, H])]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        plan += [(p + "input_layernorm.weight", "F16", [H])]
+        plan += [(p + f"self_attn.{x}_proj.weight", "F16", [H, H]) for x in "qkvo"]
+        plan += [(p + "post_attention_layernorm.weight", "F16", [H])]
+        plan += [(p + "mlp.gate_proj.weight", "F16", [F, H]), (p + "mlp.up_proj.weight", "F16", [F, H]),
+                 (p + "mlp.down_proj.weight", "F16", [H, F])]
+    plan += [("model.norm.weight", "F16", [H]), ("lm_head.weight", "F16", [V, H])]
+    w = HFWriter(path, plan, max_shard_bytes=int(shard_gb * (1 << 30)))
+    g = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    for n, _, shape in plan:
+        if n.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.float16)
+        else:
+            t = (torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)).to(torch.float16)
+        w.write(n, t)
+    w.close()
+    write_json(os.path.join(path, "config.json"), {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": H,
+        "intermediate_size": F, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": heads, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16"})
+    open(marker, "w").close()
+    print(f"wrote the source ({layers} layers) in {time.time() - t0:.1f} s", flush=True)
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def timed(cmd) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes, exit status) of a child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    out, err = p.stdout.read(), p.stderr.read()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.stderr.write(err.decode()[-3000:])
+    timed.last_stdout = out.decode()
+    return wall, ru.ru_maxrss * 1024, p.returncode
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the 7B-shaped source (default 8)")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--ep", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each, best taken (default 2)")
+    ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "megamoe-bench-convert"),
+                    help="scratch directory (the source is kept there for reuse)")
+    ap.add_argument("--no-guard", action="store_true", help="also time hf-to-moe with --guard-tokens 0 (no guard)")
+    args = ap.parse_args(argv)
+
+    src = os.path.join(args.work, f"llama7b-shape-{args.layers}l")
+    make_source(src, args.layers)
+    nbytes = du(src)
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_convert.py")
+    dst = os.path.join(args.work, "out")
+    conv = [sys.executable, tool, "hf-to-moe", "--src", src, "--out", dst, "--experts", str(args.experts),
+            "--top-k", "2", "--tp", str(args.tp), "--ep", str(args.ep), "--quiet", "--json"]
+
+    def clean():
+        shutil.rmtree(dst, ignore_errors=True)
+        subprocess.run(["sync"])
+
+    clean()
+    subprocess.run(["cp", "-r", src, dst], check=True)  # warm the page cache with the source
+    cps, convs, rss = [], [], 0
+    summary = None
+    for _ in range(args.repeat):
+        clean()
+        cps.append(timed(["cp", "-r", src, dst])[0])
+        clean()
+        wall, peak, rc = timed(conv)
+        if rc != 0:
+            print(f"conversion failed (exit {rc})")
+            return 1
+        convs.append(wall)
+        rss = max(rss, peak)
+        summary = json.loads(timed.last_stdout)
+    clean()
+    cp_t, conv_t = min(cps), min(convs)
+    ratio = conv_t / cp_t
+    print(f"source: LLaMA-2-7B shape, {args.layers} layers, fp16, {nbytes / 1e9:.2f} GB; -> {args.experts} experts, "
+          f"TP{args.tp}/EP{args.ep}")
+    print(f"cp -r           {cp_t:7.2f} s  ({nbytes / cp_t / 1e9:.2f} GB/s)   runs {[round(x, 2) for x in cps]}")
+    print(f"hf-to-moe       {conv_t:7.2f} s  ({nbytes / conv_t / 1e9:.2f} GB/s)   runs {[round(x, 2) for x in convs]}")
+    print(f"ratio           {ratio:7.2f}x cp   (goal <= 1.5)  {'PASS' if ratio <= 1.5 else 'MISS'}")
+    print(f"peak RSS        {rss / 2**30:7.2f} GiB (goal < 4)   {'PASS' if rss < 4 * 2**30 else 'MISS'}")
+    print("guard:", *summary["guard"], sep="\n  ")
+    if args.no_guard:
+        ng = []
+        for _ in range(args.repeat):
+            clean()
+            wall, _, rc = timed(conv + ["--guard-tokens", "0"])
+            ng.append(wall)
+        clean()
+        print(f"without guard   {min(ng):7.2f} s  ratio {min(ng) / cp_t:.2f}x cp")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
