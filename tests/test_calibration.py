@@ -310,3 +310,21 @@ def test_jsonl_domains_by_file(tok_dir, tmp_path):
         tokens_from_jsonl(files, tok_dir, seq_len=7, token_budget=28, domain_key="d")
     with pytest.raises(CalibrationDataError, match="token_budget"):
         tokens_from_jsonl(files, tok_dir, seq_len=7, token_budget=7)
+
+
+def test_module_cli(tiny, tok_dir, tmp_path, capsys):
+    from megamoe.construct.__main__ import main
+    d, _ = tiny
+    calib = tmp_path / "c.jsonl"
+    calib.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * j + k) % 40}" for k in range(30))}) + "\n"
+                             for j in range(6)))
+    out = tmp_path / "parts"
+    rc = main(["--model", d, "--out", str(out), "--method", "coactivation", "--num-experts", "4",
+               "--jsonl", str(calib), "--tokenizer", tok_dir, "--seq-len", "16", "--token-budget", "64",
+               "--layers", "0", "2"])
+    assert rc == 0
+    parts = read_partitions(str(out))
+    assert sorted(parts) == [0, 2] and all(p.method == "coactivation" and p.is_exact_cover for p in parts.values())
+    assert main(["--model", d, "--out", str(tmp_path / "x"), "--method", "random", "--num-experts", "5"]) == 2
+    assert "num_experts: 5 does not divide the FFN width (48)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

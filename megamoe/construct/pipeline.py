@@ -183,6 +183,7 @@ def construct(model_dir: str, spec: ConstructionSpec, data: CalibrationData | No
             parts[st.layer].meta.update(activation=spec.activation, kernel=spec.kernel, tokens=st.num_tokens)
             if cents is not None:
                 cents[st.layer] = _matched_centroids(m, st.layer, st.features, parts[st.layer], spec)
+            del st                      # drop this layer's F x F matrix before the next one is accumulated
     else:
         report.update(_gradient_family(m, spec, data, layers, parts, cents, progress))
 

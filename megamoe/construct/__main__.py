@@ -1,0 +1,96 @@
+"""Compute expert partitions for a dense HF LLaMA and write them to a directory.
+
+    python -m megamoe.construct --model DIR --out PARTS --method gradient --num-experts 8 \\
+        --jsonl web=web.jsonl --jsonl code=code.jsonl --seq-len 2048 --token-budget 131072 \\
+        --clusters domain --gate-init centroids
+
+writes PARTS/partition/layers.{i}.mlp.json (+ construction.json, centroids.safetensors); convert with
+`tools/checkpoint_convert.py hf-to-moe --partitions PARTS ...`. Calibration tokens come from `--jsonl [DOMAIN=]FILE`
+(tokenized with the model's tokenizer unless `--tokenizer`) or `--data-prefix [DOMAIN=]PREFIX` (megatron .bin/.idx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .partition import METHODS, PartitionError
+
+
+def _pairs(items):
+    named = [i.split("=", 1) for i in items]
+    if all(len(p) == 2 for p in named):
+        return {k: v for k, v in named}
+    if any(len(p) == 2 for p in named):
+        raise PartitionError("--jsonl/--data-prefix: name every source DOMAIN=PATH or none")
+    return list(items)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megamoe.construct", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="dense HF LLaMA directory (safetensors)")
+    ap.add_argument("--out", required=True, help="directory to write partition/ into")
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--num-experts", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, nargs="*", default=None, help="MoE layers (default: all)")
+    ap.add_argument("--gate-init", default="random", choices=("random", "centroids"))
+    ap.add_argument("--proj", default="up_proj", choices=("up_proj", "gate_proj"))
+    ap.add_argument("--metric", default="l2", choices=("l2", "cos"))
+    ap.add_argument("--activation", default="swiglu", choices=("swiglu", "gate"))
+    ap.add_argument("--kernel", default="abs", choices=("abs", "square", "binary"))
+    ap.add_argument("--clusters", default="kmeans", choices=("kmeans", "domain", "centroids"))
+    ap.add_argument("--expert-size", type=int, default=None)
+    ap.add_argument("--residual-size", type=int, default=0)
+    ap.add_argument("--routed-rule", default="greedy", choices=("greedy", "share"))
+    ap.add_argument("--jsonl", action="append", default=[], metavar="[DOMAIN=]FILE")
+    ap.add_argument("--data-prefix", action="append", default=[], metavar="[DOMAIN=]PREFIX")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer for --jsonl (default: the model directory)")
+    ap.add_argument("--text-key", default="text")
+    ap.add_argument("--domain-key", default=None)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--token-budget", type=int, default=65536)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--offload-dir", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from .calib_data import tokens_from_indexed, tokens_from_jsonl
+    from .pipeline import ConstructionSpec, construct, write_construction
+    try:
+        spec = ConstructionSpec(method=args.method, num_experts=args.num_experts, seed=args.seed, layers=args.layers,
+                                gate_init=args.gate_init, proj=args.proj, metric=args.metric,
+                                activation=args.activation, kernel=args.kernel, clusters=args.clusters,
+                                expert_size=args.expert_size, residual_size=args.residual_size,
+                                routed_rule=args.routed_rule, micro_batch=args.micro_batch, dtype=args.dtype,
+                                offload_dir=args.offload_dir).validate()
+        data = None
+        if args.jsonl and args.data_prefix:
+            raise PartitionError("--jsonl/--data-prefix: give one kind of calibration source")
+        if args.jsonl:
+            data = tokens_from_jsonl(_pairs(args.jsonl), args.tokenizer or args.model, seq_len=args.seq_len,
+                                     token_budget=args.token_budget, text_key=args.text_key,
+                                     domain_key=args.domain_key)
+        elif args.data_prefix:
+            src = _pairs(args.data_prefix)
+            data = tokens_from_indexed(src, seq_len=args.seq_len, token_budget=args.token_budget)
+        if data is not None:
+            logging.info("calibration: %d sequences x %d tokens%s", data.ids.shape[0], data.ids.shape[1],
+                         f", domains {sorted(set(data.domains))}" if data.domains else "")
+        result = construct(args.model, spec, data)
+        paths = write_construction(os.path.abspath(args.out), result, spec)
+    except (ValueError, FileNotFoundError) as e:     # PartitionError, ConfigError, CalibrationDataError, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dup = sum(result.report["duplicated"].values())
+    print(f"{args.method}: {len(result.partitions)} layers in {result.report['seconds']}s; duplicated neurons "
+          f"{dup}; wrote {os.path.dirname(paths[0])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
