@@ -72,6 +72,14 @@ class IndexTokenizer:
                                    "name": name}
 
 
+def _prefix(path: str) -> str:
+    """An absolute dataset prefix; a path given with its `.bin`/`.idx` extension is accepted too."""
+    path = os.fspath(path)
+    if path.endswith((".bin", ".idx")):
+        path = path[:-4]
+    return os.path.abspath(path)
+
+
 def _split_vector(split: str) -> List[Optional[Tuple[float, float]]]:
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
@@ -158,8 +166,8 @@ class DomainMixture:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.domains: List[str] = sorted(prefixes)
-        self.prefixes = {d: os.path.abspath(prefixes[d]) for d in self.domains}
-        self.valid_prefixes = ({d: os.path.abspath(p) for d, p in valid_prefixes.items()} if valid_prefixes else {})
+        self.prefixes = {d: _prefix(prefixes[d]) for d in self.domains}
+        self.valid_prefixes = ({d: _prefix(p) for d, p in valid_prefixes.items()} if valid_prefixes else {})
         unknown = sorted(set(self.valid_prefixes) - set(self.domains))
         if unknown:
             raise ValueError(f"valid_prefixes names domains without training data: {unknown}")
@@ -354,13 +362,14 @@ def build_megatron_blend(prefixes: Mapping[str, str], weights: Union[None, str, 
     import torch.distributed as dist
 
     domains = sorted(prefixes)
+    prefixes = {d: _prefix(prefixes[d]) for d in domains}
     w = resolve_weights(weights, domains)
     for d in domains:
         check_split_sizes(d, prefixes[d], split, seq_len)
     if cache_dir is not None and not dist.is_initialized():
         cache_dir = None
     cfg = _gpt_config(seq_len, seed, IndexTokenizer(eod, vocab_size), cache_dir,
-                      blend=([os.path.abspath(prefixes[d]) for d in domains], [w[d] for d in domains]), split=split)
+                      blend=([prefixes[d] for d in domains], [w[d] for d in domains]), split=split)
     # megatron asserts a size for every split once weights are given; a 0 for a split the split string leaves empty
     sizes = [0 if n is None else int(n) for n in num_samples]
     return _build(cfg, sizes)
