@@ -94,6 +94,7 @@ def _quiet_library_warnings():
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*.grad attribute of a Tensor that is not a leaf.*")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------------

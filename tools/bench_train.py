@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Training-step throughput: megamoe's train step vs the same model as transformers' MixtralForCausalLM trained with
+a plain torch loop (AdamW, clip_grad_norm_), same weights, same batch, same process, interleaved.
+
+    python tools/bench_train.py                      # CPU: small LLaMA-MoE (8 experts, top-2); prints the ratio
+    python tools/bench_train.py --json out.json
+    python tools/bench_train.py --shape llama-moe-3.5b --layers 4 --seq-len 4096   # GPU: TGS and MFU
+
+megamoe's step is the trainer's own: megatron-core DDP (fp32 grad buffers) + megatron AdamW + the NaN-guarded
+step (prepare grads, global norm, clip, update) + the LR schedule, with the C++ permute/unpermute. The reference
+is what a user would write with transformers: model(input_ids, labels) with the router aux loss, backward,
+torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (foreach). Both start from identical weights (copied), and the
+first-step losses are compared to make sure the same function is trained. Timing: warm-up steps, then rounds that
+alternate one step of each, median over rounds (robust to other load on the machine).
+
+On a GPU (`--shape llama-moe-3.5b`): the LLaMA-MoE-3.5B (2/8) layer shape (H 4096, 8 experts of 1376 = 11008/8,
+top-2, 32 heads, vocab 32000) truncated to `--layers` decoder layers to fit one device; bf16, reports TGS and
+MFU = TGS * (6 * activated matmul params + causal attention FLOPs) / peak (metrics.py), peak by device name or
+--peak-flops.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+SHAPES = {
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8,
+                  num_kv_heads=4),
+    "llama-moe-3.5b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                           num_kv_heads=32),
+}
+
+
+def our_setup(mcfg, precision, device, lr=1e-4):
+    from megamoe import parallel
+    from megamoe.config import ParallelConfig
+    from megamoe.model import LlamaMoEModel
+    from megamoe.training.config import OptimConfig
+    from megamoe.training.optim import build_optimizer, wrap_model
+    from megamoe.training.schedule import LRSchedule
+    pcfg = ParallelConfig()
+    parallel.initialize(pcfg, mcfg)
+    torch.manual_seed(0)
+    model = LlamaMoEModel(mcfg).to(device)
+    ddp = wrap_model(model, mcfg, pcfg, precision)
+    ocfg = OptimConfig(lr=lr, warmup_steps=0, weight_decay=0.1, clip_grad=1.0)
+    opt = build_optimizer(ddp, ocfg, pcfg, precision)
+    return model, ddp, opt, LRSchedule(lr, 0, 1000, 0.1, "constant", 0.1)
+
+
+def our_step(ddp, opt, sched, batch, step):
+    from megatron.core.distributed import finalize_model_grads
+
+    from megamoe.compat.cpu import cuda_to_cpu
+    from megamoe.training.optim import guarded_step
+    sched.apply(opt, step)
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+    out.loss.backward()
+    with cuda_to_cpu():
+        finalize_model_grads([ddp])
+        guarded_step(opt)
+    return float(out.loss.detach())
+
+
+def hf_setup(mcfg, ours, device, dtype, lr=1e-4):
+    """MixtralForCausalLM with the same config and our weights (router 'mixtral', linear gate, scale 1)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    E = mcfg.moe.num_experts
+    s = mcfg.intermediate_size // E
+    hcfg = MixtralConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=s,
+                         num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
+                         num_key_value_heads=mcfg.kv_heads, num_local_experts=E, num_experts_per_tok=mcfg.moe.top_k,
+                         rms_norm_eps=mcfg.rms_norm_eps, rope_theta=mcfg.rope_theta,
+                         max_position_embeddings=mcfg.max_position_embeddings, tie_word_embeddings=False,
+                         router_aux_loss_coef=mcfg.moe.balance_loss_weight, output_router_logits=True,
+                         attention_dropout=0.0, sliding_window=None)
+    hcfg._attn_implementation = "sdpa"
+    model = MixtralForCausalLM(hcfg).to(dtype)
+    sd = {k: v for k, v in ours.state_dict().items() if v is not None}
+
+    def ex(i, e, w):
+        k = f"layers.{i}.mlp.experts.{e}.{w}.weight"
+        return sd[k] if k in sd else sd[f"layers.{i}.mlp.experts.experts.{e}.{w}.weight"]
+    new = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(mcfg.num_layers):
+        p = f"model.layers.{i}."
+        new[p + "input_layernorm.weight"] = sd[f"layers.{i}.attn_norm.weight"]
+        new[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.mlp_norm.weight"]
+        for w in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            new[p + f"self_attn.{w}.weight"] = sd[f"layers.{i}.attn.{w}.weight"]
+        new[p + "mlp.gate.weight"] = sd[f"layers.{i}.mlp.router.gate.weight"]
+        new[p + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([ex(i, e, "gate_proj"), ex(i, e, "up_proj")]) for e in range(E)])
+        new[p + "mlp.experts.down_proj"] = torch.stack([ex(i, e, "down_proj") for e in range(E)])
+    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in new.items()}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy into MixtralForCausalLM: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    return model, opt
+
+
+def hf_loss(model, batch):
+    """Next-token loss over the same S positions as ours (HF's `labels=` would shift once more) + router aux loss."""
+    out = model(input_ids=batch[:, :-1])
+    logits = out.logits.float()
+    lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return lm, lm + model.config.router_aux_loss_coef * out.aux_loss
+
+
+def hf_step(model, opt, batch):
+    opt.zero_grad(set_to_none=True)
+    _, loss = hf_loss(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (truncate the shape)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-reference", action="store_true", help="only megamoe's step (GPU MFU runs)")
+    p.add_argument("--recompute", action="store_true")
+    p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+    from megamoe.train import _quiet_library_warnings
+    _quiet_library_warnings()
+
+    from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.training.metrics import flops_per_token, peak_flops_for_device
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    precision = "bf16" if cuda else "fp32"
+    shape = dict(SHAPES[a.shape])
+    if a.layers:
+        shape["num_layers"] = a.layers
+    mcfg = ModelConfig(**shape, max_position_embeddings=max(4096, a.seq_len), recompute=a.recompute,
+                       params_dtype="bfloat16" if cuda else "float32",
+                       moe=MoEConfig(num_experts=8, top_k=2, router="mixtral", gate_network="linear",
+                                     score_scale=1.0, balance_loss_weight=0.01)).validate()
+    tokens = a.batch * a.seq_len
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, mcfg.vocab_size, (a.batch, a.seq_len + 1), generator=g).to(device)
+               for _ in range(a.warmup + a.rounds)]
+    print(f"device {device} ({torch.cuda.get_device_name(0) if cuda else f'{torch.get_num_threads()} threads'}), "
+          f"{precision}; {a.shape} shape, {mcfg.num_layers} layers, H {mcfg.hidden_size}, 8 experts top-2, "
+          f"batch {a.batch} x {a.seq_len} = {tokens} tokens/step")
+    model, ddp, opt, sched = our_setup(mcfg, precision, device)
+    ref = None
+    if not a.no_reference:
+        ref = hf_setup(mcfg, model, device, torch.bfloat16 if cuda else torch.float32)
+        with torch.no_grad():
+            model.eval(), ref[0].eval()
+            l_ours = float(model(batches[0][:, :-1], labels=batches[0][:, 1:], return_logits=False).lm_loss)
+            l_ref = float(hf_loss(ref[0], batches[0])[0])
+            model.train(), ref[0].train()
+        print(f"same model check: initial LM loss megamoe {l_ours:.6f} vs transformers {l_ref:.6f}")
+        if abs(l_ours - l_ref) > 1e-3 * max(1.0, abs(l_ref)):
+            print("WARNING: the two models differ; the comparison is not like for like")
+    t_ours, t_ref = [], []
+    for i, b in enumerate(batches):
+        dt = timed(lambda: our_step(ddp, opt, sched, b, i), device)
+        if i >= a.warmup:
+            t_ours.append(dt)
+        if ref is not None:
+            dt = timed(lambda: hf_step(ref[0], ref[1], b), device)
+            if i >= a.warmup:
+                t_ref.append(dt)
+    ours_tps = tokens / statistics.median(t_ours)
+    fpt = flops_per_token(mcfg, a.seq_len)
+    peak = a.peak_flops or peak_flops_for_device(device, precision)
+    res = {"device": str(device), "shape": a.shape, "layers": mcfg.num_layers, "seq_len": a.seq_len,
+           "batch": a.batch, "precision": precision, "megamoe_tokens_per_s": ours_tps,
+           "megamoe_step_s": statistics.median(t_ours), "flops_per_token": fpt,
+           "achieved_flops": ours_tps * fpt, "peak_flops": peak, "mfu": ours_tps * fpt / peak if peak else None}
+    print(f"megamoe       {ours_tps:10,.0f} tokens/s  (median step {res['megamoe_step_s'] * 1e3:.0f} ms, "
+          f"{ours_tps * fpt / 1e9:.1f} GFLOP/s model FLOPs)")
+    if t_ref:
+        ref_tps = tokens / statistics.median(t_ref)
+        res.update(transformers_tokens_per_s=ref_tps, ratio=ours_tps / ref_tps)
+        print(f"transformers  {ref_tps:10,.0f} tokens/s  (MixtralForCausalLM + torch AdamW)")
+        print(f"ratio megamoe / transformers: {ours_tps / ref_tps:.2f}x  (goal >= 1.5x on CPU)")
+    if cuda:
+        print(f"TGS {ours_tps:,.0f} tokens/GPU/s, MFU {100 * res['mfu']:.1f}%" if peak else
+              f"TGS {ours_tps:,.0f} (unknown peak: pass --peak-flops)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
