@@ -1,0 +1,95 @@
+"""The MoE layer gives the same output, balance loss and gradients whichever kernel path runs.
+
+Reference: MEGAMOE_PERMUTE_BACKEND=torch and MEGAMOE_GATING_BACKEND=torch (the plain-torch ops). Against it: the C++
+permute/unpermute, the Triton gating kernel (interpreted on CPU, native with CUDA) and both together, for the three
+routers (llama-moe noisy top-k in training, so noise, thresholds and Shazeer's load estimate take part; Mixtral;
+switch with capacity and token dropping), with a residual expert and uneven expert sizes.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # interpreted Triton: the variable is read at import; restore it so other modules keep torch
+    _prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from megamoe.kernels import topk_gating as K
+except ImportError:
+    K = None
+finally:
+    if not HAS_CUDA:
+        if _prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _prev
+
+from megamoe.config import ModelConfig, MoEConfig  # noqa: E402
+from megamoe.model.llama import megatron_config  # noqa: E402
+from megamoe.moe.layer import MoELayer  # noqa: E402
+from megamoe.ops import _ext  # noqa: E402
+from megamoe.ops import gating as G  # noqa: E402
+from megamoe.ops import permute as P  # noqa: E402
+
+H, E, T = 32, 8, 77
+TRITON_OK = K is not None and (K.INTERPRETED or HAS_CUDA)
+PATHS = [
+    ("cpp", "torch"),
+    ("torch", "triton"),
+    ("cpp", "triton"),
+]
+
+
+def _layer(router, top_k, cf, device):
+    cfg = ModelConfig(vocab_size=32, hidden_size=H, intermediate_size=E * 8, num_layers=1, num_heads=2,
+                      moe=MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network="mlp", noise=True,
+                                    capacity_factor=cf, score_scale=1.5, gate_init_std=0.5, residual_size=16,
+                                    expert_sizes=[8, 8, 4, 12, 8, 8, 8, 8], z_loss_weight=1e-3))
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, megatron_config(cfg), 0).to(device).train()
+    return layer
+
+
+def _run(monkeypatch, layer, x, permute_backend, gating_backend):
+    monkeypatch.setenv("MEGAMOE_PERMUTE_BACKEND", permute_backend)
+    monkeypatch.setenv("MEGAMOE_GATING_BACKEND", gating_backend)
+    assert P.select_backend(x.device) == permute_backend and G.select_backend(x.device) == gating_backend
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(123)  # same router noise on every path
+    y, stats = layer(xi)
+    loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum()
+    loss = loss + 10 * stats.balance_loss + stats.z_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), stats, xi.grad, grads
+
+
+@pytest.mark.parametrize("permute_backend,gating_backend", PATHS)
+@pytest.mark.parametrize("router,top_k,cf", [("topk_noisy", 2, None), ("mixtral", 2, None), ("switch", 1, 1.0),
+                                             ("topk_noisy", 4, 0.75)])
+def test_moe_layer_same_on_every_path(monkeypatch, router, top_k, cf, permute_backend, gating_backend):
+    if permute_backend == "cpp" and not _ext.cpp_available():
+        pytest.skip("megamoe._C not built")
+    if gating_backend == "triton" and not TRITON_OK:
+        pytest.skip("Triton interpreter unavailable")
+    device = "cuda" if HAS_CUDA else "cpu"
+    if HAS_CUDA and permute_backend == "cpp":
+        permute_backend = "cuda"
+    layer = _layer(router, top_k, cf, device)
+    x = torch.randn(T, 1, H, device=device)
+    y0, s0, gx0, g0 = _run(monkeypatch, layer, x, "torch", "torch")
+    y1, s1, gx1, g1 = _run(monkeypatch, layer, x, permute_backend, gating_backend)
+    tol = dict(atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(y1, y0, **tol)
+    assert torch.equal(s1.tokens_per_expert, s0.tokens_per_expert)
+    assert int(s1.num_dropped) == int(s0.num_dropped)
+    if cf is not None:
+        assert int(s0.num_dropped) > 0  # the capacity path is exercised
+    torch.testing.assert_close(s1.balance_loss, s0.balance_loss, **tol)
+    torch.testing.assert_close(gx1, gx0, **tol)
+    assert g1.keys() == g0.keys() and any("router" in n for n in g0) and any("experts" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=lambda m, n=n: f"grad of {n}: {m}")
