@@ -334,3 +334,24 @@ def test_utf8_bom_and_crlf_are_accepted(tmp_path, hf_tok):
     ds = _read(str(tmp_path / "ds"))
     assert s.skipped_total == 0
     assert [ds[i].tolist() for i in range(2)] == [hf_tok.encode(t) + [hf_tok.eod] for t in ("first", "second")]
+
+
+class _DiesInWorker(TextTokenizer):
+    """Kills its worker process (as the OOM killer would) on the first batch tokenized outside the parent."""
+
+    def __init__(self, inner):
+        super().__init__(inner.path, inner.vocab_size, inner.eod, inner.bos, inner.pad)
+        self.inner, self.parent = inner, os.getpid()
+
+    def encode_batch(self, texts):
+        if os.getpid() != self.parent:
+            os._exit(9)
+        return self.inner.encode_batch(texts)
+
+
+def test_killed_worker_is_an_error_not_a_hang(tmp_path, hf_tok, texts):
+    _write_jsonl(tmp_path / "in.jsonl", texts)
+    with pytest.raises(PreprocessError, match=r"in.jsonl: a worker process died while tokenizing bytes"):
+        preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out" / "ds"), _DiesInWorker(hf_tok),
+                   PreprocessConfig(workers=2, chunk_bytes=4000, progress=False))
+    assert os.listdir(tmp_path / "out") == []

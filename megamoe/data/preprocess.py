@@ -8,7 +8,9 @@ How it works
 2. Each chunk is one task. A worker (a forked process; or the main process when `workers=1`) reads only its range,
    decodes, parses and tokenizes its lines in batches, and writes the ids to a part file of its own. It returns
    the document lengths, its line count and the bad lines it met (local line numbers).
-3. The main process takes the results *in input order* (`Pool.imap`), turns local line numbers into `file:line`,
+3. The main process takes the results *in input order* (a bounded window of futures on a
+   `ProcessPoolExecutor`, so a worker killed by the OS, e.g. out of memory, is an error naming the file and byte
+   range instead of a hang), turns local line numbers into `file:line`,
    appends each part to the output with a file copy and updates the progress bar (bytes, ETA, documents/s,
    tokens/s). It does no tokenization, so N workers give close to N times one worker's speed.
 4. Output goes to temporary names and is renamed into place when complete (`indexed.IndexedWriter`): an
@@ -28,6 +30,7 @@ Every document gets EOS (`tokenizer.eod`) appended, and BOS prepended when `prep
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +38,9 @@ import re
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -303,12 +308,49 @@ class _Progress:
             self.bar.close()
 
 
+def _make_executor(tok: TextTokenizer, cfg: PreprocessConfig) -> ProcessPoolExecutor:
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    return ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(tok, tok.path, cfg))
+
+
+def _kill_executor(ex: ProcessPoolExecutor) -> None:
+    """Stop now: cancel queued work and terminate the workers (after an error or an interrupt)."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+
+
+def _ordered_results(ex: ProcessPoolExecutor, tasks, window: int):
+    """Results of `_process_chunk` over `tasks`, in order, with at most `window` tasks in flight."""
+    it = iter(tasks)
+    pending = deque((t, ex.submit(_process_chunk, t)) for t in itertools.islice(it, window))
+    try:
+        while pending:
+            t, fut = pending.popleft()
+            try:
+                r = fut.result()
+            except BrokenProcessPool as err:
+                raise PreprocessError(f"{t[2]}: a worker process died while tokenizing bytes {t[3]}-{t[4]} "
+                                      f"(killed by a signal, or out of memory?); nothing was written") from err
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, ex.submit(_process_chunk, nxt)))
+            yield r
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
 def _tokenizer_of(tokenizer) -> TextTokenizer:
     return tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Optional[PreprocessConfig] = None,
-               pool=None) -> PreprocessSummary:
+               executor: Optional[ProcessPoolExecutor] = None) -> PreprocessSummary:
     """Tokenize JSONL `inputs` (files and/or directories) into `<output_prefix>.bin/.idx`.
 
     `tokenizer` is a `TextTokenizer` or a path for `load_tokenizer`. Returns a `PreprocessSummary`; raises
@@ -330,8 +372,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     writer = IndexedWriter(output_prefix, dtype, overwrite=cfg.overwrite)
     os.makedirs(parts_dir, exist_ok=True)
     progress = _Progress(total, os.path.basename(output_prefix), cfg.progress)
-    own_pool = None
+    own_ex = None
     old_par = None
+    results = None
     try:
         if cfg.workers == 1:  # in this process, on one core (restored below)
             old_par = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -339,10 +382,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
             _worker_init(tok, tok.path, cfg, in_pool=False)
             results = map(_process_chunk, tasks)
         else:
-            if pool is None:
-                ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-                own_pool = pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(tok, tok.path, cfg))
-            results = pool.imap(_process_chunk, tasks, chunksize=1)
+            if executor is None:
+                own_ex = executor = _make_executor(tok, cfg)
+            results = _ordered_results(executor, tasks, window=cfg.workers * 3)
         lines_before = Counter()  # per file: lines in the chunks already merged
         with writer:
             for r in results:
@@ -370,11 +412,13 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
                                       f"({dict(summary.skipped)})")
             writer.publish()
     except BaseException:
-        if own_pool is not None:
-            own_pool.terminate()
-            own_pool = None
+        if own_ex is not None:
+            _kill_executor(own_ex)
+            own_ex = None
         raise
     finally:
+        if hasattr(results, "close"):
+            results.close()  # cancels this dataset's queued work on a shared executor
         if cfg.workers == 1:
             if old_par is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -383,9 +427,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
         progress.close()
         if not writer.published:
             writer.abort()
-        if own_pool is not None:
-            own_pool.close()
-            own_pool.join()
+        if own_ex is not None:
+            own_ex.shutdown(wait=True)
         shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -419,10 +462,7 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
             raise PreprocessError(f"{os.path.join(root, d)}: only validation files, no training data")
     manifest = {"format": "megamoe-domains-v1", "tokenizer": tok.describe(), "json_key": cfg.json_key,
                 "append_eos": cfg.append_eos, "prepend_bos": cfg.prepend_bos, "domains": {}}
-    pool = None
-    if cfg.workers > 1:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(tok, tok.path, cfg))
+    ex = _make_executor(tok, cfg) if cfg.workers > 1 else None
     try:
         for d in names:
             entry = {}
@@ -430,7 +470,7 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
                 if not plan[d][split]:
                     continue
                 prefix = os.path.join(output_dir, d, f"{split}_text_document")
-                s = preprocess(plan[d][split], prefix, tok, cfg, pool=pool)
+                s = preprocess(plan[d][split], prefix, tok, cfg, executor=ex)
                 if cfg.progress:
                     print(s.format(), file=sys.stderr)
                 entry[split] = os.path.relpath(prefix, output_dir)
@@ -439,14 +479,13 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
                 entry[f"{split}_skipped"] = dict(s.skipped)
             manifest["domains"][d] = entry
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool = None
+        if ex is not None:
+            _kill_executor(ex)
+            ex = None
         raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        if ex is not None:
+            ex.shutdown(wait=True)
     path = os.path.join(output_dir, "manifest.json")
     tmp = path + f".{os.getpid()}.tmp"
     with open(tmp, "w") as f:
