@@ -38,7 +38,17 @@ def init_distributed(timeout_s: float | None = None) -> None:
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and "MASTER_ADDR" in os.environ:
+            # torchrun --max-restarts: the agent's store outlives a failed attempt, and its keys (gloo/NCCL peer
+            # addresses of dead workers) would be read by the next one; give every attempt its own key space
+            from torch.distributed.rendezvous import _create_c10d_store
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+            store = dist.PrefixStore(f"megamoe/attempt_{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     else:
         store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
