@@ -7,8 +7,8 @@
        `tok(text).input_ids` per document, append EOS, megatron-core's `IndexedDatasetBuilder.add_document`;
      - `preprocess_data` (megamoe.data.preprocess) with 1 and with 2 workers.
    The outputs are checked to be byte-identical to the reference's. Goal: >= 1.8x the reference with 2 workers.
-2. Blended sampling: DomainMixture.next_batch time per batch, next to one training step (forward, backward, AdamW)
-   of the tiny model (configs/tiny.yaml, vocabulary set to the tokenizer's) on the same batch.
+2. Blended sampling: DomainMixture.next_batch time per batch, and at the tiny model's micro-batch shape next to
+   one training step (forward, backward, AdamW) of the tiny model (configs/tiny.yaml as is) on that batch.
 
     python tools/bench_data.py [--max-mb 4] [--corpus DIR] [--tokenizer DIR] [--repeats 1] [--json out.json]
 """
@@ -84,22 +84,28 @@ def bench_preprocess(files, work, hf_dir, repeats):
     return rows, cpu, n_doc, n_tok
 
 
-def bench_sampling(tok_dir, hf_dir, seq_len, batch_size, steps):
-    """Seconds per next_batch, and per training step of the tiny model (or None with the reason)."""
-    import torch
-
+def _fetch_time(tok_dir, seq_len, batch_size, steps):
     from megamoe.data import DomainMixture
 
     t0 = time.perf_counter()
     mix = DomainMixture.from_manifest(os.path.join(tok_dir, "manifest.json"), weights="uniform",
                                       seq_len=seq_len, seed=1)
     build = time.perf_counter() - t0
-    mix.next_batch(batch_size)
+    x, _ = mix.next_batch(batch_size)
     t0 = time.perf_counter()
     for _ in range(steps):
         x, _ = mix.next_batch(batch_size)
-    fetch = (time.perf_counter() - t0) / steps
-    step_time, why = None, ""
+    return mix, x, build, (time.perf_counter() - t0) / steps
+
+
+def bench_sampling(tok_dir, seq_len, batch_size, steps):
+    """next_batch time at (batch_size, seq_len), and at the tiny model's own shape next to one training step of
+    the tiny model (configs/tiny.yaml as is: its vocabulary, micro-batch and seq_len; ids taken modulo its
+    vocabulary). Returns a dict of figures; the training step is None (with the reason) when it cannot run."""
+    import torch
+
+    out = {}
+    _, _, out["build_s"], out["fetch_s"] = _fetch_time(tok_dir, seq_len, batch_size, steps)
     try:
         from megamoe import parallel
         from megamoe.model import LlamaMoEModel
@@ -107,7 +113,9 @@ def bench_sampling(tok_dir, hf_dir, seq_len, batch_size, steps):
 
         cfg = load_train_config(os.path.join(REPO, "configs", "tiny.yaml"))
         mcfg = cfg.model
-        mcfg.vocab_size = int(mix.tokenizer.vocab_size or 49152)
+        tb, ts = cfg.train.micro_batch_size, cfg.data.seq_len
+        _, x, _, out["tiny_fetch_s"] = _fetch_time(tok_dir, ts, tb, steps)
+        out["tiny_shape"] = (tb, ts)
         parallel.initialize(None, mcfg, seed=1)
         torch.manual_seed(0)
         model = LlamaMoEModel(mcfg)
@@ -115,21 +123,25 @@ def bench_sampling(tok_dir, hf_dir, seq_len, batch_size, steps):
         x = x % mcfg.vocab_size
 
         def step():
-            out = model(x[:, :-1], labels=x[:, 1:])
+            loss = model(x[:, :-1], labels=x[:, 1:]).loss
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             opt.step()
 
-        step()
-        t0 = time.perf_counter()
-        for _ in range(max(3, steps // 10)):
+        for _ in range(3):
             step()
-        step_time = (time.perf_counter() - t0) / max(3, steps // 10)
-        why = (f"tiny model: hidden {mcfg.hidden_size}, {mcfg.num_layers} layers, vocab {mcfg.vocab_size}, "
-               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+        n = max(10, steps // 10)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        out["step_s"] = (time.perf_counter() - t0) / n
+        out["model"] = (f"configs/tiny.yaml: hidden {mcfg.hidden_size}, {mcfg.num_layers} layers, "
+                        f"{mcfg.moe.num_experts} experts top-{mcfg.moe.top_k}, vocab {mcfg.vocab_size}, "
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
     except Exception as err:  # noqa: BLE001 - the model is another module; report and go on
-        why = f"training step unavailable: {type(err).__name__}: {err}"
-    return build, fetch, step_time, why
+        out["step_s"] = None
+        out["model"] = f"training step unavailable: {type(err).__name__}: {err}"
+    return out
 
 
 def main(argv=None) -> int:
@@ -184,17 +196,24 @@ def main(argv=None) -> int:
 
         tok_dir = os.path.join(work, "tok")
         preprocess_domains(corpus, tok_dir, a.tokenizer, PreprocessConfig(workers=2, progress=False))
-        build, fetch, step, why = bench_sampling(tok_dir, a.tokenizer, a.seq_len, a.batch_size, a.steps)
-        print(f"\nblended sampling, {len(domains)} domains, batch {a.batch_size} x {a.seq_len + 1} tokens:")
-        print(f"  DomainMixture build (megatron index build/cache): {build:.2f} s")
-        print(f"  next_batch: {fetch * 1e3:.3f} ms/batch ({a.batch_size * a.seq_len / fetch:,.0f} tokens/s)")
-        if step is not None:
-            print(f"  one training step of the tiny model on that batch: {step * 1e3:.1f} ms "
-                  f"(fetch = {fetch / step * 100:.2f}% of a step)  [{why}]")
+        sm = bench_sampling(tok_dir, a.seq_len, a.batch_size, a.steps)
+        fetch = sm["fetch_s"]
+        print(f"\nblended sampling, {len(domains)} domains (DomainMixture build incl. megatron index build: "
+              f"{sm['build_s']:.2f} s):")
+        print(f"  next_batch {a.batch_size} x {a.seq_len + 1}: {fetch * 1e3:.3f} ms/batch "
+              f"({a.batch_size * a.seq_len / fetch:,.0f} tokens/s)")
+        if sm["step_s"] is not None:
+            tb, ts = sm["tiny_shape"]
+            print(f"  next_batch {tb} x {ts + 1} (the tiny model's micro-batch): {sm['tiny_fetch_s'] * 1e3:.3f} ms; "
+                  f"one training step of the tiny model (fwd+bwd+AdamW): {sm['step_s'] * 1e3:.2f} ms "
+                  f"-> fetch = {sm['tiny_fetch_s'] / sm['step_s'] * 100:.2f}% of a step")
+            print(f"  [{sm['model']}]")
         else:
-            print(f"  {why}")
-        figures.update({"mixture_build_s": build, "fetch_ms": fetch * 1e3,
-                        "train_step_ms": None if step is None else step * 1e3, "model": why})
+            print(f"  {sm['model']}")
+        figures.update({"mixture_build_s": sm["build_s"], "fetch_ms": fetch * 1e3,
+                        "tiny_fetch_ms": sm.get("tiny_fetch_s", 0) * 1e3,
+                        "train_step_ms": None if sm["step_s"] is None else sm["step_s"] * 1e3,
+                        "model": sm["model"]})
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(figures, f, indent=2)
