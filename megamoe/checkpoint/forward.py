@@ -70,8 +70,23 @@ class Forward:
         f = Forward(cfg, ids); f.embed(get); for i in range(L): f.layer(i, get); logits = f.head(get)
     """
 
-    def __init__(self, cfg: ModelConfig, ids: torch.Tensor, all_experts: bool = False):
+    def __init__(self, cfg: ModelConfig, ids: torch.Tensor, all_experts: bool = False, partitions: dict | None = None):
+        """partitions: {layer: Partition} evaluates each MoE layer from the *dense* FFN weights (names
+        `layers.i.mlp.{gate,up,down}_proj.weight`) and the router: neuron j of the dense FFN gets the summed combine
+        weight of the experts holding it (+1 when it is in the residual block). This is the converted model computed
+        without cutting the expert tensors: the yardstick for the experts actually written."""
         self.cfg, self.ids, self.all_experts = cfg, ids, all_experts
+        self.masks = None
+        if partitions is not None:
+            self.masks = {}
+            for i, part in partitions.items():
+                member = torch.zeros(part.num_experts, part.ffn_width)
+                for e, idx in enumerate(part.experts):
+                    member[e, torch.as_tensor(idx, dtype=torch.long)] = 1.0
+                res = torch.zeros(part.ffn_width)
+                if part.residual:
+                    res[torch.as_tensor(part.residual, dtype=torch.long)] = 1.0
+                self.masks[i] = (member, res)
         S = ids.shape[1]
         ang = torch.outer(torch.arange(S, dtype=torch.float32), rope_inv_freq(cfg))
         self.cos, self.sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
@@ -101,6 +116,12 @@ class Forward:
         if mi is None:
             x = x + _swiglu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
                             w(p + "mlp.down_proj.weight"))
+        elif self.masks is not None:
+            h2 = h.reshape(-1, H)
+            member, res = self.masks[i]
+            m = router_weights(cfg, mi, p, w, h2) @ member + res
+            a = F.silu(F.linear(h2, w(p + "mlp.gate_proj.weight"))) * F.linear(h2, w(p + "mlp.up_proj.weight"))
+            x = x + F.linear(a * m, w(p + "mlp.down_proj.weight")).view(B, S, H)
         else:
             x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.all_experts).view(B, S, H)
         self.x = x

@@ -93,7 +93,7 @@ class GuardReport:
                              + "\n  ".join(self.lines()))
 
 
-def guard_ids(vocab_size: int, tokens: int = 16, batch: int = 2, seed: int = 1234) -> torch.Tensor:
+def guard_ids(vocab_size: int, tokens: int = 8, batch: int = 1, seed: int = 1234) -> torch.Tensor:
     """The token ids the guard evaluates: fixed pseudo-random ids (the check must not depend on a tokenizer)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, tokens), generator=g)

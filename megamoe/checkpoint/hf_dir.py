@@ -113,12 +113,14 @@ class HFDir:
             return NAMES[self._pickled[k].dtype]
         return self._readers[self._where[k]].dtype(k)
 
-    def get(self, k) -> torch.Tensor:
+    def get(self, k, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `k` (read into `out` when given: see SafetensorsReader.get)."""
         if self._pickled is not None:
-            return self._pickled[k].clone()
+            t = self._pickled[k]
+            return out.view(t.shape).copy_(t) if out is not None else t.clone()
         if k not in self._where:
             raise CheckpointError(f"{self.path}: no tensor named {k!r}")
-        return self._readers[self._where[k]].get(k)
+        return self._readers[self._where[k]].get(k, out)
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)

@@ -137,19 +137,40 @@ class SafetensorsReader:
             got += k
         return buf
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`; read straight into `out` (contiguous, same dtype and element count) when given."""
         info = self.header.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         b, e = info["data_offsets"]
-        return _from_bytes(self._read(self.data_start + b, e - b), info["dtype"], info["shape"])
+        if out is None:
+            return _from_bytes(self._read(self.data_start + b, e - b), info["dtype"], info["shape"])
+        if out.dtype != DTYPES[info["dtype"]] or out.numel() != numel(info["shape"]) or not out.is_contiguous():
+            raise ValueError(f"{self.path}: {name}: out buffer {out.dtype} {list(out.shape)} does not fit "
+                             f"{info['dtype']} {info['shape']}")
+        self._read_into(self.data_start + b, out)
+        return out.view(list(info["shape"]))
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0, reading only those bytes."""
+    def _read_into(self, offset: int, out: torch.Tensor):
+        if out.numel() == 0:
+            return
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        length, got = len(view), 0
+        while got < length:
+            k = os.preadv(self._fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + got}")
+            got += k
+
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of dim 0, reading only those bytes (into `out` when given)."""
         info = self.header[name]
         shape = list(info["shape"])
         row = numel(shape[1:]) * dtype_size(info["dtype"])
         b, _ = info["data_offsets"]
+        if out is not None:
+            self._read_into(self.data_start + b + start * row, out)
+            return out
         data = self._read(self.data_start + b + start * row, (stop - start) * row)
         return _from_bytes(data, info["dtype"], [stop - start] + shape[1:])
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
+from .buffers import Arena
 from .layout import expected_names, expected_shape, slicing
 from .safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter
 
@@ -116,6 +117,7 @@ class ShardWriter:
             raise
         self.nbytes = sum(w.total for w in self.writers.values())
         self._i = 0
+        self._scratch = Arena()  # contiguous copies of column slices, reused across layers
 
     def write(self, name: str, tensor: torch.Tensor):
         if self._i >= len(self.names) or name != self.names[self._i]:
@@ -129,6 +131,8 @@ class ShardWriter:
             self.writers[parts[0]].write(name, tensor)
         else:
             for f, piece in zip(parts, tensor.chunk(len(parts), dim=e["dim"])):
+                if not piece.is_contiguous():
+                    piece = self._scratch.empty(f"{list(piece.shape)}", piece.shape, piece.dtype).copy_(piece)
                 self.writers[f].write(name, piece)
         self._i += 1
 
@@ -181,6 +185,7 @@ class ShardedCheckpoint:
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{mpath}: {e}") from None
         self.tensors = m["tensors"]
+        self._scratch = Arena()
         self.readers = {}
         for f in m["files"]:
             self.readers[f] = SafetensorsReader(os.path.join(path, f))
@@ -209,15 +214,25 @@ class ShardedCheckpoint:
     def nbytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.path, f)) for f in self.readers)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The full tensor."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor (assembled in `out` when given: contiguous, the tensor's shape and dtype)."""
         e = self.tensors.get(name)
         if e is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         if e["dim"] is None:
-            return self.readers[e["parts"][0]].get(name)
-        parts = [self.readers[f].get(name) for f in e["parts"]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e["dim"])
+            return self.readers[e["parts"][0]].get(name, out)
+        if out is None:
+            parts = [self.readers[f].get(name) for f in e["parts"]]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e["dim"])
+        dim, n = e["dim"], len(e["parts"])
+        size = e["shape"][dim] // n
+        for i, f in enumerate(e["parts"]):
+            dst = out.narrow(dim, i * size, size)
+            if dst.is_contiguous():
+                self.readers[f].get(name, dst)
+            else:
+                dst.copy_(self.readers[f].get(name, self._scratch.empty(str(list(dst.shape)), dst.shape, dst.dtype)))
+        return out
 
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) of the tensor along its split dim, reading only the parts that overlap."""
