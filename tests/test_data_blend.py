@@ -308,3 +308,45 @@ def test_megatron_index_cache_is_written_and_reused(prefixes, tmp_path):
     b = _mix(prefixes, "uniform", cache_dir=str(cache))  # loads the cached indices, rebuilds nothing
     assert sorted(os.listdir(cache)) == files and all(os.path.getmtime(cache / f) == t for f, t in stamp.items())
     assert all(torch.equal(a.next_batch(4)[0], b.next_batch(4)[0]) for _ in range(5))
+
+
+def _dist_worker(rank, port, prefixes, cache, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mix = _mix(prefixes, {"alpha": 0.3, "beta": 0.3, "gamma": 0.4}, cache_dir=cache, rank=rank, world_size=2)
+        batches = [mix.next_batch(4) for _ in range(6)]
+        torch.save({"x": torch.cat([b[0] for b in batches]), "d": torch.cat([b[1] for b in batches]),
+                    "state": mix.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_under_torch_distributed_tile_the_single_process_batches(prefixes, tmp_path):
+    """Two gloo ranks: megatron builds the index cache on rank 0 (the other loads it after the barrier); the
+    ranks' batches are the halves of what one process draws."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    out = str(tmp_path / "res")
+    procs = [ctx.Process(target=_dist_worker, args=(r, port, prefixes, str(tmp_path / "cache"), out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    res = [torch.load(f"{out}.{r}") for r in range(2)]
+    single = _mix(prefixes, {"alpha": 0.3, "beta": 0.3, "gamma": 0.4})
+    for i in range(6):
+        x, d = single.next_batch(8)
+        assert torch.equal(torch.cat([res[0]["x"][4 * i:4 * i + 4], res[1]["x"][4 * i:4 * i + 4]]), x)
+        assert torch.equal(torch.cat([res[0]["d"][4 * i:4 * i + 4], res[1]["d"][4 * i:4 * i + 4]]), d)
+    assert res[0]["state"] == res[1]["state"] == single.state_dict()
+    import os
+    assert sum(f.endswith("train-shuffle_index.npy") for f in os.listdir(tmp_path / "cache")) == len(DOMAINS)
