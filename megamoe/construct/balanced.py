@@ -94,7 +94,21 @@ def _ssp(cost: np.ndarray, cap: np.ndarray, order) -> np.ndarray:
 
     order = np.arange(n) if order is None else np.asarray(order)
     nearest = cost.argmin(1)
-    for i in order:
+    tol = 1e-9 * (float(np.abs(cost).max()) + 1.0) if n else 0.0   # rounding noise must not look like a gain
+    # Bulk start: for each cluster, the first cap[a] points (in `order`) whose cheapest cluster is a go straight there.
+    # Every point then sits in its cheapest cluster, which is trivially optimal, so the successive-shortest-path
+    # invariant holds for the remaining (overflow) points, inserted one at a time below.
+    near_o = nearest[order]
+    rank = np.empty(n, np.int64)
+    for a in range(k):
+        pos = np.flatnonzero(near_o == a)
+        rank[pos] = np.arange(len(pos))
+    direct = rank < cap[near_o]
+    labels[order[direct]] = near_o[direct]
+    count[:] = np.bincount(labels[labels >= 0], minlength=k)
+    for a in range(k):
+        refresh(a)
+    for i in order[~direct]:
         a0 = nearest[i]
         if count[a0] < cap[a0]:
             add(i, a0)
@@ -108,7 +122,7 @@ def _ssp(cost: np.ndarray, cap: np.ndarray, order) -> np.ndarray:
             cand = dist[:, None] + W          # via a -> b
             best_a = cand.argmin(0)
             best = cand[best_a, np.arange(k)]
-            upd = best < dist - 1e-12
+            upd = best < dist - tol
             if not upd.any():
                 break
             dist[upd] = best[upd]
@@ -132,6 +146,43 @@ def _ssp(cost: np.ndarray, cap: np.ndarray, order) -> np.ndarray:
         for j, a, bb in moves:
             stale[a] = True
     return labels
+
+
+def price_assign(cost: np.ndarray, size_min, size_max, sweeps: int = 50):
+    """Fast approximate balanced assignment: labels = argmin_k cost[i,k] + p_k with per-cluster prices p adjusted
+    until every size is within [size_min, size_max] (auction-style: an over-full cluster raises its price just enough
+    to push out its surplus, an under-full one lowers it just enough to pull in its deficit). Returns labels, or
+    None when the prices do not settle within `sweeps` rounds. Used for the intermediate Lloyd steps of
+    `balanced_kmeans`; the final assignment is always the exact `balanced_assign`."""
+    n, k = cost.shape
+    lo = np.broadcast_to(np.asarray(size_min, np.int64), (k,))
+    hi = np.broadcast_to(np.asarray(size_max, np.int64), (k,))
+    p = np.zeros(k)
+    eps = 1e-9 * (float(np.abs(cost).max()) + 1.0)
+    rows = np.arange(n)
+    for _ in range(sweeps):
+        done = True
+        for a in range(k):
+            c = cost + p
+            lab = c.argmin(1)
+            cnt = int((lab == a).sum())
+            if cnt > hi[a]:
+                inside = lab == a
+                other = np.where(np.arange(k)[None, :] == a, np.inf, c[inside]).min(1)
+                margin = np.sort(other - c[inside, a])
+                p[a] += margin[cnt - hi[a] - 1] + eps
+                done = False
+            elif cnt < lo[a]:
+                out = lab != a
+                gap = np.sort(c[out, a] - c[rows[out], lab[out]])
+                p[a] -= gap[lo[a] - cnt - 1] + eps
+                done = False
+        if done:
+            lab = (cost + p).argmin(1)
+            cnt = np.bincount(lab, minlength=k)
+            if np.all(cnt >= lo) and np.all(cnt <= hi):
+                return lab
+    return None
 
 
 def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -174,7 +225,9 @@ def balanced_kmeans(x, k: int, seed: int = 0, iters: int = 100, size_min=None, s
         labels = None
         for _ in range(iters):
             cost = _cost(xs, c, metric)
-            new = balanced_assign(cost, size_max, size_min)
+            new = price_assign(cost, size_min, size_max) if size_max > size_min else None
+            if new is None:
+                new = balanced_assign(cost, size_max, size_min)
             if labels is not None and np.array_equal(new, labels):
                 break
             labels = new
@@ -184,7 +237,9 @@ def balanced_kmeans(x, k: int, seed: int = 0, iters: int = 100, size_min=None, s
                     c[e] = xs[m].mean(0)
             if metric == "cos":
                 c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        inertia = float(_cost(xs, c, metric)[np.arange(n), labels].sum())
+        cost = _cost(xs, c, metric)
+        labels = balanced_assign(cost, size_max, size_min)     # exact final assignment for the final centroids
+        inertia = float(cost[np.arange(n), labels].sum())
         if best is None or inertia < best[2]:
             best = (labels.copy(), c.copy(), inertia)
     return best

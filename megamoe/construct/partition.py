@@ -340,10 +340,10 @@ def _spectral_start(a, k, seed):
     deg = a.sum(1)
     dinv = 1.0 / np.sqrt(np.maximum(deg, 1e-12))
     m = a * dinv[:, None] * dinv[None, :]
-    if f <= 2000:
+    if f <= 128:
         _, vec = np.linalg.eigh(m)
         emb = vec[:, -k:]
-    else:
+    else:                                   # Lanczos: only k eigenvectors, matrix-vector products only
         from scipy.sparse.linalg import eigsh
         v0 = np.random.default_rng(seed).standard_normal(f)
         _, emb = eigsh(m, k=k, which="LA", v0=v0)
