@@ -51,6 +51,13 @@ def wrap_model(model, model_cfg, pcfg, precision: str):
                                             check_for_nan_in_grad=False)
     with cuda_to_cpu():
         ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
+    from megatron.core import parallel_state as ps
+    if pcfg.distributed_optimizer and ps.get_data_parallel_world_size() == 1 \
+            and ps.get_expert_data_parallel_world_size() == 1:
+        # one data-parallel rank: the distributed optimizer's parameter all-gather copies every shard onto itself
+        # (the updated weights are already in place); skip it. Checkpoints keep the distributed-optimizer format,
+        # so they load into runs with more data-parallel ranks.
+        ddp.start_param_sync = lambda *args, **kwargs: None
     return ddp
 
 
@@ -66,7 +73,20 @@ def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
         use_distributed_optimizer=pcfg.distributed_optimizer,
     )
     with cuda_to_cpu():
-        return get_megatron_optimizer(ocfg, [ddp_model])
+        opt = get_megatron_optimizer(ocfg, [ddp_model])
+    _use_foreach(opt)
+    return opt
+
+
+def _use_foreach(opt):
+    """megatron builds torch.optim.AdamW (no TE/apex) without `foreach`; on a CPU torch then defaults to the
+    per-parameter Python loop. The multi-tensor (foreach) implementation computes the same update, faster."""
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        inner = getattr(o, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim"):
+            for g in inner.param_groups:
+                if "foreach" in g and g["foreach"] is None:
+                    g["foreach"] = True
 
 
 def guarded_step(optimizer) -> tuple[bool, float]:
