@@ -18,7 +18,8 @@ A100 2.04 TB/s; override with --peak-gbs).
   python3 tools/bench_kernels.py --tables gating --E 64
   python3 tools/bench_kernels.py --device cuda --H 4096 --dtype bf16 --E 8 64
 
-Times are medians over --reps repetitions after --warmup (CUDA events on GPU, perf_counter on CPU).
+Times are medians over --reps rounds after --warmup calls (CUDA events on GPU, perf_counter on CPU); each round calls
+every implementation once, so load on a shared machine affects them alike.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def timeit(fn, reps: int, warmup: int, cuda: bool) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def time_all(fns: dict, reps: int, warmup: int, cuda: bool) -> dict:
+    """Median seconds per call of each function, interleaved (one call of each per round), so that load changes on
+    a shared machine hit every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, fn in fns.items():
+            samples[n].append(timeit(fn, 1, 0, cuda))
+    return {n: statistics.median(v) for n, v in samples.items()}
 
 
 def peak_gbs(device: torch.device, override: float | None) -> float | None:
@@ -198,7 +212,7 @@ def bench_permute(args, device, E: int, peak):
     rows = []
     shape = f"T={T} k={k} E={E} H={H} {args.dtype}"
     for op in moved:
-        times = {n: timeit(impls[n][op], args.reps, args.warmup, cuda) for n in names}
+        times = time_all({n: impls[n][op] for n in names}, args.reps, args.warmup, cuda)
         row = [shape, op, fmt_us(times["ours"])]
         for n in names[1:]:
             row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
@@ -265,11 +279,11 @@ def bench_gating(args, device, E: int, peak):
     moved = {"fwd": T * E * 4 + T * k * 12 + E * 16, "fwd+bwd": 3 * T * E * 4 + 2 * T * k * 12 + E * 32}
     rows = []
     for op in moved:
-        times = {}
+        fns = {}
         for n in names:
             lossf = mc_loss if n in ("megatron-core", "transformer-engine") else loss_of
-            fn = fwd(impls[n]) if op == "fwd" else fwd_bwd(impls[n], lossf)
-            times[n] = timeit(fn, args.reps, args.warmup, cuda)
+            fns[n] = fwd(impls[n]) if op == "fwd" else fwd_bwd(impls[n], lossf)
+        times = time_all(fns, args.reps, args.warmup, cuda)
         row = [shape, op, fmt_us(times["ours"])]
         for n in names[1:]:
             row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
@@ -306,7 +320,8 @@ def main(argv=None):
     args.warmup = args.warmup or (20 if cuda else 3)
     peak = peak_gbs(device, args.peak_gbs)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# megamoe kernel benchmarks: {name}; torch {torch.__version__}; reps {args.reps} (median)"
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"# megamoe kernel benchmarks: {name}; torch {torch.__version__}; reps {args.reps} (median){load}"
           + (f"; HBM peak {peak:.0f} GB/s" if peak else ""))
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     for t in tables:
