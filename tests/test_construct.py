@@ -261,7 +261,7 @@ def tiny_dense():
                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     hf = LlamaForCausalLM(hc).eval()
     cfg = ModelConfig(vocab_size=V, hidden_size=H, intermediate_size=F, num_layers=L, num_heads=4, num_kv_heads=2,
-                      max_position_embeddings=64)
+                      max_position_embeddings=64, rms_norm_eps=hc.rms_norm_eps, rope_theta=10000.0)
     ren = {"self_attn": "attn", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
     ours = {}
     for k, v in hf.state_dict().items():
@@ -399,3 +399,24 @@ def test_build_centroid_gate_and_bad_input():
         build_moe(cfg, dense, {i: split_random(F * 2, E, 0) for i in range(L)}, moe)
     with pytest.raises(ConfigError, match="top_k"):
         build_moe(cfg, dense, parts, MoEConfig(num_experts=E, top_k=E + 1))
+
+
+@pytest.mark.parametrize("router", ["topk_noisy", "mixtral"])
+def test_construct_then_check_on_our_model(router):
+    """The same identity on megamoe.model.LlamaMoEModel (our decoder + MoE layer), loaded strictly from build_moe."""
+    from megamoe.model import LlamaMoEModel
+    hf, cfg, dense = tiny_dense()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    rng = np.random.default_rng(12)
+    parts = all_method_partitions(rng)
+    for method in ("clustering", "sharing-inter"):
+        layers = {i: parts[method] for i in range(L)}
+        moe = MoEConfig(num_experts=E, top_k=E, router=router, gate_network="mlp", score_scale=float(E))
+        mcfg, state = build_moe(cfg, dense, layers, moe, gate_init="zeros")
+        model = LlamaMoEModel(mcfg).eval()
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            got = model(ids).logits
+        torch.testing.assert_close(got.float(), ref, rtol=1e-4, atol=1e-4, msg=method)
