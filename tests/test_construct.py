@@ -81,6 +81,22 @@ def test_balanced_assign_min_sizes_and_errors():
         balanced_assign(cost, 9, min_size=4)
 
 
+def test_price_assign_respects_bounds_when_it_answers():
+    from megamoe.construct.balanced import price_assign
+    rng = np.random.default_rng(13)
+    answered = 0
+    for _ in range(20):
+        cost = rng.standard_normal((200, 5))
+        cost[:, 0] -= 1.5                                   # crowding into cluster 0
+        lab = price_assign(cost, 24, 56)
+        if lab is None:
+            continue
+        answered += 1
+        cnt = np.bincount(lab, minlength=5)
+        assert cnt.min() >= 24 and cnt.max() <= 56
+    assert answered >= 15
+
+
 def test_balanced_kmeans_recovers_planted_clusters_exactly_balanced():
     rng = np.random.default_rng(2)
     centers = rng.standard_normal((4, 16)) * 5
