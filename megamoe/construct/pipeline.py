@@ -96,6 +96,10 @@ class ConstructionSpec:
             bad("expert_size", "sharing-inner needs the size of each (overlapping) expert")
         if self.method == "sharing-inter" and self.residual_size < 1:
             bad("residual_size", "sharing-inter needs a residual block of at least one neuron")
+        if self.routed_rule not in ("greedy", "share"):
+            bad("routed_rule", f"{self.routed_rule!r} is not one of greedy, share")
+        if self.method == "sharing-inter" and self.routed_rule == "share" and not self.expert_size:
+            bad("expert_size", "sharing-inter with routed_rule='share' needs the size of each routed expert")
         if self.method != "sharing-inter" and self.residual_size:
             bad("residual_size", f"only sharing-inter builds a residual block (method is {self.method})")
         if ffn_width is not None:
