@@ -34,7 +34,7 @@ import random
 import re
 import sys
 import sysconfig
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["build_local_corpus", "DOMAIN_SOURCES", "GUARANTEED_DOMAINS"]
 

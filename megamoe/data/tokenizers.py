@@ -15,7 +15,6 @@ The object is the duck-typed tokenizer megatron-core's GPT datasets accept (`voc
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional
 
@@ -136,7 +135,3 @@ def load_tokenizer(path: str) -> TextTokenizer:
 def tokenizer_from_description(desc: dict) -> TextTokenizer:
     """Reload the tokenizer a manifest describes (see `TextTokenizer.describe`)."""
     return load_tokenizer(desc["path"])
-
-
-def describe_json(tok: TextTokenizer) -> str:
-    return json.dumps(tok.describe(), sort_keys=True)
