@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--token-budget", type=int, default=65536)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--offload-dir", default=None)
+    ap.add_argument("--offload-dir", default=None, help="gradient methods: keep stored hidden states on disk here")
+    ap.add_argument("--store-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="gradient methods: dtype of the stored hidden states")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
                                 activation=args.activation, kernel=args.kernel, clusters=args.clusters,
                                 expert_size=args.expert_size, residual_size=args.residual_size,
                                 routed_rule=args.routed_rule, micro_batch=args.micro_batch, dtype=args.dtype,
-                                offload_dir=args.offload_dir).validate()
+                                offload_dir=args.offload_dir, store_dtype=args.store_dtype).validate()
         data = None
         if args.jsonl and args.data_prefix:
             raise PartitionError("--jsonl/--data-prefix: give one kind of calibration source")

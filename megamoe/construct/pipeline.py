@@ -76,6 +76,7 @@ class ConstructionSpec:
     micro_batch: int = 4
     dtype: str = "float32"                 # float32 | bfloat16 (compute)
     offload_dir: str | None = None         # gradient pass: keep stored hidden states on disk
+    store_dtype: str | None = None         # gradient pass: dtype of the stored hidden states (default: dtype)
 
     def validate(self, ffn_width: int | None = None, num_layers: int | None = None) -> "ConstructionSpec":
         def bad(field_, msg):
@@ -92,6 +93,8 @@ class ConstructionSpec:
             bad("clusters", f"{self.clusters!r} is not one of kmeans, domain, centroids")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", f"{self.dtype!r} is not one of float32, bfloat16")
+        if self.store_dtype not in (None, "float32", "bfloat16"):
+            bad("store_dtype", f"{self.store_dtype!r} is not one of float32, bfloat16")
         if self.method == "sharing-inner" and not self.expert_size:
             bad("expert_size", "sharing-inner needs the size of each (overlapping) expert")
         if self.method == "sharing-inter" and self.residual_size < 1:
@@ -221,7 +224,8 @@ def _gradient_family(m, spec, data, layers, parts, cents, progress):
                                  f"the calibration data has {len(names)} ({', '.join(names)})")
     g = gradient_importance(m, data, clusters=clusters, num_clusters=e, centroid_tokens=spec.centroid_tokens,
                             jitter=spec.centroid_jitter, micro_batch=spec.micro_batch, seed=spec.seed,
-                            dtype=m.dtype, offload_dir=spec.offload_dir, progress=progress)
+                            dtype=m.dtype, offload_dir=spec.offload_dir, progress=progress,
+                            store_dtype=None if spec.store_dtype is None else getattr(torch, spec.store_dtype))
     for i in layers:
         v = g.importance[i]
         if spec.method == "gradient":
