@@ -247,6 +247,12 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
              "MFU peak %s", mcfg.num_layers, len(moe_layer_ids), counts["total"] / 1e6, counts["active"] / 1e6,
              fpt, f"{peak:.4g} FLOP/s" if peak else "unknown (CPU: achieved FLOP/s reported instead)")
 
+    try:  # the ranks that together hold the global batch once (TP x DP under sequence parallelism)
+        from megamoe.distributed import stats_group as _sg
+        stats_group = _sg(cfg.parallel.sequence_parallel)
+    except ImportError:
+        stats_group = _dp_group()
+
     # ---- data ----
     data = build_data(cfg.data, mcfg.vocab_size, dp_rank, dp_size)
 
@@ -361,7 +367,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
 
             # ---- log ----
             if done % cfg.log.interval == 0 or done == cfg.train.steps:
-                router_acc.reduce(_dp_group())
+                router_acc.reduce(stats_group)
                 rs = router_acc.summary()
                 router_acc.reset()
                 tgs = meter.tgs
