@@ -321,8 +321,9 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
         w = ShardWriter(tmp, cfg, par, dtypes, info)
         bar = tqdm(total=w.nbytes, desc="hf-to-moe", unit="B", unit_scale=True, disable=not progress)
         arena = Arena()
-        f_dense = Forward(dense_cfg, ids) if guard else None
-        f_mask = Forward(cfg, ids, partitions=parts) if guard else None
+        # one pass, two rows: row 0 the dense source (every neuron weight 1), row 1 the conversion's real routing
+        # applied to the dense FFN through the partition; both share each weight read
+        f_src = Forward(cfg, ids.repeat(2, 1), partitions=parts, row_modes=["identity", "routed"]) if guard else None
         H = cfg.hidden_size
         try:
             def read(n, slot=True):
@@ -340,10 +341,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             emb = read("embed.weight", slot=False)
             emit("embed.weight", emb)
             if guard:
-                emb32 = {"embed.weight": emb.float()}
-                f_dense.embed(emb32.__getitem__)
-                f_mask.embed(emb32.__getitem__)
-                del emb32
+                f_src.embed({"embed.weight": emb.float()}.__getitem__)
             for i in range(cfg.num_layers):
                 src = {n: read(n) for n in _layer_names(key_of, i)}
                 pre = f"layers.{i}.mlp."
@@ -376,8 +374,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                             cache[n] = arena.f32("f32." + slot_of(n), src[n])
                         return cache[n]
 
-                    f_dense.layer(i, g32)
-                    f_mask.layer(i, g32)
+                    f_src.layer(i, g32)
                 del src
             tail = {"norm.weight": read("norm.weight", slot=False), "embed.weight": emb}
             emit("norm.weight", tail["norm.weight"])
@@ -385,7 +382,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                 tail["lm_head.weight"] = read("lm_head.weight", slot=False)
                 emit("lm_head.weight", tail["lm_head.weight"])
             if guard:
-                dense_logits, mem_logits = f_dense.head(tail.__getitem__), f_mask.head(tail.__getitem__)
+                lg = f_src.head(tail.__getitem__)
+                dense_logits, mem_logits = lg[: ids.shape[0]], lg[ids.shape[0]:]
             del tail, emb
             arena.clear()
             w.close()
@@ -432,31 +430,29 @@ def _dense_mlp_name(n: str) -> str:
 
 
 def _shard_logits(ck: ShardedCheckpoint, ids, progress, both=False):
-    """Logits from the written shards: real routing (and, with both=True, first the all-experts identity).
-    Each tensor is read and converted to fp32 once per layer, into reused buffers, and shared by both forwards."""
+    """Logits from the written shards: real routing (and, with both=True, first the all-experts identity). Each
+    tensor is read and converted to fp32 once, into reused buffers; the two variants run as two rows of one batch."""
     cfg = ck.config
-    fs = [Forward(cfg, ids, all_experts=True), Forward(cfg, ids)] if both else [Forward(cfg, ids)]
+    n = ids.shape[0]
+    f = Forward(cfg, ids.repeat(2, 1), row_modes=["identity"] * n + ["routed"] * n) if both else Forward(cfg, ids)
     arena = Arena()
-    emb = {"embed.weight": ck.get("embed.weight").float()}
-    for f in fs:
-        f.embed(emb.__getitem__)
+    f.embed({"embed.weight": ck.get("embed.weight").float()}.__getitem__)
     for i in tqdm(range(cfg.num_layers), desc="verify", disable=not progress, unit="layer"):
         cache = {}
 
-        def g32(n, cache=cache):
-            if n not in cache:
-                raw = ck.get(n, arena.empty("raw." + slot_of(n), ck.shape(n), DTYPES[ck.dtype(n)]))
-                cache[n] = arena.f32("f32." + slot_of(n), raw)
-            return cache[n]
+        def g32(name, cache=cache):
+            if name not in cache:
+                raw = ck.get(name, arena.empty("raw." + slot_of(name), ck.shape(name), DTYPES[ck.dtype(name)]))
+                cache[name] = arena.f32("f32." + slot_of(name), raw)
+            return cache[name]
 
-        for f in fs:
-            f.layer(i, g32)
+        f.layer(i, g32)
         del cache
     arena.clear()
-    tail = {n: ck.get(n).float() for n in ("norm.weight", "lm_head.weight") if n in ck.tensors}
-    tail.update(emb)
-    out = [f.head(tail.__getitem__) for f in fs]
-    return out if both else out[0]
+    tail = {k: ck.get(k).float() for k in ("norm.weight", "lm_head.weight") if k in ck.tensors}
+    tail["embed.weight"] = ck.get("embed.weight").float() if cfg.tie_word_embeddings else None
+    logits = f.head(tail.__getitem__)
+    return [logits[:n], logits[n:]] if both else logits
 
 
 def _import(hf: HFDir, kind, out, t0, hasher, *, par, dtype, tolerance, guard_tokens, progress):

@@ -70,12 +70,22 @@ class Forward:
         f = Forward(cfg, ids); f.embed(get); for i in range(L): f.layer(i, get); logits = f.head(get)
     """
 
-    def __init__(self, cfg: ModelConfig, ids: torch.Tensor, all_experts: bool = False, partitions: dict | None = None):
+    def __init__(self, cfg: ModelConfig, ids: torch.Tensor, all_experts: bool = False, partitions: dict | None = None,
+                 row_modes: list | None = None):
         """partitions: {layer: Partition} evaluates each MoE layer from the *dense* FFN weights (names
         `layers.i.mlp.{gate,up,down}_proj.weight`) and the router: neuron j of the dense FFN gets the summed combine
         weight of the experts holding it (+1 when it is in the residual block). This is the converted model computed
-        without cutting the expert tensors: the yardstick for the experts actually written."""
+        without cutting the expert tensors: the yardstick for the experts actually written.
+
+        row_modes: one mode per batch row, so that several variants share one pass over the weights (each weight
+        matrix is read once for all rows): "routed" (the real routing), "identity" (every expert weight 1; with
+        partitions: every neuron weight 1, i.e. the dense FFN). Default: "identity" if all_experts else "routed"."""
         self.cfg, self.ids, self.all_experts = cfg, ids, all_experts
+        B, S = ids.shape
+        modes = row_modes or ["identity" if all_experts else "routed"] * B
+        if len(modes) != B or any(m not in ("routed", "identity") for m in modes):
+            raise ValueError(f"row_modes: {modes!r}: one of 'routed'/'identity' per batch row ({B})")
+        self.identity_rows = torch.tensor([m == "identity" for m in modes]).repeat_interleave(S)  # token mask [B*S]
         self.masks = None
         if partitions is not None:
             self.masks = {}
@@ -120,10 +130,11 @@ class Forward:
             h2 = h.reshape(-1, H)
             member, res = self.masks[i]
             m = router_weights(cfg, mi, p, w, h2) @ member + res
+            m[self.identity_rows] = 1.0
             a = F.silu(F.linear(h2, w(p + "mlp.gate_proj.weight"))) * F.linear(h2, w(p + "mlp.up_proj.weight"))
             x = x + F.linear(a * m, w(p + "mlp.down_proj.weight")).view(B, S, H)
         else:
-            x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.all_experts).view(B, S, H)
+            x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.identity_rows).view(B, S, H)
         self.x = x
 
     @torch.no_grad()
@@ -166,20 +177,20 @@ def router_weights(cfg: ModelConfig, mi: int, p: str, w, h: torch.Tensor) -> tor
     return dense * m.layer_scale(mi)
 
 
-def _moe(cfg, mi, p, w, h, all_experts):
+def _moe(cfg, mi, p, w, h, identity_rows):
+    """Experts on every token, times the [T, E] combine weights (0 for unselected experts, 1 on identity rows).
+    Running each expert on all T tokens costs the same weight read as on its routed subset (T is small here) and
+    keeps the arithmetic free of gathers and scatters."""
     m = cfg.moe
-    if all_experts:
-        weights = torch.ones(h.shape[0], m.num_experts)
-    else:
-        weights = router_weights(cfg, mi, p, w, h)
+    weights = router_weights(cfg, mi, p, w, h)
+    weights[identity_rows] = 1.0
     y = torch.zeros_like(h)
     for e in range(m.num_experts):
-        rows = weights[:, e].nonzero().squeeze(1)
-        if rows.numel() == 0:
+        if not bool((weights[:, e] != 0).any()):
             continue
         q = f"{p}mlp.experts.{e}."
-        out = _swiglu(h[rows], w(q + "gate_proj.weight"), w(q + "up_proj.weight"), w(q + "down_proj.weight"))
-        y.index_add_(0, rows, out * weights[rows, e, None])
+        out = _swiglu(h, w(q + "gate_proj.weight"), w(q + "up_proj.weight"), w(q + "down_proj.weight"))
+        y += out * weights[:, e, None]
     if m.residual_size:
         y = y + _swiglu(h, w(p + "mlp.shared.gate_proj.weight"), w(p + "mlp.shared.up_proj.weight"),
                         w(p + "mlp.shared.down_proj.weight"))
