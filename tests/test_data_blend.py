@@ -350,3 +350,31 @@ def test_two_ranks_under_torch_distributed_tile_the_single_process_batches(prefi
     assert res[0]["state"] == res[1]["state"] == single.state_dict()
     import os
     assert sum(f.endswith("train-shuffle_index.npy") for f in os.listdir(tmp_path / "cache")) == len(DOMAINS)
+
+
+def test_held_out_valid_prefixes(prefixes, tmp_path):
+    """With held-out data for every domain the default split keeps all training documents, and validation reads
+    the held-out datasets."""
+    valid = {}
+    for i, (name, k) in enumerate(DOMAINS.items()):
+        valid[name] = str(tmp_path / f"{name}_valid")
+        _make_domain(valid[name], k, n_docs=12, seed=100 + i)
+    mix = DomainMixture(prefixes, weights="uniform", seq_len=SEQ, seed=7, eod=EOD, valid_prefixes=valid)
+    assert mix.split == "100,0,0"
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for name in DOMAINS:
+        held = IndexedDataset(valid[name])
+        held_tokens = set(np.concatenate([held[i] for i in range(len(held))]).tolist())
+        rows = torch.cat(list(mix.validation_batches(name, 4)))
+        assert set(rows.flatten().tolist()) <= held_tokens  # only held-out tokens
+        assert len(rows) == len(mix.valid[name])
+    assert len(mix.train["gamma"].indices) == len(IndexedDataset(prefixes["gamma"]))  # every document trains
+    tiny = str(tmp_path / "tiny")
+    with IndexedWriter(tiny, np.uint16) as w:
+        for _ in range(30):
+            w.add_document([3005, 3006, EOD])
+        w.publish()
+    with pytest.raises(ValueError, match=r"held-out validation data.*split='100,0,0'"):
+        DomainMixture({"gamma": tiny, "alpha": prefixes["alpha"]}, seq_len=16, eod=EOD, split="90,10,0",
+                      valid_prefixes={"gamma": valid["gamma"]})

@@ -147,8 +147,9 @@ class DomainMixture:
             None (uniform). Normalised. See `megamoe.data.dynamic`.
         seq_len: tokens per training position; samples hold `seq_len + 1` ids (inputs `[:-1]`, labels `[1:]`).
         seed: seeds megatron's shuffling and the domain draws.
-        split: megatron's "train,valid,test" split of each domain's documents. Ignored for validation when
-            `valid_prefixes` is given (then the training data is used whole unless `split` says otherwise).
+        split: megatron's "train,valid,test" split of each domain's documents. Default: "100,0,0" when
+            `valid_prefixes` covers every domain (train on the whole training files, validate on the held-out
+            ones), else "98,2,0". A domain with a held-out prefix validates on it, whatever the split says.
         cache_dir: megatron's `path_to_cache` for the sample indices; None keeps megatron's default
             (`<prefix>/cache/GPTDataset_indices`, next to the data).
         valid_prefixes: optional domain -> prefix of held-out validation data (e.g. from the local corpus).
@@ -158,7 +159,7 @@ class DomainMixture:
     """
 
     def __init__(self, prefixes: Mapping[str, str], weights: Union[None, str, Mapping[str, float]] = None,
-                 seq_len: int = 256, seed: int = 1234, split: str = "98,2,0", cache_dir: Optional[str] = None,
+                 seq_len: int = 256, seed: int = 1234, split: Optional[str] = None, cache_dir: Optional[str] = None,
                  valid_prefixes: Optional[Mapping[str, str]] = None, eod: Optional[int] = None,
                  vocab_size: Optional[int] = None, tokenizer=None, rank: int = 0, world_size: int = 1):
         if not prefixes:
@@ -171,6 +172,8 @@ class DomainMixture:
         unknown = sorted(set(self.valid_prefixes) - set(self.domains))
         if unknown:
             raise ValueError(f"valid_prefixes names domains without training data: {unknown}")
+        if split is None:  # held-out files for every domain: train on the whole training files
+            split = "100,0,0" if set(self.valid_prefixes) == set(self.domains) else "98,2,0"
         self.seq_len, self.seed, self.split = int(seq_len), int(seed), split
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
@@ -188,7 +191,13 @@ class DomainMixture:
         self.test: Dict[str, object] = {}
         for d in self.domains:
             tp = self.prefixes[d]
-            check_split_sizes(d, tp, split, self.seq_len)
+            try:
+                check_split_sizes(d, tp, split, self.seq_len)
+            except ValueError as err:
+                if d in self.valid_prefixes:  # the split's own validation share is not even needed here
+                    raise ValueError(f"{err}. This domain has held-out validation data (valid_prefixes): pass "
+                                     f"split='100,0,0' (or 'N,0,M') so its training file keeps all documents") from None
+                raise
             if d in self.valid_prefixes:
                 check_split_sizes(d, self.valid_prefixes[d], "100,0,0", self.seq_len, splits=("train",))
             cfg = _gpt_config(self.seq_len, self.seed, tokenizer, cache_dir, blend=([tp], None), split=split)
@@ -227,8 +236,6 @@ class DomainMixture:
         tok = man.get("tokenizer", {})
         kwargs.setdefault("eod", tok.get("eod"))
         kwargs.setdefault("vocab_size", tok.get("vocab_size"))
-        if valid:
-            kwargs.setdefault("split", "100,0,0")
         return cls(prefixes, weights=weights, valid_prefixes=valid or None, **kwargs)
 
     # -- weights ------------------------------------------------------------------------------------------------
