@@ -224,7 +224,7 @@ def _parse_line(raw: bytes, key: str):
         return None, ("not a JSON object", f"got {type(obj).__name__}")
     if key not in obj:
         keys = ", ".join(sorted(map(str, obj))[:8])
-        return None, ("missing key", f"no key {key!r} (keys: {keys or 'none'})")
+        return None, ("missing key", f"no key {key!r}; keys present: {keys or 'none'}")
     text = obj[key]
     if not isinstance(text, str):
         return None, ("not a string", f"key {key!r} holds {type(text).__name__}, expected a string")
