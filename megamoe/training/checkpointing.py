@@ -335,9 +335,10 @@ class CheckpointManager:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT -> a flag the loop checks at the next step boundary (then it saves and exits)."""
+    """SIGTERM/SIGINT -> a flag the loop checks at the next step boundary (then it saves and exits). A second
+    SIGINT (Ctrl-C twice) interrupts at once, without saving."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = None
         self._old = {}
         for s in signals:
@@ -347,7 +348,11 @@ class StopSignal:
                 pass
 
     def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        log.warning("%s: saving a checkpoint after this step, then exiting (Ctrl-C again to stop at once)",
+                    self.requested)
 
     def should_stop(self) -> bool:
         """Collective when distributed: any rank that got the signal stops all ranks."""
