@@ -355,7 +355,29 @@ def load_single(out_dir):
     return failed
 
 
+def die(seconds):
+    """Rank 1 exits with code 17 after the first collective; rank 0 keeps calling collectives. The job must stop
+    (torchrun names rank 1 and its exit code) well within `seconds`, not hang."""
+    import time
+
+    import torch.distributed as dist
+    from megamoe.parallel import init_distributed
+    init_distributed()
+    dist.barrier()
+    if dist.get_rank() == 1:
+        print("die: rank 1 exits with code 17", flush=True)
+        os._exit(17)
+    t0 = time.time()
+    x = torch.ones(4)
+    while time.time() - t0 < seconds:
+        dist.all_reduce(x)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "die":
+        die(float(sys.argv[2]))
+        sys.exit(0)
     _patch_transformer_config()
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "reference":

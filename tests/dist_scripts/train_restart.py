@@ -33,6 +33,9 @@ def main():
     def step_start(step, model):
         if attempt == 0 and rank == 1 and step == crash_step:
             print(f"train_restart: rank {rank} dies at step {step} (attempt {attempt})", flush=True)
+            import multiprocessing
+            for child in multiprocessing.active_children():   # dist_checkpointing's manager process
+                child.terminate()
             os._exit(17)
 
     summary = run(cfg, callbacks={"step_start": step_start})
