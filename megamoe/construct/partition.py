@@ -327,9 +327,10 @@ def split_coactivation(coact, num_experts: int, seed: int = 0, iters: int = 50) 
             break
         labels, best, z = new, val, znew
     off = float(a.sum() - np.trace(a))
-    within_off = best - float(np.trace(a))
-    meta = {"seed": seed, "within_weight_fraction": within_off / off if off > 0 else 1.0,
-            "spectral_within": start, "refine_steps": steps}
+    frac = (lambda v: (v - float(np.trace(a))) / off if off > 0 else 1.0)
+    # fraction of the off-diagonal co-activation weight kept inside experts (1/E for a random split, on average)
+    meta = {"seed": seed, "within_weight_fraction": frac(best), "spectral_start_fraction": frac(start),
+            "refine_steps": steps}
     return _from_labels(labels, num_experts, "coactivation", meta, f)
 
 
