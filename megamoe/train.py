@@ -39,7 +39,7 @@ __all__ = ["main", "run", "parse_args"]
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="megamoe-train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="megamoe-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML training config (configs/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
