@@ -284,12 +284,16 @@ def split_clustering(weight_rows, num_experts: int, seed: int = 0, iters: int = 
     return p, cent.astype(np.float32)
 
 
-def split_coactivation(coact, num_experts: int, seed: int = 0, iters: int = 50) -> Partition:
+def split_coactivation(coact, num_experts: int, seed: int = 0, iters: int = 50, normalize: bool = True) -> Partition:
     """Balanced partition of the co-activation graph: neurons that fire together share an expert.
 
     coact: symmetric non-negative [F, F] (e.g. sum over tokens of |h| |h|^T, see `calibration.CoactivationStats`).
     Maximises the within-expert co-activation weight with exactly F/E neurons per expert, with our own algorithm
     (no METIS needed, balanced exactly rather than trimmed afterwards as v1 did):
+
+    With `normalize` (default) the graph is A_ij / sqrt(A_ii A_jj), the cosine similarity of the two neurons'
+    activation patterns, so that "fire together" is not swamped by a few high-magnitude neurons (a congruence
+    transform: the matrix stays PSD).
 
     1. spectral start: the top-E eigenvectors of the normalised graph D^-1/2 A D^-1/2, rows normalised, clustered
        by exact balanced k-means;
@@ -308,6 +312,9 @@ def split_coactivation(coact, num_experts: int, seed: int = 0, iters: int = 50) 
     f = a.shape[0]
     _check_ffn(f, num_experts)
     a = 0.5 * (a + a.T)
+    if normalize:
+        d = np.sqrt(np.maximum(np.diag(a), 1e-300))
+        a = a / d[:, None] / d[None, :]
     size = f // num_experts
     labels = _spectral_start(a, num_experts, seed)
 
@@ -329,7 +336,7 @@ def split_coactivation(coact, num_experts: int, seed: int = 0, iters: int = 50) 
     off = float(a.sum() - np.trace(a))
     frac = (lambda v: (v - float(np.trace(a))) / off if off > 0 else 1.0)
     # fraction of the off-diagonal co-activation weight kept inside experts (1/E for a random split, on average)
-    meta = {"seed": seed, "within_weight_fraction": frac(best), "spectral_start_fraction": frac(start),
+    meta = {"seed": seed, "normalize": normalize, "within_weight_fraction": frac(best), "spectral_start_fraction": frac(start),
             "refine_steps": steps}
     return _from_labels(labels, num_experts, "coactivation", meta, f)
 
