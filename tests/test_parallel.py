@@ -210,3 +210,44 @@ def test_dispatcher_rejects_a_layout_its_experts_do_not_match():
     parallel.initialize(ParallelConfig())
     with pytest.raises(ValueError, match=r"local experts \[2, 3\] are not the block \[0, 1, 2, 3\]"):
         AllToAllDispatcher(4, [2, 3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Slurm launcher (DRY_RUN prints the torchrun command; a fake scontrol expands the node list)
+
+SLURM = os.path.join(ROOT, "scripts", "slurm_launch.sh")
+
+
+def _slurm(tmp_path, env, *args):
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    (fake / "scontrol").chmod(0o755)
+    e = {"PATH": f"{fake}:/usr/bin:/bin", "DRY_RUN": "1", **env}
+    return subprocess.run(["bash", SLURM, *args], capture_output=True, text=True, env=e, timeout=30)
+
+
+def test_slurm_launcher_reads_slurm_variables(tmp_path):
+    p = _slurm(tmp_path, {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+                          "SLURM_JOB_ID": "4242", "SLURM_GPUS_PER_NODE": "h100:8", "MAX_RESTARTS": "3"},
+               "-m", "megamoe.train", "--config", "run.yaml", "--resume")
+    assert p.returncode == 0, p.stderr
+    cmd = p.stdout.split()
+    for want in ("--nnodes=2", "--node-rank=1", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                 "--rdzv-endpoint=gpu-a17:29742", "--rdzv-id=4242", "--max-restarts=3"):
+        assert want in cmd, (want, cmd)
+    assert cmd[-5:] == ["-m", "megamoe.train", "--config", "run.yaml", "--resume"]
+    p = _slurm(tmp_path, {"MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "6000", "NNODES": "1", "NPROC_PER_NODE": "4"},
+               "train.py")
+    assert "--rdzv-endpoint=10.0.0.5:6000" in p.stdout and "--nproc-per-node=4" in p.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_NNODES": "2", "SLURM_NODEID": "2", "MASTER_ADDR": "h"}, "NODE_RANK/SLURM_NODEID: '2' is not in"),
+    ({"SLURM_NNODES": "two"}, "NNODES/SLURM_NNODES: 'two' is not a positive integer"),
+    ({"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]", "PATH": "/usr/bin:/bin"},
+     "MASTER_ADDR is not set"),
+])
+def test_slurm_launcher_bad_environment(tmp_path, env, message):
+    p = _slurm(tmp_path, env, "train.py")
+    assert p.returncode == 2 and message in p.stderr, p.stderr
