@@ -378,3 +378,38 @@ def test_held_out_valid_prefixes(prefixes, tmp_path):
     with pytest.raises(ValueError, match=r"held-out validation data.*split='100,0,0'"):
         DomainMixture({"gamma": tiny, "alpha": prefixes["alpha"]}, seq_len=16, eod=EOD, split="90,10,0",
                       valid_prefixes={"gamma": valid["gamma"]})
+
+
+@pytest.fixture(scope="module")
+def shared_mixes(prefixes):
+    return _mix(prefixes, "uniform"), _mix(prefixes, "uniform")
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 25), st.lists(st.tuples(st.integers(0, 25), st.floats(0.05, 1.0), st.floats(0.05, 1.0),
+                                              st.floats(0.05, 1.0)), max_size=3))
+def test_resume_property(shared_mixes, stop, changes):
+    """For any resume step and any schedule of weight changes, save -> load continues the uninterrupted run."""
+    ref, resumed = shared_mixes
+    init = dict(ref.state_dict(), step=0, samples_drawn=0, cursors={d: 0 for d in DOMAINS},
+                weights={d: 1 / 3 for d in DOMAINS})  # a fresh mixture's state (the fixture is shared)
+    init["weight_history"] = [[0, dict(init["weights"])]]
+    sched = {s: dict(zip(sorted(DOMAINS), w)) for s, *w in changes}
+
+    def run(mix, a, b):
+        out = []
+        for step in range(a, b):
+            if step in sched:
+                mix.set_weights(sched[step])
+            out.append(mix.next_batch(6)[0])
+        return out
+
+    ref.load_state_dict(init)
+    full = run(ref, 0, 26)
+    resumed.load_state_dict(init)
+    run(resumed, 0, stop)
+    sd = json.loads(json.dumps(resumed.state_dict()))
+    resumed.load_state_dict(init)
+    resumed.load_state_dict(sd)
+    tail = run(resumed, stop, 26)
+    assert all(torch.equal(p, q) for p, q in zip(full[stop:], tail))
