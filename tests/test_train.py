@@ -1,5 +1,5 @@
 """The training loop: exact resume after SIGTERM, atomic checkpoints under a kill, keep-last-K, the NaN guard,
-a falling loss, the command line. Tiny model on the synthetic mixture (seconds each)."""
+the command line (the falling loss on real text: tests/test_quickstart.py). Tiny model on the synthetic mixture (seconds each)."""
 
 import json
 import math
@@ -102,15 +102,6 @@ def test_nan_guard_stops_and_names_the_layer(tmp_path):
     msg = str(e.value)
     assert msg.startswith("step 4: 3 non-finite losses in a row"), msg
     assert "layer 1" in msg and "experts" in msg, msg
-
-
-def test_loss_decreases(tmp_path):
-    from megamoe.train import run
-    s = run(tiny(tmp_path, train__steps=30, optim__lr=1e-2, optim__warmup_steps=3, eval__at_start=True,
-                 eval__at_end=True, checkpoint__save_at_end=False))
-    before, after = s["eval_history"][0]["results"], s["eval_history"][-1]["results"]
-    for d in before:   # a learnable rule per domain: validation loss well below its start (ln 128 = 4.85)
-        assert after[d]["loss"] < before[d]["loss"] - 1.0, (d, before[d], after[d])
 
 
 KILL_SCRIPT = textwrap.dedent("""
