@@ -376,6 +376,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
 
                     f_src.layer(i, g32)
                 del src
+            arena.clear()  # the layer buffers are done: free them before the head
             tail = {"norm.weight": read("norm.weight", slot=False), "embed.weight": emb}
             emit("norm.weight", tail["norm.weight"])
             if not cfg.tie_word_embeddings:
@@ -385,7 +386,6 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                 lg = f_src.head(tail.__getitem__)
                 dense_logits, mem_logits = lg[: ids.shape[0]], lg[ids.shape[0]:]
             del tail, emb
-            arena.clear()
             w.close()
             bar.close()
         except BaseException:
@@ -573,7 +573,7 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
             copy_tokenizer(src, tmp)
             if fmt == "llama-moe-v1":
                 _write_v1_readme(tmp)
-            ours = reference_logits(cfg, ck.get, ids)
+            ours = _shard_logits(ck, ids, progress)
             res = HFDir(tmp)
             try:
                 if fmt == "mixtral":
