@@ -183,3 +183,22 @@ def test_cli_overrides_and_errors(tmp_path, capsys):
     assert saved["train"]["steps"] == 2 and saved["model"]["moe"]["num_experts"] == 4
     rc = main(["--config", TINY, "--set", f"out_dir={tmp_path}", "--set", "optim.warmup_steps=-1"])
     assert rc == 2 and "optim.warmup_steps" in capsys.readouterr().err
+
+
+def test_eval_feeds_dynamic_domain_weights(tmp_path):
+    """Sheared-LLaMA dynamic loading: the domain furthest above its reference loss gains weight at each eval, and
+    the new weights are what the data uses (and what the next log line reports)."""
+    from megamoe.train import run
+    s = run(tiny(tmp_path, train__steps=4, eval__interval=2, checkpoint__save_at_end=False,
+                 data__dynamic=True, data__reference_losses={"alpha": 0.0, "beta": 4.0, "gamma": 4.0}))
+    recs = [json.loads(line) for line in open(s["metrics"])]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [2, 4]
+    w = ev[0]["domain_weights"]
+    # alpha's loss is ~4.5 above its reference, the others ~0.5: softmax(log 1/3 + (l - ref)) favours alpha
+    losses = {d: ev[0][f"eval/{d}/loss"] for d in ("alpha", "beta", "gamma")}
+    z = {d: math.exp(losses[d] - {"alpha": 0.0, "beta": 4.0, "gamma": 4.0}[d]) for d in losses}
+    expect = {d: (1 - 1e-4) * z[d] / sum(z.values()) + 1e-4 / 3 for d in z}
+    assert all(abs(w[d] - expect[d]) < 1e-6 for d in w), (w, expect)
+    after = [r for r in recs if r["kind"] == "train" and r["step"] == 4][0]["domain_weights"]
+    assert after == pytest.approx(w)
