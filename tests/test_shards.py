@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 from megamoe.checkpoint.layout import expected_names, expected_shape
 from megamoe.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter, NAMES
-from megamoe.checkpoint.shards import ShardWriter, ShardedCheckpoint, load_shards, reshard
+from megamoe.checkpoint.shards import ShardWriter, ShardedCheckpoint, load_shards, reshard, save_shards
 
 
 def tiny_moe_cfg(**moe):
@@ -125,3 +125,18 @@ def test_bad_layout_names_the_field(tmp_path):
     os.makedirs(tmp_path / "a")
     with pytest.raises(Exception, match="parallel.ep"):
         ShardWriter(str(tmp_path / "a"), cfg, ParallelConfig(ep=3), {n: "BF16" for n in expected_names(cfg)})
+
+
+def test_save_shards_atomic_and_never_overwrites(tmp_path):
+    cfg = tiny_moe_cfg(router="mixtral", gate_network="linear")
+    state = random_state(cfg, torch.float32)
+    save_shards(str(tmp_path / "a"), cfg, state, ParallelConfig(tp=2, ep=4))
+    got = load_shards(str(tmp_path / "a"), tp=(1, 2), ep=(3, 4))
+    assert torch.equal(got["layers.1.mlp.experts.7.up_proj.weight"], state["layers.1.mlp.experts.7.up_proj.weight"])
+    with pytest.raises(CheckpointError, match="not overwriting"):
+        save_shards(str(tmp_path / "a"), cfg, state)
+    bad = dict(state)
+    del bad["layers.0.mlp.experts.3.down_proj.weight"]
+    with pytest.raises(CheckpointError, match="lacks"):
+        save_shards(str(tmp_path / "b"), cfg, bad)
+    assert sorted(os.listdir(tmp_path)) == ["a"]

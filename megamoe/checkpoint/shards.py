@@ -13,7 +13,8 @@ Directory layout (T = tp, EP = ep, R = etp):
 Every file holds tensors under their *global* names (docs/architecture.md) so a file can be read on its own.
 The trainer loads its rank's slice, whatever layout the checkpoint was written with:
 
-    from megamoe.checkpoint.shards import load_shards, ShardedCheckpoint
+    from megamoe.checkpoint.shards import load_shards, save_shards, ShardedCheckpoint
+    save_shards(path, cfg, model.state_dict(), ParallelConfig(tp=2, ep=2))   # write (atomic, never overwrites)
     full = load_shards(path)                                    # TP1/EP1 state dict (full tensors)
     mine = load_shards(path, tp=(rank_tp, TP), ep=(rank_ep, EP), etp=(rank_etp, ETP))
     ckpt = ShardedCheckpoint(path); ckpt.config; ckpt.get("layers.0.attn.q_proj.weight")
@@ -304,6 +305,43 @@ def load_shards(path: str, tp=(0, 1), ep=(0, 1), etp=(0, 1), dtype: torch.dtype 
         return out
     finally:
         ck.close()
+
+
+def save_shards(out_dir: str, cfg: ModelConfig, state: dict, par: ParallelConfig | None = None,
+                info: dict | None = None) -> str:
+    """Write a full (TP1/EP1, our names) state dict as shards with layout `par` into `out_dir`, which must not exist
+    or be empty. Written to a temporary sibling directory and renamed into place, so a failure leaves nothing.
+    Returns `out_dir`. (For the trainer's exports; conversions stream instead of holding a state dict.)"""
+    import shutil
+    import tempfile
+    from .safetensors_io import NAMES
+    par = par or ParallelConfig()
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; not overwriting")
+    missing = [n for n in expected_names(cfg) if n not in state]
+    if missing:
+        raise CheckpointError(f"state dict lacks {missing[:3]} ({len(missing)} tensors) for this config")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        w = ShardWriter(tmp, cfg, par, {n: NAMES[state[n].dtype] for n in expected_names(cfg)}, info)
+        try:
+            for n in w.names:
+                w.write(n, state[n].detach().cpu())
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def reshard(src: str, out_dir: str, par: ParallelConfig, info_update: dict | None = None,
