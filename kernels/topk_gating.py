@@ -125,7 +125,7 @@ def _topk_gating_fwd(logits_ptr, noise_ptr, idx_ptr, w_ptr, counts_ptr, imp_ptr,
     # per-expert statistics of this block, added into the global [E] buffers
     selm = sel & rmask[:, None]
     cnt = tl.sum(selm.to(tl.int32), 0)
-    tl.atomic_add(counts_ptr + cols, cnt, mask=cmask)
+    tl.atomic_add(counts_ptr + cols, cnt.to(tl.int64), mask=cmask)
     tl.atomic_add(imp_ptr + cols, tl.sum(tl.where(selm, wd, 0.0), 0), mask=cmask)
     if SOFTMAX_FIRST:
         tl.atomic_add(psum_ptr + cols, tl.sum(tl.where(rmask[:, None], p, 0.0), 0), mask=cmask)
@@ -254,7 +254,7 @@ def topk_gating_forward(logits: torch.Tensor, k: int, softmax_first: bool, renor
         noise = _row_major(noise)
     indices = torch.empty(T, k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
-    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev)
     sums = torch.zeros(2, E, dtype=torch.float32, device=dev)   # importance, prob_sum
     thresholds = thidx = positions = dropped = None
     if return_thresholds:
@@ -274,7 +274,7 @@ def topk_gating_forward(logits: torch.Tensor, k: int, softmax_first: bool, renor
                         blk, dummy, T, E, k, scale, capacity, softmax_first, renormalize, return_thresholds,
                         block_t, block_e)
     prob_sum = sums[1] if softmax_first else None
-    return (indices, weights, counts.to(torch.int64), sums[0], prob_sum, thresholds, thidx, positions,
+    return (indices, weights, counts, sums[0], prob_sum, thresholds, thidx, positions,
             dropped.view(torch.bool) if dropped is not None else None)
 
 
@@ -283,7 +283,7 @@ def _launch_fwd(grid, logits, noise, indices, weights, counts, sums, thresholds,
     _topk_gating_fwd[grid](
         logits, noise if noise is not None else logits, indices, weights, counts, sums[0], sums[1],
         thresholds if thresholds is not None else dummy, thidx if thidx is not None else indices,
-        positions if positions is not None else indices, blk if blk is not None else counts,
+        positions if positions is not None else indices, blk if blk is not None else indices,
         T, E, logits.stride(0), noise.stride(0) if noise is not None else 0, float(scale),
         K=k, BLOCK_T=block_t, BLOCK_E=block_e, SOFTMAX_FIRST=softmax_first, RENORM=renormalize,
         HAS_NOISE=noise is not None, THRESH=return_thresholds, POSITIONS=capacity is not None)

@@ -269,10 +269,10 @@ def build(fn, types, consts):
     print(fn.__name__, "ok")
 
 flags = dict(K=2, BLOCK_T=64, BLOCK_E=64, SOFTMAX_FIRST=True, RENORM=True, HAS_NOISE=True, THRESH=True)
-build(K._topk_gating_fwd, ["*bf16", "*fp32", "*i64", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "*i64", "*i64",
+build(K._topk_gating_fwd, ["*bf16", "*fp32", "*i64", "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*i64", "*i64",
                            "*i32", "i32", "i32", "i32", "i32", "fp32"], dict(flags, POSITIONS=True))
-build(K._topk_gating_fwd, ["*fp32"] * 2 + ["*i64", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "*i64", "*i64",
-                           "*i32", "i32", "i32", "i32", "i32", "fp32"],
+build(K._topk_gating_fwd, ["*fp32"] * 2 + ["*i64", "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*i64", "*i64",
+                           "*i64", "i32", "i32", "i32", "i32", "fp32"],
       dict(flags, SOFTMAX_FIRST=False, HAS_NOISE=False, THRESH=False, POSITIONS=False))
 build(K._positions_fixup, ["*i64", "*i64", "*i8", "*i32", "i32", "i32"], dict(K=2, BLOCK_T=64, BLOCK_E=64))
 build(K._topk_gating_bwd, ["*bf16", "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*bf16",
