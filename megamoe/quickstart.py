@@ -204,7 +204,9 @@ def main(argv=None) -> int:
                  # the trainer's own evaluation at the end feeds the routing-by-domain plot (one batch per domain);
                  # the "after" perplexities are measured below with the exported transformers model
                  "eval.batches=1", f"eval.batch_size={a.micro_batch}", "eval.interval=0",
-                 "checkpoint.interval=0", f"log.interval={max(1, steps // 40)}"]
+                 "checkpoint.interval=0", f"log.interval={max(1, steps // 40)}",
+                 # the step count is an estimate: never let training overrun its budget by more than half
+                 *([f"train.max_minutes={1.5 * a.train_minutes}"] if not a.steps else [])]
     if os.path.isfile(base):
         cfg = load_train_config(base, overrides)
     else:  # installed without the repository's configs/
@@ -212,6 +214,8 @@ def main(argv=None) -> int:
     t_train = time.time()
     summary = run(cfg)
     t_train = time.time() - t_train
+    if summary["stopped_by"]:
+        print(f"   training stopped early ({summary['stopped_by']}) after {summary['steps']} of {steps} steps")
 
     # [6] export
     stage("export to the Hugging Face Mixtral layout")

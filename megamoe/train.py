@@ -329,6 +329,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     if cfg.eval.at_start and start_step == 0:
         run_eval(0)
     stopped_by = None
+    t_loop = time.perf_counter()
     try:
         for step in range(start_step, cfg.train.steps):
             if "step_start" in callbacks:
@@ -388,9 +389,13 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
                 run_eval(done)
             if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done != cfg.train.steps:
                 save(done)
-            if stop.should_stop():
-                stopped_by = stop.requested or "signal on another rank"
-                log.info("%s received: saving at step %d and exiting", stopped_by, done)
+            over_time = bool(cfg.train.max_minutes) and done < cfg.train.steps and \
+                time.perf_counter() - t_loop + meter.step_seconds > 60 * cfg.train.max_minutes
+            if stop.should_stop(over_time):
+                stopped_by = stop.requested or ("time limit" if over_time else "signal on another rank")
+                log.info("%s: saving at step %d and exiting (resume with --resume)", stopped_by, done)
+                if stopped_by == "time limit" and (cfg.eval.at_end or cfg.eval.interval):
+                    run_eval(done)
                 save(done)
                 break
         else:
@@ -404,7 +409,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
         monitor.close()
 
     final_dir = None
-    if stopped_by is None:
+    if stopped_by in (None, "time limit"):
         final_dir = export_final_model(ddp, mcfg, os.path.join(cfg.out_dir, "final_model"))
     summary = {"steps": step + 1 if stopped_by or cfg.train.steps > start_step else start_step,
                "start_step": start_step, "tokens": tokens_seen, "stopped_by": stopped_by,

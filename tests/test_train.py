@@ -202,3 +202,11 @@ def test_eval_feeds_dynamic_domain_weights(tmp_path):
     assert all(abs(w[d] - expect[d]) < 1e-6 for d in w), (w, expect)
     after = [r for r in recs if r["kind"] == "train" and r["step"] == 4][0]["domain_weights"]
     assert after == pytest.approx(w)
+
+
+def test_time_limit_saves_and_resumes(tmp_path):
+    from megamoe.train import run
+    s = run(tiny(tmp_path, train__steps=50, train__max_minutes=1e-9, eval__at_end=False))
+    assert s["stopped_by"] == "time limit" and sorted(s["losses"]) == [1]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert s["final_model"] is not None

@@ -354,9 +354,9 @@ class StopSignal:
         log.warning("%s: saving a checkpoint after this step, then exiting (Ctrl-C again to stop at once)",
                     self.requested)
 
-    def should_stop(self) -> bool:
-        """Collective when distributed: any rank that got the signal stops all ranks."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def should_stop(self, extra: bool = False) -> bool:
+        """Collective when distributed: any rank that got the signal (or passes `extra`) stops all ranks."""
+        flag = torch.tensor([1.0 if (self.requested or extra) else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()

@@ -91,6 +91,7 @@ class LoopConfig:
     precision: str = "auto"               # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     max_consecutive_nonfinite: int = 5    # NaN/Inf losses in a row before the run stops
+    max_minutes: float | None = None      # wall-clock limit of the loop: save and stop (resumable) before passing it
 
 
 @dataclass
@@ -194,6 +195,8 @@ class TrainConfig:
         pos("train.global_batch_tokens", t.global_batch_tokens)
         pos("train.micro_batch_size", t.micro_batch_size)
         pos("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite)
+        if t.max_minutes is not None:
+            pos("train.max_minutes", t.max_minutes)
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: {t.precision!r} is not one of {PRECISIONS}")
         per_micro = t.micro_batch_size * self.data.seq_len
