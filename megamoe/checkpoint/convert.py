@@ -326,11 +326,9 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
         f_src = Forward(cfg, ids.repeat(2, 1), partitions=parts, row_modes=["identity", "routed"]) if guard else None
         H = cfg.hidden_size
         try:
-            def read(n, slot=True):
-                """Source tensor `n` (our name), in its arena slot, cast to the output dtype."""
-                k = key_of[n]
-                buf = arena.empty("src." + slot_of(n), hf.shape(k), DTYPES[hf.dtype(k)]) if slot else None
-                t = hf.get(k, buf)
+            def read(n):
+                """Source tensor `n` (our name), memory-mapped (no read copy), cast to the output dtype."""
+                t = hf.map(key_of[n])
                 want = DTYPES[dtype] if dtype else t.dtype
                 return t if t.dtype == want else t.to(want)
 
@@ -338,7 +336,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                 w.write(n, t)
                 bar.update(t.numel() * t.element_size())
 
-            emb = read("embed.weight", slot=False)
+            emb = read("embed.weight")
             emit("embed.weight", emb)
             if guard:
                 f_src.embed({"embed.weight": emb.float()}.__getitem__)
@@ -377,10 +375,10 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                     f_src.layer(i, g32)
                 del src
             arena.clear()  # the layer buffers are done: free them before the head
-            tail = {"norm.weight": read("norm.weight", slot=False), "embed.weight": emb}
+            tail = {"norm.weight": read("norm.weight"), "embed.weight": emb}
             emit("norm.weight", tail["norm.weight"])
             if not cfg.tie_word_embeddings:
-                tail["lm_head.weight"] = read("lm_head.weight", slot=False)
+                tail["lm_head.weight"] = read("lm_head.weight")
                 emit("lm_head.weight", tail["lm_head.weight"])
             if guard:
                 lg = f_src.head(tail.__getitem__)
@@ -442,8 +440,7 @@ def _shard_logits(ck: ShardedCheckpoint, ids, progress, both=False):
 
         def g32(name, cache=cache):
             if name not in cache:
-                raw = ck.get(name, arena.empty("raw." + slot_of(name), ck.shape(name), DTYPES[ck.dtype(name)]))
-                cache[name] = arena.f32("f32." + slot_of(name), raw)
+                cache[name] = ck.read_into(name, arena.empty("f32." + slot_of(name), ck.shape(name), torch.float32))
             return cache[name]
 
         f.layer(i, g32)

@@ -122,6 +122,14 @@ class HFDir:
             raise CheckpointError(f"{self.path}: no tensor named {k!r}")
         return self._readers[self._where[k]].get(k, out)
 
+    def map(self, k) -> torch.Tensor:
+        """Tensor `k` memory-mapped (copy-on-write; see SafetensorsReader.map), or a copy for pickled sources."""
+        if self._pickled is not None:
+            return self._pickled[k]
+        if k not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {k!r}")
+        return self._readers[self._where[k]].map(k)
+
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -161,6 +162,22 @@ class SafetensorsReader:
             if k <= 0:
                 raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + got}")
             got += k
+
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a private, copy-on-write memory map of the file (no read copy: the page cache is used in
+        place). The mapping lives as long as the returned tensor; its pages count in RSS only while it is alive, so
+        a streaming converter maps one layer at a time. Writing to the tensor never changes the file."""
+        info = self.header.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        b, e = info["data_offsets"]
+        if e == b:
+            return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        start = self.data_start + b
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self._fd, e - b + (start - base), access=mmap.ACCESS_COPY, offset=base)
+        t = torch.frombuffer(m, dtype=torch.uint8, offset=start - base, count=e - b)
+        return t.view(DTYPES[info["dtype"]]).view(list(info["shape"]))
 
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of dim 0, reading only those bytes (into `out` when given)."""

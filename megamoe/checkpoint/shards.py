@@ -235,6 +235,18 @@ class ShardedCheckpoint:
                 dst.copy_(self.readers[f].get(name, self._scratch.empty(str(list(dst.shape)), dst.shape, dst.dtype)))
         return out
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Assemble the full tensor into `out` (its shape; any dtype: converted on the fly) from memory-mapped parts,
+        without an intermediate copy."""
+        e = self.tensors[name]
+        if e["dim"] is None:
+            return out.copy_(self.readers[e["parts"][0]].map(name))
+        dim, n = e["dim"], len(e["parts"])
+        size = e["shape"][dim] // n
+        for i, f in enumerate(e["parts"]):
+            out.narrow(dim, i * size, size).copy_(self.readers[f].map(name))
+        return out
+
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) of the tensor along its split dim, reading only the parts that overlap."""
         e = self.tensors[name]
