@@ -123,6 +123,9 @@ def _resolve_model(cfg: TrainConfig):
         mine, theirs = cfg.model.to_dict(), mcfg.to_dict()
         for k in ("recompute", "attention_backend", "params_dtype", "init_std"):
             mine.pop(k), theirs.pop(k)
+        if mine.get("moe") and not theirs.get("moe"):
+            raise ConfigError(f"model.moe: {path} is a dense model; convert it to LLaMA-MoE first "
+                              "(tools/checkpoint_convert.py hf-to-moe) and train from init.source: megamoe")
         if mine != theirs:
             bad = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ConfigError(f"model.{bad[0]}: {mine[bad[0]]!r} disagrees with {path} ({theirs.get(bad[0])!r})")
@@ -418,9 +421,10 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
                "checkpoint_dir": ckpt.root, "metrics": os.path.abspath(monitor.jsonl_path),
                "final_model": final_dir, "tgs": meter.tgs, "flops_per_token": fpt}
     if is_main:
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k not in ("losses", "eval_history")}, f, indent=1,
-                      default=str)
+        from megamoe.training.checkpointing import atomic_write_text
+        atomic_write_text(os.path.join(cfg.out_dir, "summary.json"),
+                          json.dumps({k: v for k, v in summary.items() if k not in ("losses", "eval_history")},
+                                     indent=1, default=str))
     return summary
 
 
