@@ -42,7 +42,7 @@ constexpr int kRankThreads = 256;
 constexpr int kRankItems = 8;
 constexpr int kRankTile = kRankThreads * kRankItems;
 constexpr int kFinThreads = 256;
-constexpr int64_t kMaxExperts = 8192;  // offsets live in shared memory: 2 * 8 bytes per expert
+constexpr int64_t kMaxExperts = 2048;  // offsets live in shared memory: 2 * 8 bytes per expert (32 KB, under 48 KB)
 
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;

@@ -18,6 +18,7 @@ noise (noise enters as logits + noise, so it gets the same gradient). The Triton
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ def _check_args(logits, k, order, noise, capacity, return_thresholds):
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     E = logits.shape[1]
-    if not isinstance(k, int) or not 1 <= k <= E:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in [1, {E}] (number of experts), got {k!r}")
     if noise is not None and (noise.shape != logits.shape or noise.device != logits.device):
         raise ValueError(f"noise must match logits: {tuple(logits.shape)} on {logits.device}, got "
@@ -206,6 +207,7 @@ def topk_gating(logits: torch.Tensor, k: int, order: str = "topk_softmax", renor
     position within its expert in token order and the drop mask, return_thresholds the k-th and (k+1)-th largest
     noisy logits."""
     _check_args(logits, k, order, noise, capacity, return_thresholds)
+    k = int(k)
     if select_backend(logits.device) == "torch":
         return topk_gating_reference(logits, k, order, renormalize, scale, noise, capacity, return_thresholds)
     (indices, weights, counts, importance, prob_sum, thresholds, positions,

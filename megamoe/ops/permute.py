@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "cpp", "cuda")
 ENV_VAR = "MEGAMOE_PERMUTE_BACKEND"
+CUDA_MAX_EXPERTS = 2048  # the CUDA index build keeps per-expert offsets in shared memory (csrc/permute_cuda.cu)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def permute_tokens(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int
     """`permute` with the grouped-GEMM metadata (padded counts and offsets). See the module docstring."""
     _check_permute_args(hidden, indices, num_experts, capacity, pad_multiple)
     backend = select_backend(hidden.device)
-    if backend == "torch":
+    if backend == "torch" or (backend == "cuda" and int(num_experts) > CUDA_MAX_EXPERTS):
         row_map, kept, padded = make_row_map(indices, int(num_experts), capacity, int(pad_multiple))
         num_rows = int(padded.sum())
         return Permuted(permute_reference(hidden, row_map, num_rows), row_map, kept, padded, _offsets(padded))
