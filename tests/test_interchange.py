@@ -274,3 +274,21 @@ def test_mixtral_import_round_trip(dense, tmp_path):
     a = load_file(str(tmp_path / "m1" / "model.safetensors"))
     b = load_file(str(tmp_path / "m2" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_a_transformers_saved_mixtral(tmp_path):
+    """A Mixtral written by transformers itself (not by us) imports, and our model reproduces its logits."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(1)
+    mc = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4)
+    m = MixtralForCausalLM(mc).eval()
+    m.save_pretrained(str(tmp_path / "mix"))
+    s = convert.hf_to_moe(str(tmp_path / "mix"), str(tmp_path / "moe"), tp=2, ep=2, progress=False)
+    assert s["guard"][0].startswith("[ok  ] Mixtral source (transformers MixtralForCausalLM)")
+    ck = ShardedCheckpoint(str(tmp_path / "moe"))
+    ids = ids_for(64)
+    with torch.no_grad():
+        ref = m(ids).logits
+    got = reference_logits(ck.config, ck.get, ids)
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()

@@ -106,7 +106,10 @@ def resolve_source(src: str) -> str:
     """A checkpoint path, or "smollm2"/"embedded" for the embedded SmolLM2-135M (materialised once, cached)."""
     if src in EMBEDDED_NAMES and not os.path.exists(src):
         from .embedded import materialize_smollm2
-        return materialize_smollm2()
+        try:
+            return materialize_smollm2()
+        except (RuntimeError, FileExistsError) as e:
+            raise CheckpointError(f"--src {src}: the embedded model is unavailable: {e}") from None
     return src
 
 
