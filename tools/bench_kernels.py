@@ -220,7 +220,21 @@ def bench_permute(args, device, E: int, peak):
             gbs = moved[op] / times["ours"] / 1e9
             row += [f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"]
         rows.append(row)
+        if op == "permute+unpermute":
+            both = times
     print_table(f"permute / unpermute ({device.type})", header, rows)
+    # the goals, checked when this run measured their shape
+    if not cuda and (T, k, H, args.dtype) == (4096, 2, 1024, "fp32"):
+        r = both["torch ref"] / both["ours"]
+        print(f"\ngoal (CPU): permute+unpermute >= 2x the plain-torch reference: {r:.2f}x -> "
+              f"{'met' if r >= 2 else 'NOT met'}")
+    if cuda and (T, k, H, args.dtype) == (4096, 2, 4096, "bf16"):
+        us = both["ours"] * 1e6
+        frac = moved["permute+unpermute"] / both["ours"] / 1e9 / peak if peak else float("nan")
+        r = both.get("megatron-core", float("nan")) / both["ours"]
+        ok = us <= 75 and frac >= 0.5 and r >= 2
+        print(f"\ngoal (GPU): permute+unpermute <= 75 us, >= 50% of HBM peak, >= 2x megatron-core: {us:.1f} us, "
+              f"{100 * frac:.0f}%, {r:.2f}x -> {'met' if ok else 'NOT met'}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,7 +305,14 @@ def bench_gating(args, device, E: int, peak):
             gbs = moved[op] / times["ours"] / 1e9
             row += [f"{gbs:.0f}", f"{100 * gbs / peak:.1f}%"]
         rows.append(row)
+        if op == "fwd":
+            fwd_times = times
     print_table(f"top-k gating ({device.type})", header, rows)
+    if cuda and (T, E, k) == (4096, 64, 2):
+        us = fwd_times["ours"] * 1e6
+        r = fwd_times["torch ref"] / fwd_times["ours"]
+        print(f"\ngoal (GPU): fused gating <= 10 us and >= 3x the unfused torch chain: {us:.1f} us, {r:.2f}x -> "
+              f"{'met' if us <= 10 and r >= 3 else 'NOT met'}")
 
 
 def main(argv=None):
