@@ -203,7 +203,7 @@ def check_same_over_world(chk, what, value):
     chk.close(what, lo, hi, rtol=1e-6, atol=1e-7)
 
 
-def run_layout(chk, ref, layout, model_names):
+def run_layout(chk, ref, layout, model_names, distopt=True):
     """Gradients are compared with megatron's plain DDP optimizer (all-reduced grads are complete on every rank);
     with the distributed optimizer (sharded grads and state) the losses and grad norms are compared again."""
     import dataclasses
@@ -211,7 +211,7 @@ def run_layout(chk, ref, layout, model_names):
     from megamoe.parallel_checkpoint import local_slice
     pcfg = set_layout(layout)
     runs = [(mname, dataclasses.replace(pcfg, distributed_optimizer=False)) for mname in model_names]
-    if pcfg.distributed_optimizer:
+    if pcfg.distributed_optimizer and distopt:
         runs += [(mname, pcfg) for mname in model_names]
     for mname, pc in runs:
         r = ref[mname]
@@ -288,11 +288,12 @@ def layouts(out_dir, names):
     init_distributed()
     chk = Checker()
     ref = torch.load(os.path.join(out_dir, "reference.pt"), weights_only=False)
-    for layout in names.split(","):
+    for item in names.split(","):          # "layout" or "layout:model" (one model, plain optimizer only)
+        layout, _, only = item.partition(":")
         if layout == "dispatcher":
             dispatcher_edge_cases(chk)
             continue
-        run_layout(chk, ref, layout, list(ref))
+        run_layout(chk, ref, layout, [only] if only else list(ref), distopt=not only)
     return chk.failed
 
 
