@@ -11,6 +11,7 @@ The all-to-all dispatcher for EP > 1 lives beside it (AllToAllDispatcher) once p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,9 @@ class AllToAllHandle:
     output_splits: list[int]         # rows received from each EP rank
     etp_sizes: list[int] | None      # rows held by each expert-TP rank before the all-gather (etp > 1)
     unsort: torch.Tensor | None      # inverse of the (source, expert) -> (expert, source) chunk sort
+
+
+_logged = False
 
 
 def _chunk_sort_index(counts: torch.Tensor) -> torch.Tensor:
@@ -94,6 +98,12 @@ class AllToAllDispatcher:
         if self.local_ids != expect:
             raise ValueError(f"AllToAllDispatcher: local experts {self.local_ids} are not the block {expect} of "
                              f"EP rank {ep_rank}")
+        global _logged
+        if not _logged:
+            _logged = True
+            logging.getLogger(__name__).info(
+                "MoE dispatch: all-to-all over an EP group of %d ranks (%d experts each), expert-TP %d", self.ep,
+                self.num_local, self.etp)
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         from megatron.core.tensor_parallel import mappings
