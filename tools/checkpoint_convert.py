@@ -55,7 +55,9 @@ def print_summary(s: dict):
     print()
     print(f"== {s['command']} done in {s['seconds']:.1f} s -> {s['output']}")
     if "experts" in s:
-        print(f"   experts      {s['experts']} per layer x {s['layers']} layers, top-{s['top_k']}, sizes "
+        layers = (f"{s['layers']} layers" if s.get("moe_layers", s["layers"]) == s["layers"]
+                  else f"{s['moe_layers']} MoE layers (of {s['layers']})")
+        print(f"   experts      {s['experts']} per layer x {layers}, top-{s['top_k']}, sizes "
               f"{s['expert_sizes']}{', residual %d' % s['residual_size'] if s['residual_size'] else ''}; "
               f"router {s['router']} ({s['gate_network']} gate), score scale {s['score_scale']}")
     print(f"   parameters   {_count(s['params_active'])} active / {_count(s['params_total'])} total")

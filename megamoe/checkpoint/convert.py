@@ -130,6 +130,7 @@ def _summary(kind, out, cfg: ModelConfig, par, nbytes, t0, report: GuardReport, 
     if cfg.moe is not None:
         sizes = sorted({x for i in range(cfg.num_layers) if cfg.moe_index(i) is not None for x in cfg.expert_sizes(i)})
         s.update({"experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "expert_sizes": sizes,
+                  "moe_layers": cfg.num_moe_layers,
                   "residual_size": cfg.moe.residual_size, "router": cfg.moe.router,
                   "gate_network": cfg.moe.gate_network, "score_scale": cfg.moe.score_scale})
     if par is not None:
