@@ -44,8 +44,8 @@ from .forward import Forward, reference_logits
 from .guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from .hf_dir import HFDir, read_json
 from .hf_writer import HFWriter, write_json
-from .layout import expected_names, expected_shape, hf_llama_to_ours_name, ours_to_hf_llama_name
-from .safetensors_io import DTYPES, NAMES, BackgroundHasher, CheckpointError
+from .layout import expected_names, expected_shape, hf_llama_to_ours_name
+from .safetensors_io import DTYPES, BackgroundHasher, CheckpointError
 from .shards import MANIFEST, ShardWriter, ShardedCheckpoint, is_shard_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
