@@ -5,14 +5,15 @@ How it works
 1. `plan_chunks` cuts every input file into byte ranges of about `chunk_bytes`, each ending just after a newline
    (a seek plus a short read per cut: no pass over the data). Compressed files (`.gz`; `.zst` when the optional
    `zstandard` package is installed) are one chunk each, decompressed in memory by their worker.
-2. Each chunk is one task. A worker (a forked process; or the main process when `workers=1`) reads only its range,
+2. Each chunk is one task. A worker (one of `workers - 1` forked processes, or the main process itself, which
+   takes every `workers`-th chunk) reads only its range,
    decodes, parses and tokenizes its lines in batches, and writes the ids to a part file of its own. It returns
    the document lengths, its line count and the bad lines it met (local line numbers).
 3. The main process takes the results *in input order* (a bounded window of futures on a
    `ProcessPoolExecutor`, so a worker killed by the OS, e.g. out of memory, is an error naming the file and byte
    range instead of a hang), turns local line numbers into `file:line`,
    appends each part to the output with a file copy and updates the progress bar (bytes, ETA, documents/s,
-   tokens/s). It does no tokenization, so N workers give close to N times one worker's speed.
+   tokens/s). Merging is a file copy, so N workers (N processes in all) give close to N times one worker's speed.
 4. Output goes to temporary names and is renamed into place when complete (`indexed.IndexedWriter`): an
    interrupted or failed run never leaves a dataset that looks whole. Part files live in a `*.parts.<pid>.tmp`
    directory that is removed in every case.
@@ -308,9 +309,13 @@ class _Progress:
             self.bar.close()
 
 
-def _make_executor(tok: TextTokenizer, cfg: PreprocessConfig) -> ProcessPoolExecutor:
+def _make_executor(tok: TextTokenizer, cfg: PreprocessConfig) -> Optional[ProcessPoolExecutor]:
+    """`workers - 1` forked processes (this process is the remaining worker), or None for `workers == 1`."""
+    if cfg.workers <= 1:
+        return None
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    return ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(tok, tok.path, cfg))
+    return ProcessPoolExecutor(cfg.workers - 1, mp_context=ctx, initializer=_worker_init,
+                               initargs=(tok, tok.path, cfg))
 
 
 def _kill_executor(ex: ProcessPoolExecutor) -> None:
@@ -324,25 +329,40 @@ def _kill_executor(ex: ProcessPoolExecutor) -> None:
         p.join(timeout=5)
 
 
-def _ordered_results(ex: ProcessPoolExecutor, tasks, window: int):
-    """Results of `_process_chunk` over `tasks`, in order, with at most `window` tasks in flight."""
+def _ordered_results(ex: Optional[ProcessPoolExecutor], tasks, workers: int):
+    """Results of `_process_chunk` over `tasks`, in order. Every `workers`-th task runs in this process when its
+    turn comes (so `workers` processes tokenize, not `workers + 1` competing for the cores); the others run on the
+    executor, at most `3 * workers` tasks ahead."""
     it = iter(tasks)
-    pending = deque((t, ex.submit(_process_chunk, t)) for t in itertools.islice(it, window))
+    pending: deque = deque()
+    window = 3 * workers
+
+    def fill():
+        while len(pending) < window:
+            t = next(it, None)
+            if t is None:
+                return
+            inline = ex is None or t[0] % workers == 0
+            pending.append((t, None if inline else ex.submit(_process_chunk, t)))
+
+    fill()
     try:
         while pending:
             t, fut = pending.popleft()
-            try:
-                r = fut.result()
-            except BrokenProcessPool as err:
-                raise PreprocessError(f"{t[2]}: a worker process died while tokenizing bytes {t[3]}-{t[4]} "
-                                      f"(killed by a signal, or out of memory?); nothing was written") from err
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, ex.submit(_process_chunk, nxt)))
+            fill()  # keep the other processes fed before working here
+            if fut is None:
+                r = _process_chunk(t)
+            else:
+                try:
+                    r = fut.result()
+                except BrokenProcessPool as err:
+                    raise PreprocessError(f"{t[2]}: a worker process died while tokenizing bytes {t[3]}-{t[4]} "
+                                          f"(killed by a signal, or out of memory?); nothing was written") from err
             yield r
     finally:
         for _, fut in pending:
-            fut.cancel()
+            if fut is not None:
+                fut.cancel()
 
 
 def _tokenizer_of(tokenizer) -> TextTokenizer:
@@ -373,18 +393,16 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     os.makedirs(parts_dir, exist_ok=True)
     progress = _Progress(total, os.path.basename(output_prefix), cfg.progress)
     own_ex = None
-    old_par = None
+    old_par = os.environ.get("TOKENIZERS_PARALLELISM")
     results = None
     try:
-        if cfg.workers == 1:  # in this process, on one core (restored below)
-            old_par = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            _worker_init(tok, tok.path, cfg, in_pool=False)
-            results = map(_process_chunk, tasks)
-        else:
-            if executor is None:
-                own_ex = executor = _make_executor(tok, cfg)
-            results = _ordered_results(executor, tasks, window=cfg.workers * 3)
+        # this process tokenizes too, on one core (TOKENIZERS_PARALLELISM restored below); forked workers inherit it
+        old_par = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _worker_init(tok, tok.path, cfg, in_pool=False)
+        if executor is None and cfg.workers > 1:
+            own_ex = executor = _make_executor(tok, cfg)
+        results = _ordered_results(executor, tasks, cfg.workers)
         lines_before = Counter()  # per file: lines in the chunks already merged
         with writer:
             for r in results:
@@ -419,11 +437,10 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     finally:
         if hasattr(results, "close"):
             results.close()  # cancels this dataset's queued work on a shared executor
-        if cfg.workers == 1:
-            if old_par is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = old_par
+        if old_par is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old_par
         progress.close()
         if not writer.published:
             writer.abort()
@@ -462,7 +479,7 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
             raise PreprocessError(f"{os.path.join(root, d)}: only validation files, no training data")
     manifest = {"format": "megamoe-domains-v1", "tokenizer": tok.describe(), "json_key": cfg.json_key,
                 "append_eos": cfg.append_eos, "prepend_bos": cfg.prepend_bos, "domains": {}}
-    ex = _make_executor(tok, cfg) if cfg.workers > 1 else None
+    ex = _make_executor(tok, cfg)
     try:
         for d in names:
             entry = {}
