@@ -136,6 +136,7 @@ def test_layouts_match_single_process(two_node_layouts):
 def test_reshard_tp2ep2_to_ep4_tp1ep1(ref):
     """TP1xEP1 is loaded on 4 ranks (DP4); `parallel_worker.py load_single` also loads it in a world of one."""
     ok = "\n".join(_checks(_torchrun(4, [WORKER, "reshard", ref], timeout=280)))
+    assert "OK ep2etp2/llamamoe gradients of all" in ok and "OK ep2etp2/llamamoe step 4 grad norm" in ok
     for layout in ("ep4", "dp4", "ep2etp2"):
         for i, what in ((3, "weights"), (4, "optimizer state")):
             assert f"OK {layout} after loading tp2ep2sp_dp2: step {i} loss ({what})" in ok

@@ -308,6 +308,8 @@ def reshard(out_dir, save_layout="tp2ep2sp_dp2", load_layouts="ep4,dp4,ep2etp2")
     chk = Checker()
     ref = torch.load(os.path.join(out_dir, "reference.pt"), weights_only=False)
     r = ref["mixtral"]
+    if save_layout == "tp2ep2sp_dp2":   # 4 ranks: gradients under EP2 x expert-TP2 (all-to-all + expert-TP gather)
+        run_layout(chk, ref, "ep2etp2", ["llamamoe"], distopt=False)
     pcfg = set_layout(save_layout)
     model, ddp, opt = build(r["cfg"], pcfg, r["full"])
     mgr = CheckpointManager(os.path.join(out_dir, "ckpt"), keep_last=2)
