@@ -39,10 +39,13 @@ def init_distributed(timeout_s: float | None = None) -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        try:
+            from torch.distributed.rendezvous import _create_c10d_store
+        except ImportError:  # pragma: no cover - a torch without this helper: torchrun's own rendezvous
+            restart = None
         if restart is not None and "MASTER_ADDR" in os.environ:
             # torchrun --max-restarts: the agent's store outlives a failed attempt, and its keys (gloo/NCCL peer
             # addresses of dead workers) would be read by the next one; give every attempt its own key space
-            from torch.distributed.rendezvous import _create_c10d_store
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
             store = dist.PrefixStore(f"megamoe/attempt_{restart}", store)
