@@ -351,7 +351,7 @@ class _DiesInWorker(TextTokenizer):
 
 def test_killed_worker_is_an_error_not_a_hang(tmp_path, hf_tok, texts):
     _write_jsonl(tmp_path / "in.jsonl", texts)
-    with pytest.raises(PreprocessError, match=r"in.jsonl: a worker process died while tokenizing bytes"):
+    with pytest.raises(PreprocessError, match=r"a worker process died while tokenizing .*in.jsonl, near bytes"):
         preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out" / "ds"), _DiesInWorker(hf_tok),
                    PreprocessConfig(workers=2, chunk_bytes=4000, progress=False))
     assert os.listdir(tmp_path / "out") == []

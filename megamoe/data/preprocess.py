@@ -345,20 +345,18 @@ def _ordered_results(ex: Optional[ProcessPoolExecutor], tasks, workers: int):
             inline = ex is None or t[0] % workers == 0
             pending.append((t, None if inline else ex.submit(_process_chunk, t)))
 
-    fill()
+    cur = None
     try:
+        fill()
         while pending:
-            t, fut = pending.popleft()
+            cur, fut = pending.popleft()
             fill()  # keep the other processes fed before working here
-            if fut is None:
-                r = _process_chunk(t)
-            else:
-                try:
-                    r = fut.result()
-                except BrokenProcessPool as err:
-                    raise PreprocessError(f"{t[2]}: a worker process died while tokenizing bytes {t[3]}-{t[4]} "
-                                          f"(killed by a signal, or out of memory?); nothing was written") from err
+            r = _process_chunk(cur) if fut is None else fut.result()
             yield r
+    except BrokenProcessPool as err:  # from result() or from a submit() after the pool broke
+        where = f"{cur[2]}, near bytes {cur[3]}-{cur[4]}" if cur is not None else "the first chunks"
+        raise PreprocessError(f"a worker process died while tokenizing {where} (killed by a signal, or out of "
+                              f"memory?); nothing was written") from err
     finally:
         for _, fut in pending:
             if fut is not None:
