@@ -9,7 +9,7 @@
     [7/7] load it in transformers, generate a few sentences, per-domain perplexity after training
 
 and a table of perplexities with active/total parameter counts, and where everything was written. The number of
-training steps is chosen from a time budget: `--total-minutes` (default 13) for the whole run, minus what the stages
+training steps is chosen from a time budget: `--total-minutes` (default 12) for the whole run, minus what the stages
 before training took and an estimate of the stages after it, measured on this machine as it runs (so a slow or busy
 machine trains fewer steps instead of overrunning); `--train-minutes` fixes the training time instead, `--steps` the
 step count. A GPU, when present, is used automatically (more steps fit).
@@ -41,9 +41,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="megamoe-quickstart", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart_out", help="output directory (default: ./quickstart_out)")
-    p.add_argument("--total-minutes", type=float, default=13.0,
+    p.add_argument("--total-minutes", type=float, default=12.0,
                    help="wall-clock budget of the whole quickstart; training gets what the other stages leave "
-                        "(default 13, leaving the installer ~2 of the README's 15 minutes)")
+                        "(default 12, leaving the installer and stragglers 3 of the README's 15 minutes)")
     p.add_argument("--train-minutes", type=float, default=None,
                    help="training time instead of what --total-minutes leaves")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides the budget)")
