@@ -11,7 +11,7 @@ Defaults: hidden 4096, 8 experts of 1376, top-2, 4096 tokens per rank, bf16 on G
 benchmark prints tokens/s for both layers and their ratio (megamoe / megatron); on a GPU it also prints TFLOP/s and
 MFU against --peak-tflops (default: H100/H200 dense bf16, 989.4).
 FLOPs counted: 3 (fwd + 2 bwd) x top_k x 3 GEMMs x 2 H F per token, the router GEMM included (2 H E x 3).
-Results also go to --json.
+Times are medians over --iters calls, the two layers alternating. Results also go to --json.
 """
 
 from __future__ import annotations
@@ -106,20 +106,26 @@ def step_theirs(layer, x, g):
     return y
 
 
-def timeit(fn, args, device):
+def timeit(fns, args, device):
+    """Median seconds per call of each fn. The calls alternate (a, b, a, b, ...) so that a change in machine load
+    hits both layers alike; the slowest rank's time counts (EP)."""
+    import statistics
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
     torch.distributed.barrier()
-    t0 = time.perf_counter()
+    times = [[] for _ in fns]
     for _ in range(args.iters):
-        fn()
-    sync()
-    dt = (time.perf_counter() - t0) / args.iters
-    t = torch.tensor([dt], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)   # the slowest rank sets the pace
-    return float(t)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(ts) for ts in times], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
 
 
 def main(argv=None):
@@ -153,8 +159,7 @@ def main(argv=None):
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         if err > tol:
             raise SystemExit(f"outputs differ: max relative error {err:.3g} > {tol} (megamoe vs megatron-core)")
-    t_ours = timeit(lambda: run(ours, step_ours), args, device)
-    t_theirs = timeit(lambda: run(theirs, step_theirs), args, device)
+    t_ours, t_theirs = timeit([lambda: run(ours, step_ours), lambda: run(theirs, step_theirs)], args, device)
     H, Fh, E, k, T = args.hidden, args.ffn, args.experts, args.top_k, args.tokens
     flops = 3 * (k * 3 * 2 * H * Fh + 2 * H * E) * T          # per rank per fwd+bwd
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world, "ep": world,
