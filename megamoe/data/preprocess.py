@@ -30,8 +30,8 @@ Every document gets EOS (`tokenizer.eod`) appended, and BOS prepended when `prep
 
 from __future__ import annotations
 
+import gc
 import gzip
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -187,6 +187,10 @@ def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: P
                  in_pool: bool = True):
     if in_pool:  # one core per worker: no nested rayon thread pool in the HF tokenizer
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # the objects inherited from the parent (torch, megatron, ... when called from a trainer or a notebook) go
+        # to the permanent generation: the worker's garbage collections then never walk them, which would copy
+        # every page they live on (copy-on-write) for nothing
+        gc.freeze()
     _W["tok"] = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
     _W["cfg"] = cfg
     _W["dtype"] = np.dtype(token_dtype(_W["tok"].vocab_size))
@@ -379,8 +383,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     files = expand_inputs(inputs)
     dtype = np.dtype(token_dtype(tok.vocab_size))
     total = sum(os.path.getsize(f) for f in files)
-    # about 8 chunks per worker for small inputs (load balance), never above cfg.chunk_bytes
-    chunk_bytes = max(1, min(cfg.chunk_bytes, max(64 << 10, total // (cfg.workers * 8) + 1)))
+    # about 16 chunks per worker for small inputs (load balance at the tail), never above cfg.chunk_bytes
+    chunk_bytes = max(1, min(cfg.chunk_bytes, max(64 << 10, total // (cfg.workers * 16) + 1)))
     chunks = plan_chunks(files, chunk_bytes)
     parts_dir = output_prefix + f".parts.{os.getpid()}.tmp"
     tasks = [(ci, fi, path, s, e, parts_dir) for ci, (fi, path, s, e) in enumerate(chunks)]
