@@ -164,3 +164,34 @@ def test_smollm2_round_trip_through_the_cli(tmp_path, capsys):
     rc, out, err = run(capsys, "moe-to-hf", "--src", str(moe), "--out", str(hf), "--format", "mixtral", "--quiet")
     assert rc == 0 and "MixtralForCausalLM" in out, err
     assert os.path.isfile(hf / "tokenizer.json") and json.load(open(hf / "config.json"))["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("gradient", ["--gate-init", "centroids"]),
+    ("coactivation", []),
+    ("sharing-inter", ["--residual-size", "8"]),
+])
+def test_calibrated_methods_straight_from_the_cli(tmp_path, capsys, method, extra):
+    """Calibration tokens from a megatron .bin/.idx dataset; the guard's construct identity must hold."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    src = write_llama(str(tmp_path / "src"))
+    prefix = str(tmp_path / "calib")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        b.add_document(torch.randint(0, V, (64,), generator=g), [64])
+    b.finalize(prefix + ".idx")
+    out_dir = tmp_path / f"moe-{method}"
+    rc, out, err = run(capsys, *h2m(src, out_dir, "--method", method, "--calib-prefix", prefix, "--seq-len", "32",
+                                    "--token-budget", "256", *extra))
+    assert rc == 0, err
+    assert "guard [ok  ] construct identity" in out
+    manifest = json.load(open(out_dir / "manifest.json"))
+    assert method in json.dumps(manifest)
+
+
+def test_calibrated_method_without_data_names_the_options(tmp_path, capsys):
+    src = write_llama(str(tmp_path / "src"))
+    rc, _, err = run(capsys, *h2m(src, tmp_path / "moe", "--method", "gradient"))
+    assert rc == 2 and "--calib-jsonl" in err and not (tmp_path / "moe").exists()

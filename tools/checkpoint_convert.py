@@ -94,20 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
                        "A llama-moe v1 or Mixtral source is imported as is (renaming only; construction options are "
                        "ignored).\n\nExpert i of layer L takes rows idx_i of gate_proj/up_proj and columns idx_i of "
                        "down_proj; the router is initialised per --gate-init. Methods: random (balanced, seeded), "
-                       "clustering (balanced k-means on W_up rows); gradient/sharing methods need calibration: compute "
-                       "partitions with megamoe.construct and pass --partitions DIR.")
+                       "clustering (balanced k-means on W_up rows); coactivation, gradient, sharing-inner and sharing-inter "
+                       "need calibration tokens (--calib-jsonl or --calib-prefix), or partitions precomputed with "
+                       "`python -m megamoe.construct` (--partitions DIR). See docs/construction.md.\n\n"
+                       "  # gradient-importance split, router from k-means centroids of the calibration hidden states\n"
+                       "  checkpoint_convert.py hf-to-moe --src smollm2 --out ckpt/moe-grad --method gradient \\\n"
+                       "      --calib-jsonl corpus/code/train.jsonl --token-budget 16384 --gate-init centroids")
     h.add_argument("--src", required=True, help="HF directory (LLaMA, llama-moe v1, Mixtral), or 'smollm2'/'embedded'")
     h.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     h.add_argument("--experts", type=int, default=8, help="experts per layer E (default %(default)s)")
     h.add_argument("--top-k", type=int, default=2, help="experts per token k (default %(default)s)")
-    h.add_argument("--method", default="random", help="random | clustering (default %(default)s)")
+    h.add_argument("--method", default="random",
+                   help="random | clustering | coactivation | gradient | sharing-inner | sharing-inter "
+                        "(default %(default)s)")
     h.add_argument("--partitions", help="directory of precomputed partitions (megamoe.construct.write_partitions)")
     h.add_argument("--router", default="topk_noisy", choices=["topk_noisy", "mixtral", "switch"],
                    help="topk_noisy = llama-moe v1 (default); mixtral = exportable as HF Mixtral with --gate linear")
     h.add_argument("--gate", default="mlp", choices=["mlp", "linear"],
                    help="gate network: mlp = Linear-Tanh-Linear (llama-moe v1); linear (Mixtral)")
-    h.add_argument("--gate-init", default="random", choices=["random", "zeros"],
-                   help="router init: random normal(0, 0.02) (llama-moe v1 release) or zeros (uniform router)")
+    h.add_argument("--gate-init", default="random", choices=["random", "zeros", "centroids"],
+                   help="router init: random normal(0, 0.02) (llama-moe v1 release), zeros (uniform router), or "
+                        "centroids (k-means centroids: clustering method, or calibrated methods as in LLaMA-MoE v2)")
+    c = h.add_argument_group("calibration (coactivation, gradient, sharing-inner, sharing-inter)")
+    c.add_argument("--calib-jsonl", nargs="+", metavar="[DOMAIN=]FILE",
+                   help="JSONL calibration text (key 'text'); DOMAIN=FILE pairs give per-domain token clusters")
+    c.add_argument("--calib-prefix", nargs="+", metavar="[DOMAIN=]PREFIX", help="megatron .bin/.idx dataset prefix(es)")
+    c.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default %(default)s)")
+    c.add_argument("--token-budget", type=int, default=65536, help="calibration tokens (default %(default)s)")
+    c.add_argument("--clusters", default="kmeans", choices=["kmeans", "domain", "centroids"],
+                   help="token clusters for gradient importance (default %(default)s)")
+    c.add_argument("--expert-size", type=int, help="neurons per expert (sharing-inner: required)")
+    c.add_argument("--residual-size", type=int, default=0, help="sharing-inter: always-on residual neurons")
     h.add_argument("--score-scale", type=float, help="combine-weight scale (default E/k, as llama-moe v1)")
     h.add_argument("--moe-layers", help="comma-separated MoE layer indices (default: every layer)")
     h.add_argument("--seed", type=int, default=0, help="split seed (layer i uses seed+i) and router seed")
@@ -149,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pairs(items):
+    """['a.jsonl'] -> 'a.jsonl'; ['code=a.jsonl', 'web=b.jsonl'] -> {'code': 'a.jsonl', 'web': 'b.jsonl'}."""
+    if not items:
+        return None
+    if all("=" in x for x in items):
+        return dict(x.split("=", 1) for x in items)
+    if any("=" in x for x in items):
+        raise SystemExit("--calib-jsonl/--calib-prefix: give either plain paths or DOMAIN=PATH pairs, not both")
+    return items[0] if len(items) == 1 else list(items)
+
+
+def _calibration(args) -> dict | None:
+    jsonl, prefix = _pairs(args.calib_jsonl), _pairs(args.calib_prefix)
+    if jsonl is None and prefix is None:
+        return None
+    return {"jsonl": jsonl, "prefix": prefix, "seq_len": args.seq_len, "token_budget": args.token_budget,
+            "clusters": args.clusters, "expert_size": args.expert_size, "residual_size": args.residual_size}
+
+
 def run(args) -> dict | None:
     from megamoe.checkpoint import convert
     if args.cmd == "hf-to-moe":
@@ -159,7 +195,7 @@ def run(args) -> dict | None:
             score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=layers, seed=args.seed,
             tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
             guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
-            checksum=not args.no_checksum)
+            checksum=not args.no_checksum, calibration=_calibration(args))
     if args.cmd == "moe-to-hf":
         return convert.moe_to_hf(args.src, args.out, args.format, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                                  tolerance=args.tolerance, guard_tokens=args.guard_tokens, progress=not args.quiet)

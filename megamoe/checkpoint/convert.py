@@ -225,8 +225,12 @@ def check_tensors(hf: HFDir, cfg: ModelConfig, to_ours, optional=()) -> dict:
 # partitions
 
 def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str, num_experts: int, seed: int,
-                    moe_layers, partitions_dir: str | None, progress: bool):
-    """{layer: Partition} and {layer: centroids or None} for every MoE layer."""
+                    moe_layers, partitions_dir: str | None, progress: bool, calibration: dict | None = None,
+                    gate_init: str = "random"):
+    """{layer: Partition} and {layer: centroids or None} for every MoE layer.
+
+    `calibration` (for the calibrated methods): {"jsonl": path or {domain: path}} or {"prefix": megatron prefix or
+    {domain: prefix}}, plus optional seq_len, token_budget, clusters, expert_size, residual_size, routed_rule."""
     from ..construct import partition as P
     layers = [i for i in range(dense_cfg.num_layers) if moe_layers is None or i in moe_layers]
     if partitions_dir:
@@ -235,7 +239,12 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
         missing = [i for i in layers if i not in parts]
         if missing:
             raise ConfigError(f"--partitions {partitions_dir}: no partition for layers {missing}")
-        return parts, {}, (next(iter(parts.values())).method if parts else "file")
+        cents = {}
+        cpath = os.path.join(partitions_dir, "partition", "centroids.safetensors")
+        if os.path.isfile(cpath):  # router centroids written by megamoe.construct.write_construction
+            from safetensors.numpy import load_file
+            cents = {int(k.split(".")[1]): v for k, v in load_file(cpath).items()}
+        return parts, cents, (next(iter(parts.values())).method if parts else "file")
     F = dense_cfg.intermediate_size
     if method in ("random", "clustering") and F % num_experts:
         raise ConfigError(f"--experts: {num_experts} experts do not divide the FFN width (intermediate_size {F} in "
@@ -250,8 +259,25 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
             parts[i], cents[i] = P.split_clustering(up, num_experts, seed=seed)
         return parts, cents, method
     if method in CALIBRATED_METHODS:
-        raise ConfigError(f"method: {method!r} needs calibration statistics; compute the partitions with "
-                          "megamoe.construct (calibration + split) and pass them with --partitions DIR")
+        if not calibration or not (calibration.get("jsonl") or calibration.get("prefix")):
+            raise ConfigError(f"method: {method!r} needs calibration statistics: give --calib-jsonl FILE (or "
+                              "DOMAIN=FILE ...) or --calib-prefix PREFIX, or compute partitions with "
+                              "`python -m megamoe.construct` and pass them with --partitions DIR")
+        from ..construct.calib_data import tokens_from_indexed, tokens_from_jsonl
+        from ..construct.pipeline import ConstructionSpec, construct
+        seq_len, budget = calibration.get("seq_len", 2048), calibration.get("token_budget", 65536)
+        if calibration.get("jsonl"):
+            data = tokens_from_jsonl(calibration["jsonl"], tokenizer=hf.path, seq_len=seq_len, token_budget=budget)
+        else:
+            data = tokens_from_indexed(calibration["prefix"], seq_len=seq_len, token_budget=budget)
+        spec = ConstructionSpec(method=method, num_experts=num_experts, seed=seed, layers=layers,
+                                gate_init="centroids" if gate_init == "centroids" else "random",
+                                clusters=calibration.get("clusters", "kmeans"),
+                                expert_size=calibration.get("expert_size"),
+                                residual_size=calibration.get("residual_size", 0) or 0,
+                                routed_rule=calibration.get("routed_rule", "greedy"))
+        res = construct(hf.path, spec, data, progress=tqdm.write if progress else None)
+        return res.partitions, res.centroids or {}, method
     raise ConfigError(f"method: {method!r} is not one of random, clustering, {', '.join(CALIBRATED_METHODS)}")
 
 
@@ -263,8 +289,9 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
               score_scale: float | None = None, gate_init: str = "random", moe_layers=None, seed: int = 0,
               tp: int = 1, ep: int = 1, etp: int = 1, dtype: str | None = None,
               tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
-              allow_pickle: bool = False, checksum: bool = True) -> dict:
-    """Dense HF LLaMA -> LLaMA-MoE shards (construct), or llama-moe v1 / Mixtral -> shards (import)."""
+              allow_pickle: bool = False, checksum: bool = True, calibration: dict | None = None) -> dict:
+    """Dense HF LLaMA -> LLaMA-MoE shards (construct), or llama-moe v1 / Mixtral -> shards (import).
+    `calibration`: see make_partitions (needed by the coactivation, gradient and sharing methods)."""
     t0 = time.time()
     src = resolve_source(src)
     check_output(os.path.abspath(out))
@@ -277,7 +304,8 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
                               partitions_dir=partitions_dir, router=router, gate_network=gate_network,
                               score_scale=score_scale, gate_init=gate_init, moe_layers=moe_layers, seed=seed,
                               par=ParallelConfig(tp=tp, ep=ep, etp=etp), dtype=_torch_dtype(dtype),
-                              tolerance=tolerance, guard_tokens=guard_tokens, progress=progress)
+                              tolerance=tolerance, guard_tokens=guard_tokens, progress=progress,
+                              calibration=calibration)
         return _import(hf, kind, out, t0, hasher, par=ParallelConfig(tp=tp, ep=ep, etp=etp),
                        dtype=_torch_dtype(dtype), tolerance=tolerance, guard_tokens=guard_tokens, progress=progress)
     finally:
@@ -293,7 +321,8 @@ def _source_info(hf: HFDir, kind: str, hasher) -> dict:
 
 
 def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partitions_dir, router, gate_network,
-               score_scale, gate_init, moe_layers, seed, par, dtype, tolerance, guard_tokens, progress):
+               score_scale, gate_init, moe_layers, seed, par, dtype, tolerance, guard_tokens, progress,
+               calibration=None):
     from ..construct.build import moe_config_for, router_state
     from ..construct.partition import write_partitions
     from .hf_llama import config_from_hf
@@ -303,7 +332,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
     check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
     key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
     parts, cents, method = make_partitions(hf, dense_cfg, key_of, method, num_experts, seed, moe_layers,
-                                           partitions_dir, progress)
+                                           partitions_dir, progress, calibration, gate_init)
     E = next(iter(parts.values())).num_experts
     moe = MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network=gate_network,
                     score_scale=float(score_scale) if score_scale is not None else E / top_k, moe_layers=moe_layers)
