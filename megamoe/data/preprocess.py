@@ -404,6 +404,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
         _worker_init(tok, tok.path, cfg, in_pool=False)
         if executor is None and cfg.workers > 1:
             own_ex = executor = _make_executor(tok, cfg)
+        if executor is not None:
+            gc.freeze()  # neither this process's nor the workers' collections walk (and copy) the shared heap
         results = _ordered_results(executor, tasks, cfg.workers)
         lines_before = Counter()  # per file: lines in the chunks already merged
         with writer:
@@ -437,6 +439,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
             own_ex = None
         raise
     finally:
+        gc.unfreeze()
         if hasattr(results, "close"):
             results.close()  # cancels this dataset's queued work on a shared executor
         if old_par is None:
