@@ -397,6 +397,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     own_ex = None
     old_par = os.environ.get("TOKENIZERS_PARALLELISM")
     results = None
+    froze = False
     try:
         # this process tokenizes too, on one core (TOKENIZERS_PARALLELISM restored below); forked workers inherit it
         old_par = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -404,7 +405,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
         _worker_init(tok, tok.path, cfg, in_pool=False)
         if executor is None and cfg.workers > 1:
             own_ex = executor = _make_executor(tok, cfg)
-        if executor is not None:
+        if executor is not None and not froze:
+            froze = True
             gc.freeze()  # neither this process's nor the workers' collections walk (and copy) the shared heap
         results = _ordered_results(executor, tasks, cfg.workers)
         lines_before = Counter()  # per file: lines in the chunks already merged
@@ -439,7 +441,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
             own_ex = None
         raise
     finally:
-        gc.unfreeze()
+        if froze:
+            gc.unfreeze()
         if hasattr(results, "close"):
             results.close()  # cancels this dataset's queued work on a shared executor
         if old_par is None:
