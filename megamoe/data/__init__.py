@@ -14,11 +14,11 @@ User guide: docs/data.md. Nothing here imports megatron-core until a dataset is 
 
 from .blend import DomainMixture, build_megatron_blend
 from .dynamic import PRESETS, REFERENCE_LOSSES, resolve_weights, update_domain_weights
-from .preprocess import PreprocessConfig, PreprocessError, preprocess, preprocess_domains
+from .preprocess import PreprocessConfig, PreprocessError, preprocess_domains  # the function `preprocess`: from .preprocess
 from .tokenizers import load_tokenizer, token_dtype
 
 __all__ = ["DomainMixture", "build_megatron_blend", "PRESETS", "REFERENCE_LOSSES", "resolve_weights",
-           "update_domain_weights", "PreprocessConfig", "PreprocessError", "preprocess", "preprocess_domains",
+           "update_domain_weights", "PreprocessConfig", "PreprocessError", "preprocess_domains",
            "load_tokenizer", "token_dtype", "build_local_corpus"]
 
 
