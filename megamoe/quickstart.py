@@ -172,16 +172,15 @@ def main(argv=None) -> int:
     stage("per-domain perplexity: dense model and converted MoE before training")
     from megamoe.checkpoint.hf_llama import load_hf_llama
     from megamoe.model import LlamaMoEModel
-    from megamoe.train import _to_model_names
     dense_cfg, dense_sd = load_hf_llama(hf_dir, dtype=torch.float32)
     torch.manual_seed(a.seed)
     dense = LlamaMoEModel(dense_cfg)
-    dense.load_state_dict(_to_model_names(dense, dense_sd), strict=False)
+    dense.load_state_dict(dense_sd, strict=True)
     ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
     del dense, dense_sd
     moe = LlamaMoEModel(moe_cfg)
     sd = load_shards(moe_dir, dtype=torch.float32)
-    moe.load_state_dict(_to_model_names(moe, sd), strict=False)
+    moe.load_state_dict(sd, strict=True)
     t_eval = time.time()
     ppl_before, fwd_tps = _evaluate_ours(moe, mix, a.eval_batches, a.micro_batch, device)
     t_eval = time.time() - t_eval

@@ -134,22 +134,6 @@ def _resolve_model(cfg: TrainConfig):
     return mcfg, None
 
 
-def _to_model_names(model, sd: dict) -> dict:
-    """Checkpoint names (docs/architecture.md) -> this model's state-dict names (tolerates a nesting difference
-    in the experts container)."""
-    own = set(model.state_dict().keys())
-    if all(k in own for k in sd):
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k not in own and ".mlp.experts." in k:
-            alt = k.replace(".mlp.experts.", ".mlp.experts.experts.", 1)
-            if alt in own:
-                k = alt
-        out[k] = v
-    return out
-
-
 def _load_init_weights(cfg: TrainConfig, model, mcfg):
     from megatron.core import parallel_state as ps
     src, path = cfg.init.source, cfg.init.path
@@ -166,7 +150,6 @@ def _load_init_weights(cfg: TrainConfig, model, mcfg):
             raise ConfigError("init.source: 'hf' loads full tensors; convert to our shards first for tp > 1 "
                               "(tools/checkpoint_convert.py)")
         _, sd = load_hf_llama(path)
-    sd = _to_model_names(model, sd)
     dtype = next(model.parameters()).dtype
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     if missing or unexpected:
@@ -461,9 +444,7 @@ def export_final_model(ddp, mcfg, out_dir: str) -> str | None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     def get(n):
-        if n in own:
-            return own[n]
-        return own[n.replace(".mlp.experts.", ".mlp.experts.experts.", 1)]
+        return own[n]
     dt = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
     w = ShardWriter(tmp, mcfg, ParallelConfig(tp=1, ep=1, etp=1), {n: dt[get(n).dtype] for n in names},
                     info={"source": "megamoe.train"})

@@ -24,7 +24,7 @@ def test_convert_train_resume_export_reload(tmp_path):
     from megamoe.checkpoint.convert import hf_to_moe, moe_to_hf
     from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
     from megamoe.model import LlamaMoEModel
-    from megamoe.train import _to_model_names, main
+    from megamoe.train import main
     dense = tiny_llama_dir(tmp_path / "dense")
     moe = tmp_path / "moe"
     hf_to_moe(dense, str(moe), num_experts=4, top_k=2, method="random", router="topk_noisy", gate_network="linear",
@@ -52,7 +52,7 @@ def test_convert_train_resume_export_reload(tmp_path):
     cfg = ck.config
     ck.close()
     ours = LlamaMoEModel(cfg)
-    ours.load_state_dict(_to_model_names(ours, load_shards(summary["final_model"])), strict=False)
+    ours.load_state_dict(load_shards(summary["final_model"]), strict=True)
     ours.eval()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -90,7 +90,7 @@ def hf_setup(mcfg, ours, device, dtype, lr=1e-4):
 
     def ex(i, e, w):
         k = f"layers.{i}.mlp.experts.{e}.{w}.weight"
-        return sd[k] if k in sd else sd[f"layers.{i}.mlp.experts.experts.{e}.{w}.weight"]
+        return sd[k]
     new = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
     for i in range(mcfg.num_layers):

@@ -19,8 +19,9 @@ and `latest` untouched. `find_latest` also skips a `latest` that names a missing
 to the newest complete one.
 
 Resharding: model tensors are saved as ShardedTensors with their GLOBAL shapes (TP-split parameters carry their
-partition axis; experts their global names), optimizer state as `dp_reshardable`, so a checkpoint loads into
-another TP/EP/DP layout. Trust: dist_checkpointing writes its metadata (and its "common" state) with pickle, so load
+partition axis; experts their global names), optimizer state in megatron's fully reshardable format
+(megamoe.parallel_checkpoint.reshardable, applied by megamoe.training.optim), so a checkpoint loads into another
+TP/EP/DP layout. Trust: dist_checkpointing writes its metadata (and its "common" state) with pickle, so load
 only checkpoints your own runs wrote. Everything of ours is JSON or safetensors.
 """
 

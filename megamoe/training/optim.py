@@ -38,6 +38,8 @@ def transformer_config(model_cfg, pcfg, precision: str):
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=True, gradient_accumulation_fusion=False,
+        # megatron validates expert parallelism against these (the experts themselves are ours)
+        num_moe_experts=model_cfg.moe.num_experts if model_cfg.moe is not None else None, add_bias_linear=False,
     )
 
 
@@ -72,8 +74,9 @@ def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=pcfg.distributed_optimizer,
     )
+    from megamoe.parallel_checkpoint import reshardable
     with cuda_to_cpu():
-        opt = get_megatron_optimizer(ocfg, [ddp_model])
+        opt = reshardable(get_megatron_optimizer(ocfg, [ddp_model]))  # checkpoints reshard over TP/EP/DP
     _use_foreach(opt)
     return opt
 
