@@ -421,7 +421,7 @@ def _dynamic_weights(cfg: TrainConfig, data, results: dict) -> dict:
 
 def export_final_model(ddp, mcfg, out_dir: str) -> str | None:
     """Write the trained model in our shard format (TP1/EP1) for tools/checkpoint_convert.py (world of one only;
-    under model parallelism convert the last training checkpoint instead). Atomic: written to out_dir.tmp, renamed."""
+    after a model-parallel run, `--resume` its last checkpoint in a world of one, which reshards and writes it). Atomic: written to out_dir.tmp, renamed."""
     import shutil
 
     import torch.distributed as dist
@@ -431,7 +431,12 @@ def export_final_model(ddp, mcfg, out_dir: str) -> str | None:
     from megamoe.training.optim import unwrap
     if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_expert_model_parallel_world_size() > 1 \
             or ps.get_expert_tensor_parallel_world_size() > 1:
-        log.info("final model not exported (model parallel run): convert the last checkpoint instead")
+        if dist.get_rank() == 0:
+            log.info("final model not exported from a model-parallel run; write it from the last checkpoint in a "
+                     "world of one (the checkpoint reshards):  megamoe-train --config %s --resume "
+                     "--set parallel.tp=1 --set parallel.ep=1 --set parallel.etp=1 "
+                     "--set parallel.sequence_parallel=false",
+                     os.path.join(os.path.dirname(out_dir), "config.yaml"))
         return None
     if dist.get_rank() != 0:
         return None
