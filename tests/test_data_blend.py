@@ -332,7 +332,7 @@ def test_two_ranks_under_torch_distributed_tile_the_single_process_batches(prefi
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: this pytest process may already hold a (world-of-one) process group
     out = str(tmp_path / "res")
     procs = [ctx.Process(target=_dist_worker, args=(r, port, prefixes, str(tmp_path / "cache"), out))
              for r in range(2)]
