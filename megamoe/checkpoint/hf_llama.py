@@ -49,37 +49,10 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """A dense ModelConfig from an HF LLaMA config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
-    `rope_parameters`). Raises ConfigError naming the field for anything we cannot represent."""
-    mt = hf.get("model_type")
-    if mt not in ("llama", "mistral", None):
-        raise ConfigError(f"{where}: model_type is {mt!r}; expected a LLaMA-architecture model ('llama')")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in hf:
-            raise ConfigError(f"{where}: missing field {key!r} of a LLaMA config")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act is {hf['hidden_act']!r}; LLaMA's SwiGLU needs 'silu'")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError(f"{where}: attention_bias/mlp_bias are set; biases are not supported")
-    if hf.get("sliding_window") not in (None, 0) and mt == "mistral":
-        raise ConfigError(f"{where}: sliding_window attention is not supported")
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling is not None:
-        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    try:
-        return cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    `rope_parameters`). Raises ConfigError naming the file and field for anything we cannot represent. The field
+    mapping lives in megamoe.checkpoint.layout, shared with the Mixtral and llama-moe v1 readers."""
+    from megamoe.checkpoint.layout import config_from_hf_llama
+    return config_from_hf_llama(hf, where)
 
 
 def hf_to_ours(hf_state: dict, cfg: ModelConfig, where: str = "checkpoint") -> dict:

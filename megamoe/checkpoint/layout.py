@@ -184,9 +184,9 @@ def config_from_hf_llama(hf: dict, where: str = "config.json") -> ModelConfig:
     """A dense ModelConfig from an HF LLaMA config.json; a non-LLaMA config is a ConfigError naming the field."""
     mt = hf.get("model_type")
     if mt not in LLAMA_TYPES:
-        raise ConfigError(f"{where}: model_type is {mt!r}; hf-to-moe expects a dense LLaMA-architecture model "
-                          f"(model_type 'llama'); for llama-moe v1 or Mixtral checkpoints use --from llama-moe-v1 / "
-                          "mixtral")
+        raise ConfigError(f"{where}: model_type is {mt!r}; expected a dense LLaMA-architecture model "
+                          "(model_type 'llama'); llama-moe v1 and Mixtral checkpoints are recognised and imported by "
+                          "`checkpoint_convert.py hf-to-moe`")
     cfg = ModelConfig(**llama_fields_from_hf(hf, where))
     try:
         return cfg.validate()

@@ -204,21 +204,6 @@ def _init_empty_optimizer_state(opt):
                     st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
 
 
-def _fix_optimizer_steps(opt):
-    """megatron's torch-Adam fallback loads one shared `step` tensor for all params: give each its own."""
-    for o in getattr(opt, "chained_optimizers", [opt]):
-        inner = getattr(o, "optimizer", None)
-        if inner is None:
-            continue
-        for g in inner.param_groups:
-            for p in g["params"]:
-                st = inner.state.get(p)
-                if st and "step" in g and "step" in st:
-                    st["step"] = torch.tensor(float(g["step"]))
-                elif st and "step" in st and torch.is_tensor(st["step"]):
-                    st["step"] = st["step"].clone()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 class CheckpointManager:
@@ -321,7 +306,8 @@ class CheckpointManager:
                 unwrap(model).load_state_dict(loaded["model"], strict=False)
                 if optimizer is not None:
                     optimizer.load_state_dict(loaded["optimizer"])
-                    _fix_optimizer_steps(optimizer)
+                    from megamoe.parallel_checkpoint import fix_optimizer_steps  # one `step` per param
+                    fix_optimizer_steps(optimizer)
         with open(os.path.join(path, "train_state.json")) as f:
             train_state = from_jsonable(json.load(f))
         rank_json = os.path.join(path, f"rank_{rank:05d}.json")
