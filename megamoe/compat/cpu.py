@@ -124,6 +124,10 @@ def apply() -> bool:
                 t.numpy() if as_numpy and torch.is_tensor(t) and not t.is_cuda else mv(t, as_numpy, record_stream))
 
     # gloo has no uneven all_gather / reduce_scatter (used when EP>1 and expert-TP>1)
+    if not (hasattr(mp, "_gather_along_first_dim") and hasattr(mp, "_reduce_scatter_along_first_dim")):
+        _applied = True  # a release without these internals: nothing more to patch
+        log.info("megamoe.compat.cpu: no GPU; megatron-core patched for CPU + gloo (no uneven-collective patch)")
+        return True
     ag, rs = mp._gather_along_first_dim, mp._reduce_scatter_along_first_dim
 
     def ag_uneven(x, group, output_split_sizes=None, use_global_buffer=False):
