@@ -421,7 +421,9 @@ def _dynamic_weights(cfg: TrainConfig, data, results: dict) -> dict:
 
 def export_final_model(ddp, mcfg, out_dir: str) -> str | None:
     """Write the trained model in our shard format (TP1/EP1) for tools/checkpoint_convert.py (world of one only;
-    after a model-parallel run, `--resume` its last checkpoint in a world of one, which reshards and writes it). Atomic: written to out_dir.tmp, renamed."""
+    after a model-parallel run, `--resume` its last checkpoint in a world of one, which reshards and writes it).
+    Written through checkpoint.shards.save_shards into out_dir.new, then swapped in: a failure leaves the previous
+    export intact."""
     import shutil
 
     import torch.distributed as dist
@@ -440,30 +442,14 @@ def export_final_model(ddp, mcfg, out_dir: str) -> str | None:
         return None
     if dist.get_rank() != 0:
         return None
-    from megamoe.checkpoint.layout import expected_names
-    from megamoe.checkpoint.shards import ShardWriter
-    model = unwrap(ddp)
-    own = model.state_dict()
-    names = expected_names(mcfg)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    def get(n):
-        return own[n]
-    dt = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-    w = ShardWriter(tmp, mcfg, ParallelConfig(tp=1, ep=1, etp=1), {n: dt[get(n).dtype] for n in names},
-                    info={"source": "megamoe.train"})
-    try:
-        for n in w.names:
-            w.write(n, get(n).detach().cpu().contiguous())
-        w.close()
-    except BaseException:
-        w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from megamoe.checkpoint.shards import save_shards
+    fresh = out_dir + ".new"              # the previous export (if any) stays until the new one is complete
+    shutil.rmtree(fresh, ignore_errors=True)
+    save_shards(fresh, mcfg, unwrap(ddp).state_dict(), ParallelConfig(tp=1, ep=1, etp=1),
+                info={"source": "megamoe.train"})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    os.rename(fresh, out_dir)
     log.info("final model written to %s (our shard format)", out_dir)
     return os.path.abspath(out_dir)
 
