@@ -84,8 +84,12 @@ def test_writer_matches_megatron_builder_bytes(tmp_path, dtype):
     assert sorted(os.listdir(tmp_path)) == ["ours.bin", "ours.idx", "ref.bin", "ref.idx"]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_hf_roundtrip_many_files_and_chunks(tmp_path, hf_dir, hf_tok, texts, workers):
+# (workers, max_threads): one thread; two native tokenizer threads in one process; two processes
+LAYOUTS = [(1, 4), (2, 4), (2, 1)]
+
+
+@pytest.mark.parametrize("workers,max_threads", LAYOUTS)
+def test_hf_roundtrip_many_files_and_chunks(tmp_path, hf_dir, hf_tok, texts, workers, max_threads):
     """JSONL over two files and a directory, cut into many small chunks, read back through megatron's reader,
     equals the HF tokenizer's own ids + EOS (and BOS first when asked), in input order."""
     from transformers import AutoTokenizer
@@ -96,8 +100,11 @@ def test_hf_roundtrip_many_files_and_chunks(tmp_path, hf_dir, hf_tok, texts, wor
     _write_jsonl(tmp_path / "dir" / "b.jsonl", texts[15:30], key="content")
     _write_jsonl(tmp_path / "dir" / "c.jsonl", texts[30:], key="content")
     prefix = str(tmp_path / "out" / "ds")
-    cfg = PreprocessConfig(json_key="content", workers=workers, chunk_bytes=3000, prepend_bos=True, progress=False)
+    cfg = PreprocessConfig(json_key="content", workers=workers, max_threads=max_threads, chunk_bytes=3000,
+                           prepend_bos=True, progress=False)
     s = preprocess([str(tmp_path / "a.jsonl"), str(tmp_path / "dir")], prefix, hf_tok, cfg)
+    assert s.layout == ("1 process, 1 tokenizer thread" if workers == 1 else
+                        "1 process, 2 tokenizer threads" if max_threads > 1 else "2 processes"), s.layout
     ds = _read(prefix)
     assert s.documents == len(texts) == len(ds)
     assert s.tokens == int(ds.sequence_lengths.sum())
@@ -110,14 +117,24 @@ def test_hf_roundtrip_many_files_and_chunks(tmp_path, hf_dir, hf_tok, texts, wor
 
 
 def test_workers_give_identical_files(tmp_path, hf_tok, texts):
+    """Every layout (threads, processes, both sides of the max_threads boundary) writes the same bytes."""
     _write_jsonl(tmp_path / "in.jsonl", texts * 3)
     outs = []
-    for w in (1, 2):
-        p = str(tmp_path / f"w{w}")
+    for w, mt in LAYOUTS + [(3, 2), (3, 4)]:
+        p = str(tmp_path / f"w{w}_{mt}")
         preprocess([str(tmp_path / "in.jsonl")], p, hf_tok,
-                   PreprocessConfig(workers=w, chunk_bytes=5000, progress=False))
+                   PreprocessConfig(workers=w, max_threads=mt, chunk_bytes=5000, progress=False))
         outs.append([open(p + e, "rb").read() for e in (".bin", ".idx")])
-    assert outs[0] == outs[1]
+    assert all(o == outs[0] for o in outs[1:])
+
+
+def test_layout_and_tokenizer_without_threads_gets_processes(hf_tok, texts):
+    assert PreprocessConfig(workers=2).layout(hf_tok) == (1, 2)
+    assert PreprocessConfig(workers=2, max_threads=1).layout(hf_tok) == (2, 1)
+    assert PreprocessConfig(workers=8).layout(hf_tok) == (8, 1)  # above max_threads: Megatron-style processes
+    assert PreprocessConfig(workers=2).layout(_BigVocab()) == (2, 1)  # encode_batch(texts) only
+    # the native threads give the same ids as one thread
+    assert hf_tok.encode_batch(texts, threads=2) == hf_tok.encode_batch(texts)
 
 
 def test_sentencepiece_roundtrip(tmp_path, texts):
@@ -132,12 +149,14 @@ def test_sentencepiece_roundtrip(tmp_path, texts):
     assert tok.kind == "sentencepiece" and tok.vocab_size == 400 and tok.eod == 2
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     _write_jsonl(tmp_path / "in.jsonl", texts)
-    prefix = str(tmp_path / "sp_ds")
-    preprocess([str(tmp_path / "in.jsonl")], prefix, tok, PreprocessConfig(progress=False))
-    ds = _read(prefix)
-    assert len(ds) == len(texts)
-    for i, t in enumerate(texts):
-        assert ds[i].tolist() == ref.encode(t) + [2]
+    for workers in (1, 2):  # one thread; two sentencepiece threads
+        prefix = str(tmp_path / f"sp_ds{workers}")
+        s = preprocess([str(tmp_path / "in.jsonl")], prefix, tok, PreprocessConfig(workers=workers, progress=False))
+        assert s.layout.endswith(f"{workers} tokenizer thread" + ("s" if workers > 1 else ""))
+        ds = _read(prefix)
+        assert len(ds) == len(texts)
+        for i, t in enumerate(texts):
+            assert ds[i].tolist() == ref.encode(t) + [2]
 
 
 class _BigVocab(TextTokenizer):
@@ -186,14 +205,15 @@ def _bad_file(path, bad: bytes, n_good_before=5, n_good_after=3):
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_LINES))
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bad_input_fail_names_file_line_and_leaves_nothing(tmp_path, hf_tok, reason, workers):
+@pytest.mark.parametrize("workers,max_threads", LAYOUTS)
+def test_bad_input_fail_names_file_line_and_leaves_nothing(tmp_path, hf_tok, reason, workers, max_threads):
     src = tmp_path / "in"
     src.mkdir()
     (src / "0_ok.jsonl").write_bytes(GOOD + b"\n" + GOOD + b"\n")
     line = _bad_file(src / "1_bad.jsonl", BAD_LINES[reason], n_good_before=40)
     out = tmp_path / "out"
-    cfg = PreprocessConfig(on_error="fail", workers=workers, chunk_bytes=200, progress=False)
+    cfg = PreprocessConfig(on_error="fail", workers=workers, max_threads=max_threads, chunk_bytes=200,
+                           progress=False)
     with pytest.raises(PreprocessError) as ei:
         preprocess([str(src)], str(out / "ds"), hf_tok, cfg)
     msg = str(ei.value)
@@ -353,5 +373,5 @@ def test_killed_worker_is_an_error_not_a_hang(tmp_path, hf_tok, texts):
     _write_jsonl(tmp_path / "in.jsonl", texts)
     with pytest.raises(PreprocessError, match=r"a worker process died while tokenizing .*in.jsonl, near bytes"):
         preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out" / "ds"), _DiesInWorker(hf_tok),
-                   PreprocessConfig(workers=2, chunk_bytes=4000, progress=False))
+                   PreprocessConfig(workers=2, max_threads=1, chunk_bytes=4000, progress=False))
     assert os.listdir(tmp_path / "out") == []

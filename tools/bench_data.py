@@ -5,7 +5,9 @@
    files as one dataset:
      - reference: a single-process loop as Megatron-LM writes it: read a line, json.loads, the HF tokenizer's
        `tok(text).input_ids` per document, append EOS, megatron-core's `IndexedDatasetBuilder.add_document`;
-     - `preprocess_data` (megamoe.data.preprocess) with 1 and with 2 workers.
+     - `preprocess_data` (megamoe.data.preprocess) with 1 and with 2 workers (the default layout: two native
+       tokenizer threads in one process), and with 2 worker processes (`--max-threads 1`, Megatron-LM's layout)
+       for comparison.
    The outputs are checked to be byte-identical to the reference's. Goal: >= 1.8x the reference with 2 workers.
 2. Blended sampling: DomainMixture.next_batch time per batch, and at the tiny model's micro-batch shape next to
    one training step (forward, backward, AdamW) of the tiny model (configs/tiny.yaml as is) on that batch.
@@ -70,13 +72,14 @@ def bench_preprocess(files, work, hf_dir, repeats):
         t, n_doc, n_tok = reference_loop(files, ref_prefix, hf_dir)
         rows.setdefault("reference (1 process, megatron builder)", []).append(t)
         cpu.setdefault("reference (1 process, megatron builder)", []).append(_cpu_seconds() - c0)
-        for w in (1, 2):
-            p = os.path.join(work, f"ours_w{w}_{r}")
+        for w, mt in ((1, 4), (2, 4), (2, 1)):
+            name = f"preprocess_data --workers {w}" + (" --max-threads 1" if mt == 1 else "")
+            p = os.path.join(work, f"ours_w{w}_{mt}_{r}")
             c0 = _cpu_seconds()
             t0 = time.perf_counter()
-            s = preprocess(files, p, tok, PreprocessConfig(workers=w, progress=False))
-            rows.setdefault(f"preprocess_data --workers {w}", []).append(time.perf_counter() - t0)
-            cpu.setdefault(f"preprocess_data --workers {w}", []).append(_cpu_seconds() - c0)
+            s = preprocess(files, p, tok, PreprocessConfig(workers=w, max_threads=mt, progress=False))
+            rows.setdefault(name, []).append(time.perf_counter() - t0)
+            cpu.setdefault(name, []).append(_cpu_seconds() - c0)
             for ext in (".bin", ".idx"):
                 if open(p + ext, "rb").read() != open(ref_prefix + ext, "rb").read():
                     raise SystemExit(f"MISMATCH: {p}{ext} differs from the reference output")
@@ -181,12 +184,12 @@ def main(argv=None) -> int:
         ref = min(rows["reference (1 process, megatron builder)"])
         print(f"\npreprocessing {n_doc:,} documents, {n_tok:,} tokens (outputs byte-identical to the reference); "
               f"best of {a.repeats}; load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cpus")
-        print(f"{'':44s} {'seconds':>8s} {'tokens/s':>11s} {'vs reference':>13s} {'cpu s':>7s}")
+        print(f"{'':46s} {'seconds':>8s} {'tokens/s':>11s} {'vs reference':>13s} {'cpu s':>7s}")
         figures = {"documents": n_doc, "tokens": n_tok, "corpus_mb": mb, "loadavg": [load0, load1]}
         for name, ts in rows.items():
             t = min(ts)
             c = min(cpu[name])
-            print(f"{name:44s} {t:8.2f} {n_tok / t:11,.0f} {ref / t:12.2f}x {c:7.2f}")
+            print(f"{name:46s} {t:8.2f} {n_tok / t:11,.0f} {ref / t:12.2f}x {c:7.2f}")
             figures[name] = {"seconds": t, "tokens_per_s": n_tok / t, "speedup": ref / t, "cpu_seconds": c}
         if load0 > os.cpu_count():
             print(f"warning: the machine was busy (load average {load0:.1f} > {os.cpu_count()} cpus): wall-clock "

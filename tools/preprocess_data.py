@@ -42,7 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--json-key", default="text", help="the JSON key holding the document text (default: text)")
     p.add_argument("--append-bos", action="store_true", help="prepend BOS to every document")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS (megatron expects it; rarely wanted)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="cores that tokenize (default: all). Up to --max-threads of them run as the tokenizer's "
+                        "native threads in one process, more as that many processes")
+    p.add_argument("--max-threads", type=int, default=4,
+                   help="largest --workers served by native tokenizer threads in one process (shared merge cache, "
+                        "no fork); 1 = always worker processes, Megatron-LM style (default: 4)")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="what a bad input line does")
     p.add_argument("--chunk-mb", type=float, default=8.0, help="input bytes per work item")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same prefix")
@@ -59,7 +64,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     cfg = PreprocessConfig(json_key=a.json_key, append_eos=not a.no_eos, prepend_bos=a.append_bos,
-                           workers=a.workers, on_error=a.on_error, chunk_bytes=int(a.chunk_mb * (1 << 20)),
+                           workers=a.workers, max_threads=a.max_threads, on_error=a.on_error, chunk_bytes=int(a.chunk_mb * (1 << 20)),
                            overwrite=a.overwrite, progress=not a.quiet)
     try:
         tok = load_tokenizer(a.tokenizer)

@@ -2,8 +2,10 @@
 
 `load_tokenizer(path)` returns a `TextTokenizer` with exactly what the data path needs:
 
-- `encode(text) -> list[int]` and `encode_batch(texts) -> list[list[int]]`, *without* special tokens
+- `encode(text) -> list[int]` and `encode_batch(texts, threads=1) -> list[list[int]]`, *without* special tokens
   (the preprocessor appends EOS, and BOS when asked, itself, so both tokenizer kinds behave the same);
+  `threads > 1` runs the batch on the tokenizer library's own native thread pool (Rust rayon for HF fast
+  tokenizers, C++ threads for sentencepiece), which shares one vocabulary and one merge cache between threads;
 - `vocab_size` (including added tokens), `eod` (the end-of-document id, i.e. EOS), `bos`, `pad`;
 - `unique_identifiers` (a dict), which megatron-core's `GPTDatasetConfig` hashes into its index-cache names.
 
@@ -15,12 +17,43 @@ The object is the duck-typed tokenizer megatron-core's GPT datasets accept (`voc
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Optional
 
 import numpy as np
 
-__all__ = ["TextTokenizer", "load_tokenizer", "token_dtype"]
+__all__ = ["TextTokenizer", "load_tokenizer", "token_dtype", "native_threads"]
+
+# The size the Rust (rayon) pool of the HF `tokenizers` library was started with by `native_threads`, in this
+# process: rayon reads RAYON_NUM_THREADS once, when its global pool starts, and the pool cannot be resized later.
+_RAYON_POOL: Optional[int] = None
+
+
+@contextlib.contextmanager
+def native_threads(n: int):
+    """Let HF fast tokenizers' batch calls inside the block run on `n` native threads (n == 1: sequential).
+
+    Sets TOKENIZERS_PARALLELISM (and RAYON_NUM_THREADS before the pool's first start) for the block and restores
+    both. Yields the thread count in force: after a first start the pool keeps its size, which is returned."""
+    global _RAYON_POOL
+    keys = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    try:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if n > 1 else "false"
+        if n > 1:
+            if _RAYON_POOL is None:
+                os.environ["RAYON_NUM_THREADS"] = str(n)
+                _RAYON_POOL = n
+            yield _RAYON_POOL
+        else:
+            yield 1
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -50,7 +83,9 @@ class TextTokenizer:
     def encode(self, text: str) -> List[int]:
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: List[str]) -> List[List[int]]:  # pragma: no cover - abstract
+    def encode_batch(self, texts: List[str], threads: int = 1) -> List[List[int]]:  # pragma: no cover - abstract
+        """Token ids of each text, without special tokens; `threads` native threads (see the module docstring;
+        the caller sets the HF thread pool up with `native_threads`)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -65,8 +100,10 @@ class TextTokenizer:
 class HFTokenizer(TextTokenizer):
     """A Hugging Face tokenizer directory (anything `AutoTokenizer.from_pretrained` loads).
 
-    With a fast tokenizer, encoding goes straight to the Rust `tokenizers.Tokenizer` (`encode_batch`), which is
-    several times cheaper per document than calling the Python wrapper once per text."""
+    With a fast tokenizer, encoding goes straight to the Rust `tokenizers.Tokenizer` (`encode_batch_fast`, which
+    skips the character offsets, where the installed version has it), several times cheaper per document than
+    calling the Python wrapper once per text. Its batch runs on rayon threads when TOKENIZERS_PARALLELISM is on
+    (`native_threads`)."""
 
     kind = "hf"
 
@@ -83,11 +120,17 @@ class HFTokenizer(TextTokenizer):
                              f"end-of-document token")
         self._tok = tok
         self._backend = getattr(tok, "backend_tokenizer", None)
+        self._batch = None
+        if self._backend is not None:
+            self._batch = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
         super().__init__(path, len(tok), eos, tok.bos_token_id, tok.pad_token_id)
 
-    def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        if self._backend is not None:
-            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: List[str], threads: int = 1) -> List[List[int]]:
+        if self._batch is not None:
+            if threads > 1:
+                with native_threads(threads):
+                    return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+            return [e.ids for e in self._batch(texts, add_special_tokens=False)]
         return [self._tok.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -109,8 +152,9 @@ class SentencePieceTokenizer(TextTokenizer):
         self._sp = sp
         super().__init__(path, sp.GetPieceSize(), sp.eos_id(), sp.bos_id(), sp.pad_id())
 
-    def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        return self._sp.Encode(list(texts))
+    def encode_batch(self, texts: List[str], threads: int = 1) -> List[List[int]]:
+        # explicit: sentencepiece's default (-1) is every core of the machine, in every worker process
+        return self._sp.Encode(list(texts), num_threads=max(1, threads))
 
 
 def load_tokenizer(path: str) -> TextTokenizer:
