@@ -57,6 +57,7 @@ setup(
         "accelerate",
         "pyyaml",
         "tqdm",
+        "xxhash",  # the source checksum in shard manifests (xxh3_128; sha256 is the fallback)
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],

@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", help="cast weights: float32 | bfloat16 | float16 (default: keep the source's)")
     h.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model*.bin when no safetensors exist, with torch.load(weights_only=True)")
-    h.add_argument("--no-checksum", action="store_true", help="skip the source sha256 in the manifest")
+    h.add_argument("--checksum", default=None, choices=["xxh3_128", "sha256"],
+                   help="source checksum recorded in the manifest (default xxh3_128; sha256 when the xxhash package "
+                        "is missing); computed on a second thread")
+    h.add_argument("--no-checksum", action="store_true", help="skip the source checksum in the manifest")
     common(h)
 
     m = sub.add_parser("moe-to-hf", help="LLaMA-MoE shards -> HF directory (Mixtral or llama-moe v1)",
@@ -185,7 +188,23 @@ def _calibration(args) -> dict | None:
             "clusters": args.clusters, "expert_size": args.expert_size, "residual_size": args.residual_size}
 
 
+def _early_hasher(args):
+    """hf-to-moe: start the source checksum before torch is imported (importing torch takes about a second of one
+    core; the hash runs on the other). None when there is nothing to hash or the algorithm is unavailable."""
+    if args.cmd != "hf-to-moe" or args.no_checksum or not os.path.isdir(args.src):
+        return None
+    from megamoe.checkpoint.checksum import BackgroundHasher, weight_files  # torch-free
+    files = weight_files(args.src)
+    if not files:
+        return None
+    try:
+        return BackgroundHasher(files, args.checksum)
+    except ValueError:
+        return None  # hf_to_moe reports it
+
+
 def run(args) -> dict | None:
+    hasher = _early_hasher(args)
     from megamoe.checkpoint import convert
     if args.cmd == "hf-to-moe":
         layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else None
@@ -195,7 +214,8 @@ def run(args) -> dict | None:
             score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=layers, seed=args.seed,
             tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
             guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
-            checksum=not args.no_checksum, calibration=_calibration(args))
+            checksum=False if args.no_checksum else (args.checksum or True), calibration=_calibration(args),
+            hasher=hasher)
     if args.cmd == "moe-to-hf":
         return convert.moe_to_hf(args.src, args.out, args.format, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                                  tolerance=args.tolerance, guard_tokens=args.guard_tokens, progress=not args.quiet)

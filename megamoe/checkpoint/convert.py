@@ -27,25 +27,28 @@ Each returns a summary dict (experts, sizes, active/total parameters, bytes, sec
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, MoEConfig, ModelConfig, ParallelConfig
 from . import llama_moe_v1 as v1
 from . import mixtral as mx
-from .buffers import Arena, slot_of
-from .forward import Forward, reference_logits
+from .buffers import Arena
+from .forward import Forward, SplitWeight, reference_logits
 from .guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from .hf_dir import HFDir, read_json
 from .hf_writer import HFWriter, write_json
 from .layout import expected_names, expected_shape, hf_llama_to_ours_name
-from .safetensors_io import DTYPES, BackgroundHasher, CheckpointError
+from .checksum import BackgroundHasher, resolve as checksum_resolve
+from .safetensors_io import DTYPES, CheckpointError
 from .shards import MANIFEST, ShardWriter, ShardedCheckpoint, is_shard_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -289,15 +292,27 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
               score_scale: float | None = None, gate_init: str = "random", moe_layers=None, seed: int = 0,
               tp: int = 1, ep: int = 1, etp: int = 1, dtype: str | None = None,
               tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
-              allow_pickle: bool = False, checksum: bool = True, calibration: dict | None = None) -> dict:
+              allow_pickle: bool = False, checksum: bool | str = True, calibration: dict | None = None,
+              hasher: BackgroundHasher | None = None) -> dict:
     """Dense HF LLaMA -> LLaMA-MoE shards (construct), or llama-moe v1 / Mixtral -> shards (import).
-    `calibration`: see make_partitions (needed by the coactivation, gradient and sharing methods)."""
+    `calibration`: see make_partitions (needed by the coactivation, gradient and sharing methods).
+    `checksum`: True (xxh3_128, or sha256 without the xxhash package), an algorithm name ("xxh3_128", "sha256"), or
+    False. `hasher`: a `checksum.BackgroundHasher` already started on the source's weight files (the CLI starts it
+    before importing torch); used when it hashes exactly `hf.files` with the requested algorithm."""
     t0 = time.time()
     src = resolve_source(src)
     check_output(os.path.abspath(out))
+    try:
+        algorithm = checksum_resolve(None if checksum is True else checksum) if checksum else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     hf = HFDir(src, allow_pickle=allow_pickle)
     kind = source_kind(hf)
-    hasher = BackgroundHasher(hf.files) if checksum else None
+    if hasher is not None and (algorithm is None or hasher.algorithm != algorithm
+                               or [os.path.abspath(p) for p in hasher.paths] != [os.path.abspath(p) for p in hf.files]):
+        hasher = None  # started on other files or with another algorithm: let it finish unused
+    if algorithm is not None and hasher is None:
+        hasher = BackgroundHasher(hf.files, algorithm)
     try:
         if kind == "llama":
             return _construct(hf, out, t0, hasher, num_experts=num_experts, top_k=top_k, method=method,
@@ -316,8 +331,14 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
 
 
 def _source_info(hf: HFDir, kind: str, hasher) -> dict:
-    sums = hasher.result() if hasher is not None else {}
-    return {"path": os.path.abspath(hf.path), "format": kind, "sha256": sums, "bytes": hf.nbytes()}
+    """The manifest's `source`: path, format, bytes and `checksum` {"algorithm", "files": {file: hexdigest}}
+    (sha256 digests also under the `sha256` key that earlier manifests used; see checksum.manifest_checksums)."""
+    d = {"path": os.path.abspath(hf.path), "format": kind, "bytes": hf.nbytes()}
+    if hasher is not None:
+        d["checksum"] = hasher.info()
+        if d["checksum"]["algorithm"] == "sha256":
+            d["sha256"] = d["checksum"]["files"]
+    return d
 
 
 def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partitions_dir, router, gate_network,
@@ -348,10 +369,12 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
     report = GuardReport()
 
     guard = guard_tokens > 0
-    with staged_output(out) as tmp:
+    with staged_output(out) as tmp, _no_gc(), _torch_threads(1):
         info = {"partition": {"method": method, "seed": seed, "gate_init": gate_init,
                               "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values())}}
-        w = ShardWriter(tmp, cfg, par, dtypes, info)
+        # the bytes go out on a background thread (file writes release the GIL) while this thread gathers the next
+        # experts and runs the guard's source pass on the same memory-mapped weights
+        w = ShardWriter(tmp, cfg, par, dtypes, info, threads=WRITE_THREADS)
         bar = tqdm(total=w.nbytes, desc="hf-to-moe", unit="B", unit_scale=True, disable=not progress)
         arena = Arena()
         # one pass, two rows: row 0 the dense source (every neuron weight 1), row 1 the conversion's real routing
@@ -372,7 +395,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             emb = read("embed.weight")
             emit("embed.weight", emb)
             if guard:
-                f_src.embed({"embed.weight": emb.float()}.__getitem__)
+                f_src.embed({"embed.weight": emb}.__getitem__)
+            done_before = w.mark()
             for i in range(cfg.num_layers):
                 src = {n: read(n) for n in _layer_names(key_of, i)}
                 pre = f"layers.{i}.mlp."
@@ -380,34 +404,23 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                     g, u, d = (src[pre + x] for x in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
                     gen = torch.Generator().manual_seed(seed * 100003 + i)  # build_moe's per-layer convention
                     src.update(router_state(pre, H, E, cfg.moe, gate_init, cents.get(i), g.dtype, gen))
-                    part = parts[i]
-                    blocks = {f"experts.{e}": idx for e, idx in enumerate(part.experts)}
-                    if part.residual:
-                        blocks["shared"] = part.residual
+                    # every block's neurons back to back: rows of gate/up, columns of down, gathered once per
+                    # layer into buffers that alternate between layers (the previous layer may still be writing)
+                    cut = _gather_experts(parts[i], g, u, d, arena, f"{i % 2}")
                 for n in _layer_names(w.names, i):
                     t = src.get(n)
-                    if t is None:  # an expert (or shared) tensor: rows of gate/up, columns of down
+                    if t is None:  # an expert (or shared) tensor: a slice of the gathered matrices
                         block, proj = n[len(pre):].rsplit(".", 2)[0], n.rsplit(".", 2)[1]
-                        ix = torch.as_tensor(blocks[block], dtype=torch.long)
-                        dense_t = {"gate_proj": g, "up_proj": u, "down_proj": d}[proj]
-                        dim = 1 if proj == "down_proj" else 0
-                        shape = list(dense_t.shape)
-                        shape[dim] = len(ix)
-                        t = torch.index_select(dense_t, dim, ix, out=arena.empty("cut." + proj, shape, dense_t.dtype))
+                        t = cut[block][proj]
                     elif t.dtype != DTYPES[dtypes[n]]:
                         t = t.to(DTYPES[dtypes[n]])
                     emit(n, t)
+                layer_done = w.mark()
                 if guard:
-                    cache = {}
-
-                    def g32(n, src=src, cache=cache):
-                        if n not in cache:
-                            cache[n] = arena.f32("f32." + slot_of(n), src[n])
-                        return cache[n]
-
-                    f_src.layer(i, g32)
+                    f_src.layer(i, src.__getitem__)  # the stored dtype; the forward converts blocks to fp32
                 del src
-            arena.clear()  # the layer buffers are done: free them before the head
+                w.wait(done_before)  # at most two layers in flight: bounds memory, frees this parity's buffers
+                done_before = layer_done
             tail = {"norm.weight": read("norm.weight"), "embed.weight": emb}
             emit("norm.weight", tail["norm.weight"])
             if not cfg.tie_word_embeddings:
@@ -418,6 +431,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                 dense_logits, mem_logits = lg[: ids.shape[0]], lg[ids.shape[0]:]
             del tail, emb
             w.close()
+            arena.clear()
             bar.close()
         except BaseException:
             w.abort()
@@ -452,6 +466,64 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                      "source": hf.path})
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """No cyclic garbage collection while streaming: the writes create many short-lived buffer views, which would
+    trigger collections that walk every object torch created (several % of the conversion); nothing here makes
+    cycles that must be freed before the end."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch intra-op threads for the guard's small matmuls. One: the conversion already keeps both cores busy
+    (writer thread + gather/guard), and OpenMP workers that spin-wait for a busy core cost up to 4x the CPU time
+    on a shared machine (measured: 31 s instead of 8.6 s user for the 8-layer bench)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+WRITE_THREADS = 1  # background writer threads of hf-to-moe (the main thread gathers and runs the guard meanwhile)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _gather_experts(part, g, u, d, arena: Arena, slot: str) -> dict:
+    """{block: {"gate_proj", "up_proj", "down_proj": tensor}} for the experts (`experts.{e}`) and the residual
+    block (`shared`) of partition `part`: all blocks' neurons are gathered back to back with one index_select of
+    the rows of gate/up and one gather of the columns of down, into arena slots named after `slot`; each block's
+    tensors are views (gate/up: row ranges, contiguous; down: column ranges, rows contiguous)."""
+    blocks = [(f"experts.{e}", idx) for e, idx in enumerate(part.experts)]
+    if part.residual:
+        blocks.append(("shared", part.residual))
+    order = torch.as_tensor([int(j) for _, idx in blocks for j in idx], dtype=torch.long)
+    n = len(order)
+    G = torch.index_select(g, 0, order, out=arena.empty(f"cut.gate.{slot}", [n, g.shape[1]], g.dtype))
+    U = torch.index_select(u, 0, order, out=arena.empty(f"cut.up.{slot}", [n, u.shape[1]], u.dtype))
+    D = arena.empty(f"cut.down.{slot}", [d.shape[0], n], d.dtype)
+    it = _INT_OF_SIZE.get(d.element_size())
+    if it is not None and d.is_contiguous():
+        # numpy's take is about 2x torch's index_select along dim 1, and releases the GIL
+        np.take(d.view(it).numpy(), order.numpy(), axis=1, out=D.view(it).numpy())
+    else:
+        torch.index_select(d, 1, order, out=D)
+    cut, a = {}, 0
+    for name, idx in blocks:
+        b = a + len(idx)
+        cut[name] = {"gate_proj": G[a:b], "up_proj": U[a:b], "down_proj": D[:, a:b]}
+        a = b
+    return cut
+
+
 def _dense_mlp_name(n: str) -> str:
     """The dense tensor an MoE tensor is cut from (for its dtype)."""
     parts = n.split(".")
@@ -461,27 +533,21 @@ def _dense_mlp_name(n: str) -> str:
 
 
 def _shard_logits(ck: ShardedCheckpoint, ids, progress, both=False):
-    """Logits from the written shards: real routing (and, with both=True, first the all-experts identity). Each
-    tensor is read and converted to fp32 once, into reused buffers; the two variants run as two rows of one batch."""
+    """Logits from the written shards: real routing (and, with both=True, first the all-experts identity). Every
+    tensor is used straight from the memory-mapped shard files, part by part (the forward converts blocks of rows
+    to fp32 in a small buffer: no full-size fp32 copy); the two variants run as two rows of one batch."""
     cfg = ck.config
     n = ids.shape[0]
     f = Forward(cfg, ids.repeat(2, 1), row_modes=["identity"] * n + ["routed"] * n) if both else Forward(cfg, ids)
-    arena = Arena()
-    f.embed({"embed.weight": ck.get("embed.weight").float()}.__getitem__)
+
+    def get(name):
+        pieces, dim = ck.map_parts(name)
+        return pieces[0] if len(pieces) == 1 else SplitWeight(pieces, dim)
+
+    f.embed(get)
     for i in tqdm(range(cfg.num_layers), desc="verify", disable=not progress, unit="layer"):
-        cache = {}
-
-        def g32(name, cache=cache):
-            if name not in cache:
-                cache[name] = ck.read_into(name, arena.empty("f32." + slot_of(name), ck.shape(name), torch.float32))
-            return cache[name]
-
-        f.layer(i, g32)
-        del cache
-    arena.clear()
-    tail = {k: ck.get(k).float() for k in ("norm.weight", "lm_head.weight") if k in ck.tensors}
-    tail["embed.weight"] = ck.get("embed.weight").float() if cfg.tie_word_embeddings else None
-    logits = f.head(tail.__getitem__)
+        f.layer(i, get)
+    logits = f.head(get)
     return [logits[:n], logits[n:]] if both else logits
 
 

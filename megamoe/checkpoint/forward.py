@@ -50,6 +50,57 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv.float()
 
 
+class SplitWeight:
+    """A weight stored as pieces along `dim` (e.g. the TP parts of a shard, each memory-mapped): `_lin` multiplies
+    piece by piece, so the full matrix is never assembled."""
+
+    def __init__(self, pieces, dim: int):
+        self.pieces, self.dim = list(pieces), dim
+        shape = list(self.pieces[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in self.pieces)
+        self.shape = torch.Size(shape)
+        self.dtype = self.pieces[0].dtype
+
+    def float(self) -> torch.Tensor:
+        return torch.cat([p.float() for p in self.pieces], dim=self.dim)
+
+
+BLOCK_BYTES = 4 << 20  # fp32 bytes of weight converted per block: stays in cache (fastest of 0.25-16 MB here)
+
+
+def _lin(x: torch.Tensor, w) -> torch.Tensor:
+    """F.linear(x, w.float()) for a weight of any float dtype, without materialising w in fp32: a low-precision
+    weight is converted block of rows by block into a small cached buffer and multiplied there (exact conversion,
+    fp32 arithmetic: equal to F.linear on the fp32 weight up to summation order)."""
+    if isinstance(w, SplitWeight):
+        if w.dim == 0:
+            return torch.cat([_lin(x, p) for p in w.pieces], dim=-1)
+        out, a = None, 0
+        for p in w.pieces:
+            y = _lin(x[..., a:a + p.shape[1]], p)
+            out = y if out is None else out + y
+            a += p.shape[1]
+        return out
+    if w.dtype == torch.float32:
+        return F.linear(x, w)
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    rows = max(1, BLOCK_BYTES // (4 * K))
+    if rows >= N:
+        return F.linear(x, w.float())
+    out_t = torch.empty(N, x2.shape[0])
+    buf = torch.empty(rows, K)
+    xt = x2.t()
+    for i in range(0, N, rows):
+        n = min(rows, N - i)
+        torch.mm(buf[:n].copy_(w[i:i + n]), xt, out=out_t[i:i + n])
+    return out_t.t().reshape(*x.shape[:-1], N)
+
+
+def _vec(w) -> torch.Tensor:
+    return w.float()
+
+
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -60,7 +111,7 @@ def _rot(x):
 
 
 def _swiglu(x, g, u, d):
-    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+    return _lin(F.silu(_lin(x, g)) * _lin(x, u), d)
 
 
 class Forward:
@@ -104,24 +155,26 @@ class Forward:
 
     @torch.no_grad()
     def embed(self, get):
-        self.x = F.embedding(self.ids, get("embed.weight").float())
+        self.x = _embed(get("embed.weight"), self.ids)
 
     @torch.no_grad()
     def layer(self, i: int, get):
+        """`get(name)` may return weights in any float dtype (memory-mapped ones included) or SplitWeight pieces:
+        they are used in fp32 without an fp32 copy of the whole matrix."""
         cfg, x = self.cfg, self.x
-        w = lambda n: get(n).float()  # noqa: E731
+        w = get
         B, S = self.ids.shape
         H, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_head
         p = f"layers.{i}."
-        h = _rms(x, w(p + "attn_norm.weight"), cfg.rms_norm_eps)
-        q = F.linear(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
-        k = F.linear(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
-        v = F.linear(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+        h = _rms(x, _vec(w(p + "attn_norm.weight")), cfg.rms_norm_eps)
+        q = _lin(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
+        k = _lin(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+        v = _lin(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
         q, k = q * self.cos + _rot(q) * self.sin, k * self.cos + _rot(k) * self.sin
         k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + F.linear(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
-        h = _rms(x, w(p + "mlp_norm.weight"), cfg.rms_norm_eps)
+        x = x + _lin(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
+        h = _rms(x, _vec(w(p + "mlp_norm.weight")), cfg.rms_norm_eps)
         mi = cfg.moe_index(i)
         if mi is None:
             x = x + _swiglu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
@@ -131,8 +184,8 @@ class Forward:
             member, res = self.masks[i]
             m = router_weights(cfg, mi, p, w, h2) @ member + res
             m[self.identity_rows] = 1.0
-            a = F.silu(F.linear(h2, w(p + "mlp.gate_proj.weight"))) * F.linear(h2, w(p + "mlp.up_proj.weight"))
-            x = x + F.linear(a * m, w(p + "mlp.down_proj.weight")).view(B, S, H)
+            a = F.silu(_lin(h2, w(p + "mlp.gate_proj.weight"))) * _lin(h2, w(p + "mlp.up_proj.weight"))
+            x = x + _lin(a * m, w(p + "mlp.down_proj.weight")).view(B, S, H)
         else:
             x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.identity_rows).view(B, S, H)
         self.x = x
@@ -140,9 +193,25 @@ class Forward:
     @torch.no_grad()
     def head(self, get) -> torch.Tensor:
         cfg = self.cfg
-        x = _rms(self.x, get("norm.weight").float(), cfg.rms_norm_eps)
+        x = _rms(self.x, _vec(get("norm.weight")), cfg.rms_norm_eps)
         head = get("embed.weight") if cfg.tie_word_embeddings else get("lm_head.weight")
-        return F.linear(x, head.float())
+        return _lin(x, head)
+
+
+def _embed(table, ids: torch.Tensor) -> torch.Tensor:
+    """F.embedding(ids, table.float()), converting only the looked-up rows (table: tensor or SplitWeight on dim 0)."""
+    if isinstance(table, SplitWeight):
+        if table.dim != 0:
+            return F.embedding(ids, table.float())
+        out = torch.empty(*ids.shape, table.shape[1])
+        a = 0
+        for p in table.pieces:
+            sel = (ids >= a) & (ids < a + p.shape[0])
+            if bool(sel.any()):
+                out[sel] = p[ids[sel] - a].float()
+            a += p.shape[0]
+        return out
+    return table[ids].float()
 
 
 def reference_logits(cfg: ModelConfig, get: Callable[[str], torch.Tensor], ids: torch.Tensor,
@@ -159,9 +228,9 @@ def router_weights(cfg: ModelConfig, mi: int, p: str, w, h: torch.Tensor) -> tor
     """Dense [T, E] combine weights (zeros for unselected experts), score scale included."""
     m = cfg.moe
     if m.gate_network == "linear":
-        logits = F.linear(h, w(p + "mlp.router.gate.weight"))
+        logits = _lin(h, w(p + "mlp.router.gate.weight"))
     else:
-        logits = F.linear(torch.tanh(F.linear(h, w(p + "mlp.router.gate.0.weight"))), w(p + "mlp.router.gate.2.weight"))
+        logits = _lin(torch.tanh(_lin(h, w(p + "mlp.router.gate.0.weight"))), w(p + "mlp.router.gate.2.weight"))
     dense = torch.zeros_like(logits)
     if m.router == "topk_noisy":
         top, idx = logits.topk(m.top_k, dim=-1)

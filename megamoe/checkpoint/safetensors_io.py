@@ -240,12 +240,25 @@ class StreamingWriter:
             header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((-len(raw)) % align)  # pad so tensor data starts aligned (the reference writer does too)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            head = struct.pack("<Q", len(raw)) + raw
+            _pwrite_all(self._fd, memoryview(head), 0, path)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+        self.data_start = len(head)
+        self._offsets = {name: self.data_start + h["data_offsets"][0] for name, h in header.items()
+                         if name != "__metadata__"}
         self._next = 0
 
-    def write(self, name: str, tensor: torch.Tensor):
+    def write(self, name: str, tensor: torch.Tensor, submit=None):
+        """Write `tensor` (any strides) as planned tensor `name`. With `submit` (e.g. an executor's `submit`) the
+        bytes are written by `submit(fn, ...)` and its result (a future) is returned: the caller must keep `tensor`
+        unchanged until it is done. Each tensor goes to its own planned offset, so jobs may finish in any order."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path}: {name!r} written after close")
         if self._next >= len(self.order):
             raise RuntimeError(f"{self.path}: {name!r} written but every planned tensor is already written")
         want, dt, shape = self.order[self._next]
@@ -254,24 +267,104 @@ class StreamingWriter:
         if list(tensor.shape) != shape or NAMES.get(tensor.dtype) != dt:
             raise RuntimeError(f"{self.path}: tensor {name!r} is {NAMES.get(tensor.dtype)} {list(tensor.shape)}, "
                                f"planned {dt} {shape}")
-        write_tensor_bytes(self._f, tensor)
         self._next += 1
+        offset = self._offsets[name]
+        if submit is None:
+            write_tensor_at(self._fd, offset, tensor, self.path)
+            return None
+        return submit(write_tensor_at, self._fd, offset, tensor, self.path)
 
     def close(self):
-        if self._f is None:
+        """Check that every planned tensor was written and close the file (pending `submit` jobs must be done)."""
+        if self._fd is None:
             return
         try:
             if self._next != len(self.order):
                 raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self.order)} planned tensors "
                                    f"(next: {self.order[self._next][0]!r})")
         finally:
-            self._f.close()
-            self._f = None
+            os.close(self._fd)
+            self._fd = None
 
     def abort(self):
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+WRITE_CHUNK = 1 << 20  # bytes per write call: large enough to amortise the call, small enough to stay in cache
+IOV_MAX = 1024
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, path: str = "") -> int:
+    """Write all of `view` at `offset` in WRITE_CHUNK pieces (a partial write is continued)."""
+    n, done = len(view), 0
+    while done < n:
+        k = os.pwrite(fd, view[done:done + WRITE_CHUNK], offset + done)
+        if k <= 0:
+            raise OSError(f"{path}: short write at byte {offset + done}")
+        done += k
+    return n
+
+
+def _pwritev_all(fd: int, views: list, offset: int, path: str = "") -> int:
+    """Write the buffers `views` back to back at `offset`, up to IOV_MAX per call (partial writes continued)."""
+    total = 0
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_MAX]
+        want = sum(len(v) for v in batch)
+        k = os.pwritev(fd, batch, offset + total)
+        if k == want:
+            total += k
+            i += len(batch)
+            continue
+        if k <= 0:
+            raise OSError(f"{path}: short write at byte {offset + total}")
+        # partial: finish this batch buffer by buffer
+        for v in batch:
+            if k >= len(v):
+                k -= len(v)
+                total += len(v)
+                continue
+            total += k
+            total += _pwrite_all(fd, v[k:], offset + total, path)
+            k = 0
+        i += len(batch)
+    return total
+
+
+def _byte_rows(t: torch.Tensor):
+    """For a 2-D tensor whose rows are each contiguous (stride(1) == 1; e.g. a column block of a row-major matrix):
+    (flat uint8 memoryview spanning it, row stride in bytes, row length in bytes), else None."""
+    if t.dim() != 2 or t.stride(1) != 1 or t.shape[0] == 0 or t.shape[1] == 0:
+        return None
+    es = t.element_size()
+    rows, row_bytes, stride = t.shape[0], t.shape[1] * es, t.stride(0) * es
+    span = stride * (rows - 1) + row_bytes
+    flat = torch.as_strided(t, (span // es,), (1,))  # same storage, from the first element
+    return memoryview(flat.view(torch.uint8).numpy()), stride, row_bytes, rows
+
+
+def write_tensor_at(fd: int, offset: int, tensor: torch.Tensor, path: str = "") -> int:
+    """Write the raw (little-endian, C-order) bytes of `tensor` at byte `offset` of the open file `fd`.
+
+    Contiguous tensors (including memory-mapped source tensors: the kernel copies straight from the page cache)
+    go out in large writes; a 2-D tensor whose rows are contiguous (a column slice) goes out row by row in one
+    gathered `pwritev` per IOV_MAX rows, without a contiguous copy; anything else is copied first."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 0:
+        return 0
+    if not t.is_contiguous():
+        rows = _byte_rows(t)
+        if rows is not None:
+            flat, stride, row_bytes, n = rows
+            return _pwritev_all(fd, [flat[r * stride:r * stride + row_bytes] for r in range(n)], offset, path)
+        t = t.contiguous()
+    # a uint8 view of the storage: no copy, works for bf16/fp8 that numpy lacks
+    return _pwrite_all(fd, memoryview(t.view(-1).view(torch.uint8).numpy()), offset, path)
 
 
 def write_tensor_bytes(f, tensor: torch.Tensor):
@@ -297,25 +390,4 @@ def sha256_file(path: str, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-class BackgroundHasher:
-    """sha256 of several files in a background thread (hashlib releases the GIL), so the source checksum costs
-    no wall time when a second core is free. `result()` joins and returns {basename: hexdigest}."""
-
-    def __init__(self, paths):
-        self.paths = list(paths)
-        self._out, self._err = {}, None
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        try:
-            for p in self.paths:
-                self._out[os.path.basename(p)] = sha256_file(p)
-        except BaseException as e:  # reported by result()
-            self._err = e
-
-    def result(self) -> dict:
-        self._t.join()
-        if self._err is not None:
-            raise self._err
-        return dict(self._out)
+from .checksum import BackgroundHasher  # noqa: E402,F401  (moved: torch-free, several algorithms)

@@ -22,6 +22,7 @@ The trainer loads its rank's slice, whatever layout the checkpoint was written w
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -82,10 +83,18 @@ class ShardWriter:
 
     `dtypes` maps every name of `expected_names(cfg)` to a safetensors dtype string (e.g. "BF16").
     `info` goes into the manifest verbatim (partition method, source checksum, ...).
+
+    Tensors may have any strides: a slice whose rows are contiguous (o_proj/down_proj column halves, an expert's
+    column block) is written row by row with gathered writes, without a contiguous copy. With `threads` > 0 the
+    bytes are written by that many background threads (file I/O releases the GIL): `write` returns at once and
+    the caller must leave the tensor unchanged until `wait(w.mark())` returned past it (or `close`); `pending_bytes`
+    and `wait` bound how much is in flight. Errors of a background write are raised by the next call.
     """
 
-    def __init__(self, out_dir: str, cfg: ModelConfig, par: ParallelConfig, dtypes: dict, info: dict | None = None):
+    def __init__(self, out_dir: str, cfg: ModelConfig, par: ParallelConfig, dtypes: dict, info: dict | None = None,
+                 threads: int = 0):
         par.validate(cfg)
+        self._pool, self._jobs, self.writers = None, collections.deque(), {}
         self.out_dir, self.cfg, self.par, self.info = out_dir, cfg, par, info or {}
         self.names = expected_names(cfg)
         missing = [n for n in self.names if n not in dtypes]
@@ -118,7 +127,30 @@ class ShardWriter:
             raise
         self.nbytes = sum(w.total for w in self.writers.values())
         self._i = 0
-        self._scratch = Arena()  # contiguous copies of column slices, reused across layers
+        self._serial = 0  # self._jobs: (serial, nbytes, future) of background writes
+        if threads > 0:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="megamoe-shard-writer")
+
+    # ---- background writes ----
+    def mark(self) -> int:
+        """A marker for 'everything submitted so far' (see wait)."""
+        return self._serial
+
+    @property
+    def pending_bytes(self) -> int:
+        self._reap()
+        return sum(n for _, n, _ in self._jobs)
+
+    def _reap(self, upto: int | None = None):
+        while self._jobs and (self._jobs[0][2].done() or (upto is not None and self._jobs[0][0] < upto)):
+            _, _, fut = self._jobs.popleft()
+            fut.result()  # raises the job's error
+
+    def wait(self, mark: int | None = None):
+        """Block until every write submitted before `mark` (default: all) is on its way to disk (in the page
+        cache); raise the first error of a background write."""
+        self._reap(self._serial if mark is None else mark)
 
     def write(self, name: str, tensor: torch.Tensor):
         if self._i >= len(self.names) or name != self.names[self._i]:
@@ -128,18 +160,22 @@ class ShardWriter:
         if list(tensor.shape) != e["shape"]:
             raise CheckpointError(f"{name}: shape {list(tensor.shape)}, the config implies {e['shape']}")
         parts = e["parts"]
-        if e["dim"] is None:
-            self.writers[parts[0]].write(name, tensor)
-        else:
-            for f, piece in zip(parts, tensor.chunk(len(parts), dim=e["dim"])):
-                if not piece.is_contiguous():
-                    piece = self._scratch.empty(f"{list(piece.shape)}", piece.shape, piece.dtype).copy_(piece)
-                self.writers[f].write(name, piece)
+        if self._jobs:
+            self._reap()
+        pieces = [tensor] if e["dim"] is None else tensor.chunk(len(parts), dim=e["dim"])
+        submit = self._pool.submit if self._pool is not None else None
+        for f, piece in zip(parts, pieces):
+            fut = self.writers[f].write(name, piece, submit)
+            if fut is not None:
+                self._jobs.append((self._serial, piece.numel() * piece.element_size(), fut))
+        self._serial += 1
         self._i += 1
 
     def close(self) -> str:
         if self._i != len(self.names):
             raise RuntimeError(f"ShardWriter: closed after {self._i} of {len(self.names)} tensors")
+        self.wait()
+        self._shutdown()
         for w in self.writers.values():
             w.close()
         manifest = {
@@ -155,7 +191,14 @@ class ShardWriter:
             json.dump(manifest, f, indent=1)
         return path
 
+    def _shutdown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def abort(self):
+        self._shutdown()  # no background write may touch a file after it is closed
+        self._jobs.clear()
         for w in self.writers.values():
             w.abort()
 
@@ -246,6 +289,14 @@ class ShardedCheckpoint:
         for i, f in enumerate(e["parts"]):
             out.narrow(dim, i * size, size).copy_(self.readers[f].map(name))
         return out
+
+    def map_parts(self, name: str):
+        """The stored parts of `name`, memory-mapped (copy-on-write, no read copy: see SafetensorsReader.map), and
+        the dim they split the full tensor along (None for a tensor stored whole)."""
+        e = self.tensors.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        return [self.readers[f].map(name) for f in e["parts"]], e["dim"]
 
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Indices [start, stop) of the tensor along its split dim, reading only the parts that overlap."""
