@@ -275,3 +275,28 @@ def test_fp16_conversion_is_bit_exact_and_matches_the_torch_reference(dense16, t
             assert torch.equal(got[k], state[k].to(torch.float16)), k
         else:
             assert torch.equal(got[k], state[k]), k
+
+
+def test_in_kernel_copy_of_source_bytes_and_its_fallback(tmp_path, monkeypatch):
+    """Tagged source maps are copied file to file (copy_file_range); a closed reader falls back to the memory."""
+    from megamoe.checkpoint import safetensors_io
+    from megamoe.checkpoint.safetensors_io import SafetensorsReader, copy_range_at
+    t = torch.arange(4096, dtype=torch.int16).view(64, 64)
+    save_file({"x": t}, str(tmp_path / "src.safetensors"))
+    r = SafetensorsReader(str(tmp_path / "src.safetensors"))
+    m = r.map("x")
+    start, n = r.file_range("x")
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(safetensors_io.os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+    for i, reader in enumerate((r, None)):
+        fd = os.open(tmp_path / f"out{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if reader is None:
+                r.close()
+                reader = r
+            assert copy_range_at(fd, 3, reader, start + 64 * 2 * 10, m[10:20]) == 20 * 64 * 2
+        finally:
+            os.close(fd)
+        assert (tmp_path / f"out{i}").read_bytes()[3:] == t[10:20].numpy().tobytes()
+    assert len(calls) == 1  # the open reader went through the kernel copy, the closed one did not

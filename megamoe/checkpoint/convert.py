@@ -42,14 +42,14 @@ from ..config import ConfigError, MoEConfig, ModelConfig, ParallelConfig
 from . import llama_moe_v1 as v1
 from . import mixtral as mx
 from .buffers import Arena
-from .forward import Forward, SplitWeight, reference_logits
+from .forward import Forward, SplitWeight, reference_logits, two_threads
 from .guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from .hf_dir import HFDir, read_json
 from .hf_writer import HFWriter, write_json
 from .layout import expected_names, expected_shape, hf_llama_to_ours_name
 from .checksum import BackgroundHasher, resolve as checksum_resolve
 from .safetensors_io import DTYPES, CheckpointError
-from .shards import MANIFEST, ShardWriter, ShardedCheckpoint, is_shard_dir
+from .shards import FILE_SOURCE, MANIFEST, ShardWriter, ShardedCheckpoint, is_shard_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
@@ -383,10 +383,17 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
         H = cfg.hidden_size
         try:
             def read(n):
-                """Source tensor `n` (our name), memory-mapped (no read copy), cast to the output dtype."""
+                """Source tensor `n` (our name), memory-mapped (no read copy), cast to the output dtype. An uncast
+                map is tagged with its place in the source file: the writer then copies those bytes file to file
+                in the kernel (nothing here modifies a source tensor)."""
                 t = hf.map(key_of[n])
                 want = DTYPES[dtype] if dtype else t.dtype
-                return t if t.dtype == want else t.to(want)
+                if t.dtype != want:
+                    return t.to(want)
+                where = hf.file_source(key_of[n])
+                if where is not None:
+                    setattr(t, FILE_SOURCE, where)
+                return t
 
             def emit(n, t):
                 w.write(n, t)
@@ -443,7 +450,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             # read back what was written: identity (all experts, uniform router, scale E) and real routing
             ck = ShardedCheckpoint(tmp)
             try:
-                id_logits, real_logits = _shard_logits(ck, ids, progress, both=True)
+                with _torch_threads(1), two_threads():  # the writer is done: both cores for the read-back pass
+                    id_logits, real_logits = _shard_logits(ck, ids, progress, both=True)
             finally:
                 ck.close()
             if exact:

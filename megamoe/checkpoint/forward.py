@@ -22,6 +22,7 @@ Tested against transformers' LlamaForCausalLM and MixtralForCausalLM (tests/test
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -89,12 +90,39 @@ def _lin(x: torch.Tensor, w) -> torch.Tensor:
     if rows >= N:
         return F.linear(x, w.float())
     out_t = torch.empty(N, x2.shape[0])
-    buf = torch.empty(rows, K)
     xt = x2.t()
-    for i in range(0, N, rows):
-        n = min(rows, N - i)
-        torch.mm(buf[:n].copy_(w[i:i + n]), xt, out=out_t[i:i + n])
+
+    def run(a, b):
+        buf = torch.empty(min(rows, b - a), K)
+        for i in range(a, b, rows):
+            n = min(rows, b - i)
+            torch.mm(buf[:n].copy_(w[i:i + n]), xt, out=out_t[i:i + n])
+
+    pool = _POOL[0]
+    if pool is None or N < 4 * rows:
+        run(0, N)
+    else:  # halves of the rows on two threads (torch releases the GIL; no OpenMP spin-waiting on a busy core)
+        mid = (N // 2 + rows - 1) // rows * rows
+        fut = pool.submit(run, mid, N)
+        run(0, mid)
+        fut.result()
     return out_t.t().reshape(*x.shape[:-1], N)
+
+
+_POOL = [None]
+
+
+@contextlib.contextmanager
+def two_threads():
+    """Within this block `_lin` splits each large matrix between the calling thread and one helper thread."""
+    from concurrent.futures import ThreadPoolExecutor
+    prev = _POOL[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="megamoe-forward") as pool:
+        _POOL[0] = pool
+        try:
+            yield
+        finally:
+            _POOL[0] = prev
 
 
 def _vec(w) -> torch.Tensor:

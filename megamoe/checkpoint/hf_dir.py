@@ -130,6 +130,14 @@ class HFDir:
             raise CheckpointError(f"{self.path}: no tensor named {k!r}")
         return self._readers[self._where[k]].map(k)
 
+    def file_source(self, k):
+        """(reader, byte offset) of tensor `k`'s data in its safetensors file, for in-kernel copies of a tensor
+        that `map(k)` returned unmodified; None for pickled sources."""
+        if self._pickled is not None or k not in self._where:
+            return None
+        r = self._readers[self._where[k]]
+        return r, r.file_range(k)[0]
+
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 

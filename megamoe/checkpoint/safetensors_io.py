@@ -179,6 +179,14 @@ class SafetensorsReader:
         t = torch.frombuffer(m, dtype=torch.uint8, offset=start - base, count=e - b)
         return t.view(DTYPES[info["dtype"]]).view(list(info["shape"]))
 
+    def file_range(self, name: str) -> tuple[int, int]:
+        """(byte offset in the file, byte length) of tensor `name`'s data."""
+        b, e = self.header[name]["data_offsets"]
+        return self.data_start + b, e - b
+
+    def fileno(self) -> int | None:
+        return self._fd
+
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of dim 0, reading only those bytes (into `out` when given)."""
         info = self.header[name]
@@ -253,10 +261,13 @@ class StreamingWriter:
                          if name != "__metadata__"}
         self._next = 0
 
-    def write(self, name: str, tensor: torch.Tensor, submit=None):
+    def write(self, name: str, tensor: torch.Tensor, submit=None, source=None):
         """Write `tensor` (any strides) as planned tensor `name`. With `submit` (e.g. an executor's `submit`) the
         bytes are written by `submit(fn, ...)` and its result (a future) is returned: the caller must keep `tensor`
-        unchanged until it is done. Each tensor goes to its own planned offset, so jobs may finish in any order."""
+        unchanged until it is done. Each tensor goes to its own planned offset, so jobs may finish in any order.
+        `source` = (reader, byte offset): `tensor` holds exactly those bytes of that reader's file (an unmodified
+        memory map of it), so they are copied file to file inside the kernel (copy_file_range), never touching
+        the mapping."""
         if self._fd is None:
             raise RuntimeError(f"{self.path}: {name!r} written after close")
         if self._next >= len(self.order):
@@ -269,10 +280,13 @@ class StreamingWriter:
                                f"planned {dt} {shape}")
         self._next += 1
         offset = self._offsets[name]
+        fn, args = write_tensor_at, (self._fd, offset, tensor, self.path)
+        if source is not None and tensor.is_contiguous():
+            fn, args = copy_range_at, (self._fd, offset, source[0], source[1], tensor, self.path)
         if submit is None:
-            write_tensor_at(self._fd, offset, tensor, self.path)
+            fn(*args)
             return None
-        return submit(write_tensor_at, self._fd, offset, tensor, self.path)
+        return submit(fn, *args)
 
     def close(self):
         """Check that every planned tensor was written and close the file (pending `submit` jobs must be done)."""
@@ -365,6 +379,29 @@ def write_tensor_at(fd: int, offset: int, tensor: torch.Tensor, path: str = "") 
         t = t.contiguous()
     # a uint8 view of the storage: no copy, works for bf16/fp8 that numpy lacks
     return _pwrite_all(fd, memoryview(t.view(-1).view(torch.uint8).numpy()), offset, path)
+
+
+def copy_range_at(fd: int, offset: int, reader, src_offset: int, tensor: torch.Tensor, path: str = "") -> int:
+    """Copy `tensor`'s bytes, which are bytes [src_offset, +nbytes) of `reader`'s open file, to `offset` of `fd`
+    with copy_file_range (an in-kernel copy: no page faults on a user mapping, no user-space copy). Falls back to
+    writing the tensor's memory when the kernel refuses (another file system, an old kernel)."""
+    n = tensor.numel() * tensor.element_size()
+    src = reader.fileno()
+    if src is None or not hasattr(os, "copy_file_range"):
+        return write_tensor_at(fd, offset, tensor, path)
+    done = 0
+    try:
+        while done < n:
+            k = os.copy_file_range(src, fd, n - done, src_offset + done, offset + done)
+            if k <= 0:
+                raise OSError(f"{path}: copy_file_range returned {k} at byte {offset + done}")
+            done += k
+    except OSError:
+        if done:  # finish from memory: the same bytes
+            flat = tensor.detach().reshape(-1).view(torch.uint8)[done:]
+            return done + _pwrite_all(fd, memoryview(flat.numpy()), offset + done, path)
+        return write_tensor_at(fd, offset, tensor, path)
+    return n
 
 
 def write_tensor_bytes(f, tensor: torch.Tensor):

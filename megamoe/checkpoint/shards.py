@@ -34,6 +34,7 @@ from .buffers import Arena
 from .layout import expected_names, expected_shape, slicing
 from .safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter
 
+FILE_SOURCE = "_megamoe_file_source"  # tensor attribute: (SafetensorsReader, byte offset) of its unmodified bytes
 FORMAT = "megamoe-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -164,8 +165,12 @@ class ShardWriter:
             self._reap()
         pieces = [tensor] if e["dim"] is None else tensor.chunk(len(parts), dim=e["dim"])
         submit = self._pool.submit if self._pool is not None else None
+        src = getattr(tensor, FILE_SOURCE, None)  # (reader, offset): an unmodified map of a source file's bytes
         for f, piece in zip(parts, pieces):
-            fut = self.writers[f].write(name, piece, submit)
+            where = None
+            if src is not None and piece.is_contiguous():
+                where = (src[0], src[1] + piece.data_ptr() - tensor.data_ptr())
+            fut = self.writers[f].write(name, piece, submit, where)
             if fut is not None:
                 self._jobs.append((self._serial, piece.numel() * piece.element_size(), fut))
         self._serial += 1
