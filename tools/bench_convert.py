@@ -12,8 +12,10 @@ written once under --work and reused. Then, with the source in the page cache fo
     convert `tools/checkpoint_convert.py hf-to-moe --src SRC --experts 8 --tp 2 --ep 2` in a subprocess
 
 Reported: wall time of each (best of --repeat), the ratio convert / cp (goal <= 1.5), and the conversion's peak RSS
-(goal < 4 GB; ru_maxrss of the child process). The conversion includes the source sha256 (on a second thread)
-and the guard (dense vs MoE logits on 2 x 16 tokens, the written shards read back).
+(goal < 4 GB; ru_maxrss of the child process). The conversion includes the source checksum (xxh3_128, on a
+second thread, started before torch is imported) and the guard (dense vs MoE logits on 2 x 16 tokens, the written
+shards read back). With --no-guard the same runs are repeated with --guard-tokens 0 and both ratios are printed.
+Timings on a shared machine are noisy: the load average is printed before and after, with the CPU times.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main(argv=None):
         shutil.rmtree(dst, ignore_errors=True)
         subprocess.run(["sync"])
 
+    load_before = os.getloadavg()
     clean()
     subprocess.run(["cp", "-r", src, dst], check=True)  # warm the page cache with the source
     cps, convs, rss, cp_cpu, conv_cpu = [], [], 0, [], []
@@ -138,7 +141,8 @@ def main(argv=None):
     print(f"ratio           {ratio:7.2f}x cp   (goal <= 1.5)  {'PASS' if ratio <= 1.5 else 'MISS'}")
     print(f"peak RSS        {rss / 2**30:7.2f} GiB (goal < 4)   {'PASS' if rss < 4 * 2**30 else 'MISS'}")
     print(f"CPU (user+sys)  cp {min(cp_cpu):.2f} s, hf-to-moe {min(conv_cpu):.2f} s  (on a loaded machine wall time "
-          f"tracks the CPU share the scheduler gives; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+          f"tracks the CPU share the scheduler gives; load average {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores)")
     print("guard:", *summary["guard"], sep="\n  ")
     if args.no_guard:
         ng, ng_cpu = [], []
