@@ -180,10 +180,14 @@ class Attention(nn.Module):
             o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [B,S,h,d]
             o = o.permute(1, 0, 2, 3)
         else:
-            if self.n_kv != self.n_heads:  # query head h uses kv head h // (n_heads / n_kv), as HF's repeat_kv
+            # query head h uses kv head h // (n_heads / n_kv), as HF's repeat_kv. On a CPU, SDPA's flash kernel
+            # does that itself (enable_gqa: no repeated copies of k, v and their gradients); elsewhere repeat them
+            gqa = self.n_kv != self.n_heads
+            if gqa and q.is_cuda:
                 rep = self.n_heads // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3)  # [S,B,h,d]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa and not q.is_cuda)
+            o = o.permute(2, 0, 1, 3)  # [S,B,h,d]
         out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
         return out
 
@@ -261,6 +265,9 @@ class LlamaMoEModel(nn.Module):
                                                    init_method=init_normal(cfg.init_std), gather_output=False,
                                                    skip_weight_param_allocation=True)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # loss without logits (labels given, return_logits=False) on a CPU at TP = 1: fused chunked projection +
+        # cross entropy (megamoe/ops/linear_ce.py); False: lm_head + megatron's vocab-parallel cross entropy
+        self.fused_lm_loss = True
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, return_logits: bool = True) -> ModelOutput:
@@ -279,6 +286,17 @@ class LlamaMoEModel(nn.Module):
             if st is not None:
                 stats.append(st)
         x = self.norm(x)
+        if labels is not None and not return_logits and self._fused_loss_applies(x):
+            # CPU, TP = 1: projection + cross entropy chunk by chunk, no [S, B, V] logits (megamoe/ops/linear_ce.py)
+            from megamoe.ops.linear_ce import linear_cross_entropy
+            aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=x.device))
+            w = (self.lm_head.weight if self.lm_head is not None else self.embed.weight)
+            tok_w = None
+            if loss_mask is not None:
+                m = loss_mask.transpose(0, 1).reshape(-1).float()
+                tok_w = m / m.sum().clamp(min=1)
+            lm = linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, labels.transpose(0, 1).reshape(-1), tok_w)
+            return ModelOutput(logits=None, loss=lm + aux, lm_loss=lm, aux_loss=aux, router_stats=stats)
         if self.lm_head is not None:
             logits, _ = self.lm_head(x)                       # [S, B, V/tp]
         else:
@@ -297,6 +315,11 @@ class LlamaMoEModel(nn.Module):
                 lm = (per_tok * m).sum() / m.sum().clamp(min=1)
             out.lm_loss, out.loss = lm, lm + aux
         return out
+
+    def _fused_loss_applies(self, x: torch.Tensor) -> bool:
+        from megatron.core import parallel_state as ps
+        return (self.fused_lm_loss and x.device.type == "cpu" and not self.sequence_parallel
+                and ps.get_tensor_model_parallel_world_size() == 1)
 
     def num_params(self) -> dict:
         return self.cfg.param_counts()
