@@ -92,3 +92,29 @@ def test_uneven_gather_and_reduce_scatter_on_gloo(tmp_path):
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0 and "ok" in o, e[-3000:]
+
+
+def test_foreach_norm_and_scale_match_megatron_local_fallbacks():
+    """The foreach grad-norm / scale swapped into megatron's clip_grads compute what its per-tensor fallbacks do."""
+    from megatron.core import utils as mu
+    from megatron.core.optimizer import clip_grads as cg
+    assert cpu.apply()
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g) for n in (7, 1000, 3, 4096)]
+    with cpu.cuda_to_cpu():                                     # megatron's fallback makes a device="cuda" tensor
+        ref, _ = mu.local_multi_tensor_l2_norm(0, None, [ts], False)
+    out, _ = cpu._foreach_l2_norm(0, None, [ts], False)
+    torch.testing.assert_close(out, ref)
+    assert out.shape == (1,)
+    if cg.l2_norm_impl is not mu.local_multi_tensor_l2_norm:   # apex / TE present: megatron's own kernels stay
+        assert cg.l2_norm_impl is cpu._foreach_l2_norm
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    mu.local_multi_tensor_scale(0, None, [a, a], 0.3)           # in place (clipping)
+    cpu._foreach_scale(0, None, [b, b], 0.3)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    dst_a, dst_b = [torch.empty_like(t) for t in ts], [torch.empty_like(t) for t in ts]
+    mu.local_multi_tensor_scale(0, None, [ts, dst_a], 2.0)      # src -> dst
+    cpu._foreach_scale(0, None, [ts, dst_b], 2.0)
+    for x, y in zip(dst_a, dst_b):
+        torch.testing.assert_close(x, y)

@@ -54,17 +54,24 @@ class CudaToCpuMode(TorchFunctionMode):
     tiny ops, so it is entered only around megatron's optimizer and DDP code (`cuda_to_cpu()`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            t = func(*args)
-            return t if ".cuda." in t else t.replace("torch.", "torch.cuda.", 1)
+        # fast path first: most calls (the optimizer's tensor math) have no device and are none of the three methods
+        if kwargs:
+            if _is_cuda(kwargs.get("device")):
+                kwargs = dict(kwargs, device="cpu")
+        else:
+            kwargs = {}
+        if func in _SPECIAL:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+                args = (args[0], "cpu") + tuple(args[2:])
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                t = func(*args)
+                return t if ".cuda." in t else t.replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+_SPECIAL = frozenset((torch.Tensor.cuda, torch.Tensor.to, torch.Tensor.type))
 
 
 def needed() -> bool:
@@ -83,6 +90,42 @@ def cuda_to_cpu():
         return
     with CudaToCpuMode():
         yield
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's local_multi_tensor_l2_norm (one torch.norm per tensor, then a norm of the list), as one foreach
+    norm: same value up to rounding order."""
+    tensors = [t for tl in tensor_lists for t in tl]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's local_multi_tensor_scale (dst.copy_(src * scale) per tensor) with foreach kernels."""
+    src, dst = list(tensor_lists[0]), list(tensor_lists[1])
+    if not src:
+        return
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+        return
+    for d, r in zip(dst, torch._foreach_mul(src, scale)):
+        d.copy_(r)
+
+
+def _patch_multi_tensor_fallbacks():
+    """Without apex / transformer-engine megatron's grad norm and clipping use per-tensor Python loops
+    (megatron.core.utils.local_multi_tensor_*); swap in the foreach equivalents where those fallbacks are in use."""
+    try:
+        from megatron.core import utils as mu
+        from megatron.core.optimizer import clip_grads as cg
+    except ImportError:  # pragma: no cover - layout of other releases
+        return
+    if getattr(cg, "l2_norm_impl", None) is getattr(mu, "local_multi_tensor_l2_norm", object()):
+        cg.l2_norm_impl = _foreach_l2_norm
+    if getattr(cg, "multi_tensor_scale_impl", None) is getattr(mu, "local_multi_tensor_scale", object()):
+        cg.multi_tensor_scale_impl = _foreach_scale
 
 
 def apply() -> bool:
@@ -109,6 +152,8 @@ def apply() -> bool:
     rnd._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     rnd._set_cuda_rng_state = lambda s, device=-1, graph_safe=False: torch.set_rng_state(s)  # orig: silent no-op
     logging.getLogger(rnd.__name__).setLevel(logging.ERROR)  # "CPU RNG state changed within GPU RNG context"
+
+    _patch_multi_tensor_fallbacks()
 
     try:
         from megatron.core.transformer.moe import moe_utils

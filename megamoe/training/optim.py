@@ -54,13 +54,25 @@ def wrap_model(model, model_cfg, pcfg, precision: str):
     with cuda_to_cpu():
         ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
     from megatron.core import parallel_state as ps
-    if pcfg.distributed_optimizer and ps.get_data_parallel_world_size() == 1 \
-            and ps.get_expert_data_parallel_world_size() == 1:
-        # one data-parallel rank: the distributed optimizer's parameter all-gather copies every shard onto itself
-        # (the updated weights are already in place); skip it. Checkpoints keep the distributed-optimizer format,
-        # so they load into runs with more data-parallel ranks.
-        ddp.start_param_sync = lambda *args, **kwargs: None
+    if ps.get_data_parallel_world_size() == 1 and ps.get_expert_data_parallel_world_size() == 1:
+        if pcfg.distributed_optimizer:
+            # one data-parallel rank: the distributed optimizer's parameter all-gather copies every shard onto itself
+            # (the updated weights are already in place); skip it. Checkpoints keep the distributed-optimizer
+            # format, so they load into runs with more data-parallel ranks.
+            ddp.start_param_sync = lambda *args, **kwargs: None
+        # likewise the gradient reduce-scatter / all-reduce over a group of one rank copies each buffer onto itself;
+        # keep only what it does besides communicating (the gradient scaling factor, 1.0 at one rank)
+        ddp.finish_grad_sync = lambda *args, **kwargs: _local_grad_sync(ddp)
     return ddp
+
+
+def _local_grad_sync(ddp):
+    """DDP.finish_grad_sync for a single data-parallel rank (no overlap): scale the buckets, communicate nothing."""
+    for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+        bucket_group.param_gather_dispatched = False
+        for bucket in bucket_group.buckets:
+            if bucket.gradient_scaling_factor != 1.0:
+                bucket.grad_data *= bucket.gradient_scaling_factor
 
 
 def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
@@ -77,19 +89,31 @@ def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
     from megamoe.parallel_checkpoint import reshardable
     with cuda_to_cpu():
         opt = reshardable(get_megatron_optimizer(ocfg, [ddp_model]))  # checkpoints reshard over TP/EP/DP
-    _use_foreach(opt)
+    _use_fast_adam(opt)
     return opt
 
 
-def _use_foreach(opt):
-    """megatron builds torch.optim.AdamW (no TE/apex) without `foreach`; on a CPU torch then defaults to the
-    per-parameter Python loop. The multi-tensor (foreach) implementation computes the same update, faster."""
+def _use_fast_adam(opt):
+    """megatron builds torch.optim.AdamW (no TE/apex) with neither `foreach` nor `fused`; on a CPU torch then
+    defaults to the per-parameter Python loop. The same update runs as torch's fused kernel (`_fused_adamw_`: one
+    pass over each tensor; on CPU and CUDA), else as the multi-tensor (foreach) implementation. Groups whose
+    options were set already (e.g. by a loaded checkpoint) are left as they are."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    fused_ok = set(_get_fused_kernels_supported_devices())
     for o in getattr(opt, "chained_optimizers", [opt]):
         inner = getattr(o, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim"):
-            for g in inner.param_groups:
-                if "foreach" in g and g["foreach"] is None:
-                    g["foreach"] = True
+        if not (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+                and type(inner).__module__.startswith("torch.optim")):
+            continue
+        for g in inner.param_groups:
+            if g.get("foreach") is not None or g.get("fused") or g.get("differentiable") or g.get("capturable"):
+                continue
+            ps = g["params"]
+            if ps and all(p.device.type in fused_ok and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                          for p in ps):
+                g["fused"], g["foreach"] = True, False
+            else:
+                g["foreach"] = True
 
 
 def guarded_step(optimizer) -> tuple[bool, float]:
