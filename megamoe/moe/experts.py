@@ -50,9 +50,71 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """x: [N, H], rows grouped by local expert in `local_ids` order with the given counts -> [N, H]."""
-        outs = []
-        for e, rows in zip(self.local_ids, x.split(tokens_per_expert)):
-            outs.append(self[e](rows))
-        if not outs:
+        if not self.local_ids:
             return x.new_zeros(x.shape)
-        return torch.cat(outs)
+        weights = []
+        for e in self.local_ids:
+            ex = self[e]
+            weights += [ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight]
+        return _GroupedSwiGLU.apply(x, tuple(int(n) for n in tokens_per_expert), *weights)
+
+    def forward_reference(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """The same with one autograd graph per expert (nn.Linear modules): what `forward` is tested against."""
+        outs = [self[e](rows) for e, rows in zip(self.local_ids, x.split(tokens_per_expert))]
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All local experts in one autograd node: expert e (rows s:s+n of x, weights gate/up [F_e, H], down [H, F_e])
+    computes gu = x_e [gate; up]^T (one GEMM), h = silu(g) * u, y_e = h down^T, written in place into y. Backward:
+    dh = dy_e down, d_down = dy_e^T h, [dg, du] = [silu'(g) * dh * u, dh * silu(g)], dx_e = [dg, du] [gate; up],
+    d[gate; up] = [dg, du]^T x_e. Widths may differ between experts. Same GEMMs as per-expert nn.Linear modules;
+    what it saves is the per-expert autograd bookkeeping, the separate gate and up GEMMs and the final concatenation."""
+
+    @staticmethod
+    def forward(ctx, x, counts, *weights):
+        E = len(counts)
+        y = torch.empty_like(x)
+        wgus, gus, hs = [], [], []
+        s = 0
+        for e in range(E):
+            gate, up, down = weights[3 * e:3 * e + 3]
+            n, f = counts[e], gate.shape[0]
+            wgu = torch.cat([gate, up])                      # [2F, H]
+            gu = torch.mm(x[s:s + n], wgu.t())                # [n, 2F]
+            h = F.silu(gu[:, :f]).mul_(gu[:, f:])
+            torch.mm(h, down.t(), out=y[s:s + n])
+            wgus.append(wgu), gus.append(gu), hs.append(h)
+            s += n
+        if s != x.shape[0]:
+            raise ValueError(f"experts: tokens_per_expert sums to {s}, but the input has {x.shape[0]} rows")
+        ctx.counts = counts
+        ctx.save_for_backward(x, *weights, *wgus, *gus, *hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        counts = ctx.counts
+        E = len(counts)
+        saved = ctx.saved_tensors
+        x, weights = saved[0], saved[1:1 + 3 * E]
+        wgus, gus, hs = saved[1 + 3 * E:1 + 4 * E], saved[1 + 4 * E:1 + 5 * E], saved[1 + 5 * E:]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        grads = []
+        s = 0
+        for e in range(E):
+            gate, up, down = weights[3 * e:3 * e + 3]
+            n, f = counts[e], gate.shape[0]
+            xe, dye, gu, h = x[s:s + n], dy[s:s + n], gus[e], hs[e]
+            g, u = gu[:, :f], gu[:, f:]
+            dh = torch.mm(dye, down)                          # [n, F]
+            d_down = torch.mm(dye.t(), h)                     # [H, F]
+            dgu = torch.empty_like(gu)
+            torch.mul(dh, F.silu(g), out=dgu[:, f:])
+            torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :f])
+            torch.mm(dgu, wgus[e], out=dx[s:s + n])
+            d_gu = torch.mm(dgu.t(), xe)                      # [2F, H]
+            grads += [d_gu[:f], d_gu[f:], d_down]
+            s += n
+        return (dx, None, *grads)
