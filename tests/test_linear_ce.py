@@ -108,3 +108,10 @@ def test_model_fused_loss_equals_megatron_path(tied):
         assert res[1][2].keys() == res[0][2].keys()
         for n in res[0][2]:
             torch.testing.assert_close(res[1][2][n], res[0][2][n], atol=1e-7, rtol=1e-4, msg=n)
+
+
+def test_no_rows():
+    x, w = torch.zeros(0, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    out = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long))
+    out.backward()
+    assert float(out) == 0.0 and w.grad.abs().sum() == 0 and x.grad.shape == (0, 8)

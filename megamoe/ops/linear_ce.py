@@ -40,7 +40,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=x.device)
         tok_w = tok_w.to(acc)
         gx = torch.empty_like(x) if need_grad else None
-        gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_grad else None
+        gw = torch.empty(weight.shape, dtype=acc, device=x.device) if need_grad else None
+        if need_grad and T == 0:
+            gw.zero_()
         buf = x.new_empty((min(chunk, T), V), dtype=acc) if direct and T else None
         wt = weight.t()
         for s in range(0, T, chunk):
@@ -57,7 +59,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lg.scatter_add_(1, yc, -wc)
                 g = lg if direct else lg.to(x.dtype)
                 torch.mm(g, weight, out=gx[s:s + n])
-                if direct:
+                if s == 0:                                   # the first chunk initialises the weight gradient
+                    torch.mm(g.t(), xc, out=gw) if direct else gw.copy_(torch.mm(g.t(), xc))
+                elif direct:
                     gw.addmm_(g.t(), xc)
                 else:
                     gw.add_(torch.mm(g.t(), xc))
