@@ -68,7 +68,7 @@ def wrap_model(model, model_cfg, pcfg, precision: str):
 
 def _local_grad_sync(ddp):
     """DDP.finish_grad_sync for a single data-parallel rank (no overlap): scale the buckets, communicate nothing."""
-    for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+    for bucket_group in list(ddp.bucket_groups) + list(getattr(ddp, "expert_parallel_bucket_groups", [])):
         bucket_group.param_gather_dispatched = False
         for bucket in bucket_group.buckets:
             if bucket.gradient_scaling_factor != 1.0:
@@ -98,8 +98,11 @@ def _use_fast_adam(opt):
     defaults to the per-parameter Python loop. The same update runs as torch's fused kernel (`_fused_adamw_`: one
     pass over each tensor; on CPU and CUDA), else as the multi-tensor (foreach) implementation. Groups whose
     options were set already (e.g. by a loaded checkpoint) are left as they are."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-    fused_ok = set(_get_fused_kernels_supported_devices())
+    try:  # a private helper of torch.optim; without it, foreach everywhere
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        fused_ok = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - other torch releases
+        fused_ok = set()
     for o in getattr(opt, "chained_optimizers", [opt]):
         inner = getattr(o, "optimizer", None)
         if not (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
