@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -49,7 +48,8 @@ from .hf_writer import HFWriter, write_json
 from .layout import expected_names, expected_shape, hf_llama_to_ours_name
 from .checksum import BackgroundHasher, resolve as checksum_resolve
 from .safetensors_io import DTYPES, CheckpointError
-from .shards import FILE_SOURCE, MANIFEST, ShardWriter, ShardedCheckpoint, is_shard_dir
+from .shards import (FILE_SOURCE, MANIFEST, ShardWriter, ShardedCheckpoint, check_output, is_shard_dir,
+                     staged_output, write_tensors)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
@@ -60,40 +60,6 @@ TRANSFORMERS_CHECK_MAX_BYTES = 2 << 30
 
 # ---------------------------------------------------------------------------------------------------------------
 # output staging: temporary sibling directory, renamed into place on success
-
-def check_output(out: str):
-    """Refuse an output that already holds anything (never overwrite a saved checkpoint)."""
-    if os.path.lexists(out):
-        if not os.path.isdir(out):
-            raise CheckpointError(f"{out}: exists and is not a directory")
-        content = sorted(os.listdir(out))
-        if content:
-            is_ckpt = any(f in (MANIFEST, "config.json") or f.endswith(".safetensors") for f in content)
-            what = "a checkpoint" if is_ckpt else "files"
-            raise CheckpointError(f"{out}: already holds {what} ({', '.join(content[:4])}"
-                                  f"{', ...' if len(content) > 4 else ''}); megamoe never overwrites: choose a new "
-                                  "output directory or remove this one yourself")
-
-
-@contextlib.contextmanager
-def staged_output(out: str):
-    """Yield a temporary directory next to `out`; on success rename it to `out`, on any error delete it."""
-    out = os.path.abspath(out)
-    check_output(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        check_output(out)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked just above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
     copied = []
@@ -574,18 +540,8 @@ def _import(hf: HFDir, kind, out, t0, hasher, *, par, dtype, tolerance, guard_to
     report = GuardReport()
     with staged_output(out) as tmp:
         w = ShardWriter(tmp, cfg, par, dtypes, {"partition": {"method": f"imported from {kind}"}})
-        bar = tqdm(total=w.nbytes, desc=f"{kind}-to-moe", unit="B", unit_scale=True, disable=not progress)
-        try:
-            for n in w.names:
-                t = hf.get(key_of[n]) if n in key_of else torch.zeros(expected_shape(cfg, n))
-                t = t.to(DTYPES[dtypes[n]])
-                w.write(n, t)
-                bar.update(t.numel() * t.element_size())
-            w.close()
-            bar.close()
-        except BaseException:
-            w.abort()
-            raise
+        write_tensors(w, ((n, (hf.get(key_of[n]) if n in key_of else torch.zeros(expected_shape(cfg, n)))
+                           .to(DTYPES[dtypes[n]])) for n in w.names), w.nbytes, f"{kind}-to-moe", progress)
         copy_tokenizer(hf.path, tmp)
         ck = ShardedCheckpoint(tmp)
         try:
@@ -660,18 +616,9 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
         report = GuardReport()
         with staged_output(out) as tmp:
             w = HFWriter(tmp, hplan, max_shard_bytes)
-            bar = tqdm(total=w.total, desc=f"moe-to-{fmt}", unit="B", unit_scale=True, disable=not progress)
-            try:
-                for (h, o, scale), (_, dt, shape) in zip(plan, hplan):
-                    t = ck.get(o) if o else torch.zeros(shape, dtype=DTYPES[dt])
-                    t = mx.apply_scale(t, scale)
-                    w.write(h, t)
-                    bar.update(t.numel() * t.element_size())
-                w.close()
-                bar.close()
-            except BaseException:
-                w.abort()
-                raise
+            write_tensors(w, ((h, mx.apply_scale(ck.get(o) if o else torch.zeros(shape, dtype=DTYPES[dt]), scale))
+                              for (h, o, scale), (_, dt, shape) in zip(plan, hplan)),
+                          w.total, f"moe-to-{fmt}", progress)
             config = (mx.config_to_hf if fmt == "mixtral" else v1.config_to_hf)(cfg, _dtype_word(ref_dt))
             write_json(os.path.join(tmp, "config.json"), config)
             copy_tokenizer(src, tmp)

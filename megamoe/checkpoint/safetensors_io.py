@@ -21,7 +21,6 @@ import json
 import mmap
 import os
 import struct
-import threading
 
 import torch
 

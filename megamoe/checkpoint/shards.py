@@ -23,8 +23,11 @@ The trainer loads its rank's slice, whatever layout the checkpoint was written w
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 from tqdm import tqdm
@@ -375,40 +378,69 @@ def load_shards(path: str, tp=(0, 1), ep=(0, 1), etp=(0, 1), dtype: torch.dtype 
         ck.close()
 
 
+def check_output(out: str):
+    """Refuse an output that already holds anything (never overwrite a saved checkpoint)."""
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise CheckpointError(f"{out}: exists and is not a directory")
+        content = sorted(os.listdir(out))
+        if content:
+            is_ckpt = any(f in (MANIFEST, "config.json") or f.endswith(".safetensors") for f in content)
+            what = "a checkpoint" if is_ckpt else "files"
+            raise CheckpointError(f"{out}: already holds {what} ({', '.join(content[:4])}"
+                                  f"{', ...' if len(content) > 4 else ''}); megamoe never overwrites, so it is not overwriting it: choose "
+                                  "a new output directory or remove this one yourself")
+
+
+@contextlib.contextmanager
+def staged_output(out: str):
+    """Yield a temporary directory next to `out`; on success rename it to `out`, on any error delete it."""
+    out = os.path.abspath(out)
+    check_output(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        check_output(out)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked just above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_tensors(writer, tensors, total: int, desc: str, progress: bool = True):
+    """Write `(name, tensor)` pairs through a ShardWriter / HFWriter with a progress bar over `total` bytes, then close
+    it. Any error (or interrupt) aborts the writer, which removes its partial files, and is re-raised."""
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress)
+    try:
+        for name, t in tensors:
+            writer.write(name, t)
+            bar.update(t.numel() * t.element_size())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
 def save_shards(out_dir: str, cfg: ModelConfig, state: dict, par: ParallelConfig | None = None,
                 info: dict | None = None) -> str:
     """Write a full (TP1/EP1, our names) state dict as shards with layout `par` into `out_dir`, which must not exist
     or be empty. Written to a temporary sibling directory and renamed into place, so a failure leaves nothing.
     Returns `out_dir`. (For the trainer's exports; conversions stream instead of holding a state dict.)"""
-    import shutil
-    import tempfile
     from .safetensors_io import NAMES
     par = par or ParallelConfig()
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; not overwriting")
     missing = [n for n in expected_names(cfg) if n not in state]
     if missing:
         raise CheckpointError(f"state dict lacks {missing[:3]} ({len(missing)} tensors) for this config")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with staged_output(out_dir) as tmp:
         w = ShardWriter(tmp, cfg, par, {n: NAMES[state[n].dtype] for n in expected_names(cfg)}, info)
-        try:
-            for n in w.names:
-                w.write(n, state[n].detach().cpu())
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_tensors(w, ((n, state[n].detach().cpu()) for n in w.names), w.nbytes, "save", progress=False)
     return out_dir
 
 
@@ -426,17 +458,7 @@ def reshard(src: str, out_dir: str, par: ParallelConfig, info_update: dict | Non
         if list(w.names) != list(ck.names):
             w.abort()
             raise CheckpointError(f"{src}: the manifest's tensors do not match its model config")
-        try:
-            bar = tqdm(total=w.nbytes, desc="reshard", unit="B", unit_scale=True, disable=not progress)
-            for n in w.names:
-                t = ck.get(n)
-                w.write(n, t)
-                bar.update(t.numel() * t.element_size())
-            bar.close()
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
+        write_tensors(w, ((n, ck.get(n)) for n in w.names), w.nbytes, "reshard", progress)
         return {"bytes": w.nbytes, "tensors": len(w.names)}
     finally:
         ck.close()
