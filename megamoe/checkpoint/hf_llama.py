@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from megamoe.config import ConfigError, ModelConfig
+from megamoe.config import ModelConfig
 
 _PAIRS = [  # (HF name, our name); {i} = layer index, {p} = projection
     ("model.embed_tokens.weight", "embed.weight"),
