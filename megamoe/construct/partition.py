@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from .balanced import balanced_assign, balanced_kmeans
 
 __all__ = ["Partition", "PartitionError", "split_random", "split_clustering", "split_coactivation",
@@ -194,10 +195,7 @@ def write_partitions(directory: str, partitions: dict) -> list:
     paths = []
     for layer, p in sorted(partitions.items()):
         path = partition_file(directory, int(layer))
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(p.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, p.to_json())
         paths.append(path)
     return paths
 

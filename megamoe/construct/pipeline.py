@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_text
 from .calib_data import CalibrationData
 from .calibration import activation_stats, gradient_importance, router_centroids
 from .layer_stream import LayerStream
@@ -249,10 +250,7 @@ def write_construction(out_dir: str, result: ConstructionResult, spec: Construct
     summary = {"spec": asdict(spec) if spec is not None else None,
                "report": json.loads(json.dumps(result.report, default=str))}
     p = os.path.join(d, "construction.json")
-    tmp = p + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(summary, indent=1, sort_keys=True))
     paths.append(p)
     if result.centroids:
         from safetensors.numpy import save_file

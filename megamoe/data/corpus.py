@@ -36,6 +36,8 @@ import sys
 import sysconfig
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..fileio import atomic_write_text
+
 __all__ = ["build_local_corpus", "DOMAIN_SOURCES", "GUARANTEED_DOMAINS"]
 
 Doc = Tuple[str, str]  # (id, text)
@@ -270,9 +272,5 @@ def build_local_corpus(out_dir: str, max_mb: float = 8.0, valid_fraction: float 
         info["domains"][dom] = {"train_documents": len(train), "train_bytes": tb,
                                 "valid_documents": len(valid), "valid_bytes": vb}
         log(f"{dom}: {len(train)} train documents ({tb / 1e6:.2f} MB), {len(valid)} valid ({vb / 1e6:.2f} MB)")
-    path = os.path.join(out_dir, "corpus.json")
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(out_dir, "corpus.json"), json.dumps(info, indent=2, sort_keys=True))
     return info

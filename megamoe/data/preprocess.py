@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from .indexed import IndexedWriter
 from .tokenizers import TextTokenizer, load_tokenizer, token_dtype
 
@@ -544,9 +545,5 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
     finally:
         if ex is not None:
             ex.shutdown(wait=True)
-    path = os.path.join(output_dir, "manifest.json")
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
     return manifest

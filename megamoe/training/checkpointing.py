@@ -34,11 +34,12 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megamoe.fileio import atomic_write_text  # noqa: F401  (re-exported: part of this module's API)
 
 log = logging.getLogger("megamoe.train")
 
@@ -60,21 +61,6 @@ def _rank() -> int:
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def atomic_write_text(path: str, text: str):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

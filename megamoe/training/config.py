@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
@@ -292,13 +291,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
 
 def save_train_config(cfg: TrainConfig, path: str) -> None:
     """Write the config in force as YAML, atomically (temp file, then rename)."""
+    from megamoe.fileio import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
