@@ -8,7 +8,7 @@ How it works
 2. Parallelism (`workers` = how many cores tokenize). Up to `max_threads` workers (default 4) run as native
    tokenizer threads in this one process (`encode_batch(..., threads=workers)`: the Rust rayon pool of HF fast
    tokenizers, sentencepiece's C++ threads), which share one merge cache and cost no fork, no pickling and no
-   duplicated warm-up: on 2 cores that is 2.0-2.2x one thread, against 1.6-1.7x for two processes. More workers
+   duplicated warm-up: on 2 cores that is about 2.3x one thread, against about 1.8x for two processes. More workers
    run as processes (`workers - 1` forked ones plus this one, which takes every `workers`-th chunk), one
    tokenizer thread each, the way Megatron-LM's preprocess_data does, since the Python side of each process
    (reading, JSON, id lists) would starve a big thread pool. `PreprocessConfig.max_threads` moves the boundary
@@ -433,8 +433,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     results = None
     froze = False
     try:
-        # this process tokenizes too, on one core (TOKENIZERS_PARALLELISM restored below); forked workers inherit it
-        old_par = os.environ.get("TOKENIZERS_PARALLELISM")
+        # this process tokenizes too: sequentially, or on `threads` native threads inside each batch call
+        # (tokenizers.native_threads); forked workers inherit the "false" (restored below)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         _worker_init(tok, tok.path, cfg, in_pool=False, threads=threads)
         if executor is None and procs > 1:
