@@ -187,7 +187,13 @@ def config_from_hf_llama(hf: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: model_type is {mt!r}; expected a dense LLaMA-architecture model "
                           "(model_type 'llama'); llama-moe v1 and Mixtral checkpoints are recognised and imported by "
                           "`checkpoint_convert.py hf-to-moe`")
-    cfg = ModelConfig(**llama_fields_from_hf(hf, where))
+    return validated_config(where, **llama_fields_from_hf(hf, where))
+
+
+def validated_config(where: str, **fields) -> ModelConfig:
+    """`ModelConfig(**fields).validate()`, its ConfigError prefixed with the source file `where` (each HF format's
+    reader ends with this)."""
+    cfg = ModelConfig(**fields)
     try:
         return cfg.validate()
     except ConfigError as e:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 
 from ..config import ConfigError, MoEConfig, ModelConfig
-from .layout import expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf, ours_to_hf_llama_name
+from .layout import (expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf,
+                     ours_to_hf_llama_name, validated_config)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_moe.LlamaMoEConfig",
@@ -125,11 +126,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                     noise=bool(hf.get("gate_add_noise", True)),
                     noise_epsilon=float(hf.get("gate_noise_epsilon", 0.01)),
                     balance_loss_weight=float(hf.get("gate_balance_loss_weight", 0.01)))
-    cfg = ModelConfig(**f, moe=moe)
-    try:
-        return cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return validated_config(where, **f, moe=moe)
 
 
 def hf_to_ours_name(hf: str) -> str | None:

@@ -23,7 +23,8 @@ import re
 import torch
 
 from ..config import ConfigError, MoEConfig, ModelConfig
-from .layout import expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf, ours_to_hf_llama_name
+from .layout import (expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf,
+                     ours_to_hf_llama_name, validated_config)
 
 _W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _W_BACK = {v: k for k, v in _W.items()}
@@ -106,11 +107,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     f["intermediate_size"] *= E
     moe = MoEConfig(num_experts=E, top_k=k, router="mixtral", gate_network="linear", noise=False,
                     balance_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)))
-    cfg = ModelConfig(**f, moe=moe)
-    try:
-        return cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return validated_config(where, **f, moe=moe)
 
 
 def hf_to_ours_name(hf: str) -> str | None:
