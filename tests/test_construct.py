@@ -20,13 +20,8 @@ from megamoe.construct.partition import (Partition, PartitionError, greedy_assig
                                          split_sharing_inner, split_sharing_inter, write_partitions)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids spin-wait contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matrices: one intra-op torch thread for this module (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_exact_balanced(p: Partition, f: int, e: int):
