@@ -101,6 +101,15 @@ def unpermute_reference(permuted: torch.Tensor, row_map: torch.Tensor, weights: 
 # backend choice
 # ----------------------------------------------------------------------------------------------------------------
 
+# backend -> (device type it serves, its extension module, what it is, its label in messages)
+_NATIVE = {"cpp": ("cpu", "_C", "C++ CPU kernels from megamoe._C", "C++", "CPU"),
+           "cuda": ("cuda", "_C_cuda", "CUDA kernels from megamoe._C_cuda", "CUDA", "CUDA")}
+
+
+def _native_available(backend: str) -> bool:
+    return _ext.cpp_available() if backend == "cpp" else _ext.cuda_available()
+
+
 def select_backend(device: torch.device) -> str:
     """The backend that runs for tensors on `device`: MEGAMOE_PERMUTE_BACKEND if set, else CUDA kernels for CUDA
     tensors, C++ kernels for CPU tensors, plain torch when the extension is missing (or for other devices)."""
@@ -110,34 +119,23 @@ def select_backend(device: torch.device) -> str:
     if forced == "torch":
         _ext.log_backend_once(logger, "permute", "torch", f"plain-torch reference, forced by {ENV_VAR}")
         return "torch"
-    if forced == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"{ENV_VAR}=cpp needs CPU tensors, got tensors on {device}")
-        if not _ext.cpp_available():
-            raise RuntimeError(f"{ENV_VAR}=cpp but the C++ extension is unavailable: {_ext.load_error('_C')}")
-        _ext.log_backend_once(logger, "permute", "cpp", f"C++ CPU kernels from megamoe._C, forced by {ENV_VAR}")
-        return "cpp"
-    if forced == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"{ENV_VAR}=cuda needs CUDA tensors, got tensors on {device}")
-        if not _ext.cuda_available():
-            raise RuntimeError(f"{ENV_VAR}=cuda but the CUDA extension is unavailable: {_ext.load_error('_C_cuda')}")
-        _ext.log_backend_once(logger, "permute", "cuda", f"CUDA kernels from megamoe._C_cuda, forced by {ENV_VAR}")
-        return "cuda"
-    if device.type == "cuda":
-        if _ext.cuda_available():
-            _ext.log_backend_once(logger, "permute", "cuda", "CUDA kernels from megamoe._C_cuda")
-            return "cuda"
-        _ext.log_backend_once(logger, "permute", "torch",
-                              f"CUDA extension unavailable, plain-torch fallback: {_ext.load_error('_C_cuda')}")
-        return "torch"
-    if device.type == "cpu":
-        if _ext.cpp_available():
-            _ext.log_backend_once(logger, "permute", "cpp", "C++ CPU kernels from megamoe._C")
-            return "cpp"
-        _ext.log_backend_once(logger, "permute", "torch",
-                              f"C++ extension unavailable, plain-torch fallback: {_ext.load_error('_C')}")
-        return "torch"
+    if forced in _NATIVE:
+        dev, module, what, ext_name, dev_name = _NATIVE[forced]
+        if device.type != dev:
+            raise ValueError(f"{ENV_VAR}={forced} needs {dev_name} tensors, got tensors on {device}")
+        if not _native_available(forced):
+            raise RuntimeError(f"{ENV_VAR}={forced} but the {ext_name} extension is unavailable: "
+                               f"{_ext.load_error(module)}")
+        _ext.log_backend_once(logger, "permute", forced, f"{what}, forced by {ENV_VAR}")
+        return forced
+    for backend, (dev, module, what, ext_name, _) in _NATIVE.items():
+        if device.type == dev:
+            if _native_available(backend):
+                _ext.log_backend_once(logger, "permute", backend, what)
+                return backend
+            _ext.log_backend_once(logger, "permute", "torch",
+                                  f"{ext_name} extension unavailable, plain-torch fallback: {_ext.load_error(module)}")
+            return "torch"
     _ext.log_backend_once(logger, "permute", "torch", f"no kernels for device type {device.type!r}")
     return "torch"
 
