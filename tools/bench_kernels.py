@@ -95,6 +95,17 @@ def print_table(title: str, header: list[str], rows: list[list[str]]):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+def result_row(shape, op, times, names, nbytes, peak, pct_digits=0):
+    """A table row: ours, then each reference's time and its ratio to ours; with a peak, our GB/s and % of it."""
+    row = [shape, op, fmt_us(times["ours"])]
+    for n in names[1:]:
+        row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
+    if peak:
+        gbs = nbytes / times["ours"] / 1e9
+        row += [f"{gbs:.0f}", f"{100 * gbs / peak:.{pct_digits}f}%"]
+    return row
+
+
 def fmt_us(s: float | None) -> str:
     return "n/a" if s is None else f"{s * 1e6:.1f}"
 
@@ -213,13 +224,7 @@ def bench_permute(args, device, E: int, peak):
     shape = f"T={T} k={k} E={E} H={H} {args.dtype}"
     for op in moved:
         times = time_all({n: impls[n][op] for n in names}, args.reps, args.warmup, cuda)
-        row = [shape, op, fmt_us(times["ours"])]
-        for n in names[1:]:
-            row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
-        if peak:
-            gbs = moved[op] / times["ours"] / 1e9
-            row += [f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"]
-        rows.append(row)
+        rows.append(result_row(shape, op, times, names, moved[op], peak))
         if op == "permute+unpermute":
             both = times
     print_table(f"permute / unpermute ({device.type})", header, rows)
@@ -298,13 +303,7 @@ def bench_gating(args, device, E: int, peak):
             lossf = mc_loss if n in ("megatron-core", "transformer-engine") else loss_of
             fns[n] = fwd(impls[n]) if op == "fwd" else fwd_bwd(impls[n], lossf)
         times = time_all(fns, args.reps, args.warmup, cuda)
-        row = [shape, op, fmt_us(times["ours"])]
-        for n in names[1:]:
-            row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
-        if peak:
-            gbs = moved[op] / times["ours"] / 1e9
-            row += [f"{gbs:.0f}", f"{100 * gbs / peak:.1f}%"]
-        rows.append(row)
+        rows.append(result_row(shape, op, times, names, moved[op], peak, pct_digits=1))
         if op == "fwd":
             fwd_times = times
     print_table(f"top-k gating ({device.type})", header, rows)
