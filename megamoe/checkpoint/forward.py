@@ -23,32 +23,13 @@ Tested against transformers' LlamaForCausalLM and MixtralForCausalLM (tests/test
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    d = cfg.dim_head
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    rs = cfg.rope_scaling or {}
-    rt = rs.get("rope_type", rs.get("type", "default"))
-    if rt == "linear":
-        inv = inv / float(rs["factor"])
-    elif rt == "llama3":
-        factor, lo, hi = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-        old = float(rs.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
-        inv = torch.where(is_mid, mid, scaled)
-    return inv.float()
+from ..model.llama import rope_inv_freq  # the model's own RoPE table (default, linear, llama3)
 
 
 class SplitWeight:
