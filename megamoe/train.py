@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +32,7 @@ from megamoe.training.config import TrainConfig, load_train_config, save_train_c
 
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["main", "run", "parse_args"]
+__all__ = ["main", "run", "parse_args", "train_step", "StepResult"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,14 +175,54 @@ def _all_mean(values: list[float], group, device) -> list[float]:
     return t.tolist()
 
 
+@dataclass
+class StepResult:
+    lm_loss: float              # mean over micro-batches and data-parallel ranks
+    aux_loss: float             # the router balance loss, likewise
+    ok: bool                    # False: a non-finite loss or gradient norm; the update was skipped
+    grad_norm: float            # before clipping (nan when skipped before the norm)
+    router_stats: list          # the model's per-layer router statistics, one list per micro-batch
+    last_batch: torch.Tensor    # the last micro-batch's token ids (for the NaN guard's report)
+
+
+def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True) -> StepResult:
+    """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
+    forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro;
+    finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the data-parallel group;
+    then, when
+    `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient norm skips the update)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megamoe.compat.cpu import cuda_to_cpu
+    from megamoe.training.optim import guarded_step
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    lm_sum = aux_sum = 0.0
+    stats, batch = [], None
+    for _ in range(n_micro):
+        batch = next_batch()
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
+        out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        (out.loss / n_micro).backward()
+        lm_sum += float(out.lm_loss.detach()) / n_micro
+        aux_sum += float(out.aux_loss.detach()) / n_micro
+        stats.append(out.router_stats)
+    with cuda_to_cpu():
+        finalize_model_grads([ddp])
+        lm_loss, aux_loss = _all_mean([lm_sum, aux_sum], _dp_group(), batch.device)
+        ok, grad_norm = False, float("nan")
+        if finite(lm_loss, aux_loss):
+            ok, grad_norm = guarded_step(opt)
+    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch)
+
+
 def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     """Train according to `cfg`. `callbacks` (tests, tools): {"step_start": fn(step, model)}. Returns a summary."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
 
     from megamoe import parallel
-    from megamoe.compat.cpu import cuda_to_cpu
     from megamoe.model import LlamaMoEModel
     from megamoe.training.checkpointing import CheckpointManager, StopSignal
     from megamoe.training.data import build_data
@@ -190,7 +231,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
                                           peak_flops_for_device)
     from megamoe.training.monitor import Monitor
     from megamoe.training.nan_guard import NonFiniteGuard
-    from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_model
+    from megamoe.training.optim import build_optimizer, unwrap, wrap_model
     from megamoe.training.schedule import LRSchedule
     callbacks = callbacks or {}
 
@@ -321,35 +362,21 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
                 callbacks["step_start"](step, unwrap(ddp))
             meter.start()
             lr = sched.apply(opt, step)
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            lm_sum = aux_sum = 0.0
-            last_stats = []
-            for _ in range(n_micro):
-                batch, _dom = data.next_batch(cfg.train.micro_batch_size)
-                batch = batch.to(device, non_blocking=True)
-                out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-                (out.loss / n_micro).backward()
-                lm_sum += float(out.lm_loss.detach()) / n_micro
-                aux_sum += float(out.aux_loss.detach()) / n_micro
-                last_stats = out.router_stats
-                if (step + 1) % cfg.log.interval == 0 or step + 1 == cfg.train.steps:
-                    router_acc.add(out.router_stats)
-            with cuda_to_cpu():
-                finalize_model_grads([ddp])
-                lm_loss, aux_loss = _all_mean([lm_sum, aux_sum], _dp_group(), device)
-                ok, grad_norm = False, float("nan")
-                if guard.finite(lm_loss, aux_loss):
-                    ok, grad_norm = guarded_step(opt)
+            r = train_step(ddp, opt, lambda: data.next_batch(cfg.train.micro_batch_size)[0], n_micro,
+                           device=device, finite=guard.finite)
+            lm_loss, aux_loss, ok, grad_norm = r.lm_loss, r.aux_loss, r.ok, r.grad_norm
+            done = step + 1
+            if done % cfg.log.interval == 0 or done == cfg.train.steps:
+                for micro_stats in r.router_stats:
+                    router_acc.add(micro_stats)
             tokens_seen += tokens_per_step
             dt = meter.stop(tokens_per_step)
-            done = step + 1
             if ok:
                 losses[done] = lm_loss + aux_loss
             else:
                 log.warning("step %d: non-finite loss/grad (lm %s, aux %s, grad norm %s); update skipped (%d in a row)",
                             done, lm_loss, aux_loss, grad_norm, guard.consecutive + 1)
-            guard.record(ok, done, ddp, list(zip(moe_layer_ids, last_stats)), batch)
+            guard.record(ok, done, ddp, list(zip(moe_layer_ids, r.router_stats[-1])), r.last_batch)
 
             # ---- log ----
             if done % cfg.log.interval == 0 or done == cfg.train.steps:

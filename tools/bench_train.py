@@ -6,7 +6,7 @@ a plain torch loop (AdamW, clip_grad_norm_), same weights, same batch, same proc
     python tools/bench_train.py --json out.json
     python tools/bench_train.py --shape llama-moe-3.5b --layers 4 --seq-len 4096   # GPU: TGS and MFU
 
-megamoe's step is the trainer's own: megatron-core DDP (fp32 grad buffers) + megatron AdamW + the NaN-guarded
+megamoe's step is the trainer's own (megamoe.train.train_step): megatron-core DDP (fp32 grad buffers) + megatron AdamW + the NaN-guarded
 step (prepare grads, global norm, clip, update) + the LR schedule, with the C++ permute/unpermute. The reference
 is what a user would write with transformers: model(input_ids, labels) with the router aux loss, backward,
 torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (foreach). Both start from identical weights (copied), and the
@@ -57,19 +57,10 @@ def our_setup(mcfg, precision, device, lr=1e-4):
 
 
 def our_step(ddp, opt, sched, batch, step):
-    from megatron.core.distributed import finalize_model_grads
-
-    from megamoe.compat.cpu import cuda_to_cpu
-    from megamoe.training.optim import guarded_step
+    from megamoe.train import train_step
     sched.apply(opt, step)
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-    out.loss.backward()
-    with cuda_to_cpu():
-        finalize_model_grads([ddp])
-        guarded_step(opt)
-    return float(out.loss.detach())
+    r = train_step(ddp, opt, lambda: batch)
+    return r.lm_loss + r.aux_loss
 
 
 def hf_setup(mcfg, ours, device, dtype, lr=1e-4):
