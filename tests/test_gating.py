@@ -14,20 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from triton_import import import_topk_gating
+
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    _prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from megamoe.kernels import topk_gating as K
-except ImportError:  # no triton
-    K = None
-finally:
-    if not HAS_CUDA:
-        if _prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _prev
+K = import_topk_gating()   # interpreted on a CPU machine (TRITON_INTERPRET=1 around the import only), or None
 
 from megamoe.ops import _ext  # noqa: E402
 from megamoe.ops import gating as G  # noqa: E402

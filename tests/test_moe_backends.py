@@ -6,25 +6,14 @@ routers (llama-moe noisy top-k in training, so noise, thresholds and Shazeer's l
 switch with capacity and token dropping), with a residual expert and uneven expert sizes.
 """
 
-import os
 
 import pytest
 import torch
 
+from triton_import import import_topk_gating
+
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # interpreted Triton: the variable is read at import; restore it so other modules keep torch
-    _prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from megamoe.kernels import topk_gating as K
-except ImportError:
-    K = None
-finally:
-    if not HAS_CUDA:
-        if _prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _prev
+K = import_topk_gating()   # interpreted on a CPU machine (TRITON_INTERPRET=1 around the import only), or None
 
 from megamoe.config import ModelConfig, MoEConfig  # noqa: E402
 from megamoe.model.llama import megatron_config  # noqa: E402
