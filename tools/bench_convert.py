@@ -16,6 +16,14 @@ Reported: wall time of each (best of --repeat), the ratio convert / cp (goal <= 
 second thread, started before torch is imported) and the guard (dense vs MoE logits on 2 x 16 tokens, the written
 shards read back). With --no-guard the same runs are repeated with --guard-tokens 0 and both ratios are printed.
 Timings on a shared machine are noisy: the load average is printed before and after, with the CPU times.
+
+Virtual machines that return free memory to the hypervisor (virtio-balloon free page reporting: pages that stay
+free ~2 s are handed back, and touching them again costs a host fault) make fresh page-cache pages up to 10x dearer
+for a run that starts a few seconds after the last cleanup than for one that starts at once. `cp` (about 1 s)
+reuses the pages its cleanup just freed; a longer run soon writes into returned pages. `--settle S` waits S
+seconds after each cleanup (the source is read again just before the timed run) so that every run starts from
+the same returned-memory state; the default 0 times each run straight after its cleanup. The bench says when
+the machine's balloon driver reports free pages.
 """
 
 from __future__ import annotations
@@ -74,6 +82,31 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+def warm(path: str):
+    """Read every file under `path` (into the page cache)."""
+    for r, _, fs in os.walk(path):
+        for f in fs:
+            with open(os.path.join(r, f), "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def free_page_reporting() -> bool:
+    """True when a virtio-balloon device with free page reporting (feature bit 5) is bound: a VM that gives
+    free memory back to its host."""
+    root = "/sys/bus/virtio/drivers/virtio_balloon"
+    try:
+        for d in os.listdir(root):
+            feats = os.path.join(root, d, "features")
+            if os.path.isfile(feats):
+                bits = open(feats).read().strip()
+                if len(bits) > 5 and bits[5] == "1":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 def timed(cmd) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes, exit status) of a child process; its CPU seconds go to timed.last_cpu."""
     t0 = time.perf_counter()
@@ -99,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "megamoe-bench-convert"),
                     help="scratch directory (the source is kept there for reuse)")
     ap.add_argument("--no-guard", action="store_true", help="also time hf-to-moe with --guard-tokens 0 (no guard)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after each cleanup before the timed run (VM free page reporting, above)")
     args = ap.parse_args(argv)
 
     src = os.path.join(args.work, f"llama7b-shape-{args.layers}l")
@@ -112,6 +147,9 @@ def main(argv=None):
     def clean():
         shutil.rmtree(dst, ignore_errors=True)
         subprocess.run(["sync"])
+        if args.settle > 0:
+            time.sleep(args.settle)
+            warm(src)
 
     load_before = os.getloadavg()
     clean()
@@ -143,6 +181,9 @@ def main(argv=None):
     print(f"CPU (user+sys)  cp {min(cp_cpu):.2f} s, hf-to-moe {min(conv_cpu):.2f} s  (on a loaded machine wall time "
           f"tracks the CPU share the scheduler gives; load average {load_before[0]:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores)")
+    if free_page_reporting():
+        print(f"note: this VM reports free pages to its host (virtio-balloon); runs started {args.settle:g} s after "
+              f"their cleanup{' (--settle)' if args.settle else ''}: see --help")
     print("guard:", *summary["guard"], sep="\n  ")
     if args.no_guard:
         ng, ng_cpu = [], []
