@@ -95,6 +95,16 @@ def print_table(title: str, header: list[str], rows: list[list[str]]):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+def result_header(names, ours_backend, peak):
+    """The columns result_row fills: ours, each reference's time and ratio, and with a peak our GB/s and % of it."""
+    header = ["shape", "op", f"ours ({ours_backend}) us"]
+    for n in names[1:]:
+        header += [f"{n} us", "ratio"]
+    if peak:
+        header += ["ours GB/s", "% of peak"]
+    return header
+
+
 def result_row(shape, op, times, names, nbytes, peak, pct_digits=0):
     """A table row: ours, then each reference's time and its ratio to ours; with a peak, our GB/s and % of it."""
     row = [shape, op, fmt_us(times["ours"])]
@@ -215,11 +225,7 @@ def bench_permute(args, device, E: int, peak):
              "permute+unpermute": (2 * T * H + 2 * N * H) * es + N * 8 * 3 + N * 4,
              "fwd+bwd": (2 * T * H + 2 * N * H) * es * 2 + (N * H + T * H) * es}
     names = list(impls)
-    header = ["shape", "op", f"ours ({ours_backend}) us"]
-    for n in names[1:]:
-        header += [f"{n} us", "ratio"]
-    if peak:
-        header += ["ours GB/s", "% of peak"]
+    header = result_header(names, ours_backend, peak)
     rows = []
     shape = f"T={T} k={k} E={E} H={H} {args.dtype}"
     for op in moved:
@@ -289,11 +295,7 @@ def bench_gating(args, device, E: int, peak):
         return run
 
     names = list(impls)
-    header = ["shape", "op", f"ours ({ours_backend}) us"]
-    for n in names[1:]:
-        header += [f"{n} us", "ratio"]
-    if peak:
-        header += ["ours GB/s", "% of peak"]
+    header = result_header(names, ours_backend, peak)
     shape = f"T={T} E={E} k={k} fp32 softmax_topk+renorm"
     moved = {"fwd": T * E * 4 + T * k * 12 + E * 16, "fwd+bwd": 3 * T * E * 4 + 2 * T * k * 12 + E * 32}
     rows = []

@@ -68,3 +68,14 @@ def log_backend_once(logger: logging.Logger, op: str, backend: str, detail: str)
         return
     _announced.add(key)
     logger.info("%s: %s backend (%s)", op, backend, detail)
+
+
+def forced_backend(env_var: str, backends: tuple, logger: logging.Logger, op: str) -> str:
+    """The backend `env_var` forces ("" when unset or "auto"); raises on an unknown name. A forced "torch" is
+    announced here (the plain-torch reference needs no further check)."""
+    forced = os.environ.get(env_var, "").strip().lower()
+    if forced not in ("", "auto") + tuple(backends):
+        raise ValueError(f"{env_var} must be one of {tuple(backends)} (or unset), got {forced!r}")
+    if forced == "torch":
+        log_backend_once(logger, op, "torch", f"plain-torch reference, forced by {env_var}")
+    return "" if forced == "auto" else forced

@@ -145,11 +145,8 @@ def _triton_can_run(device: torch.device, forced: bool) -> tuple[bool, str]:
 
 def select_backend(device: torch.device) -> str:
     """The backend that runs for logits on `device` (see the module docstring)."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced not in ("", "auto") + BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or unset), got {forced!r}")
+    forced = _ext.forced_backend(ENV_VAR, BACKENDS, logger, "gating")
     if forced == "torch":
-        _ext.log_backend_once(logger, "gating", "torch", f"plain-torch reference, forced by {ENV_VAR}")
         return "torch"
     ok, why = _triton_can_run(device, forced == "triton")
     if forced == "triton":

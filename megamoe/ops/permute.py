@@ -32,7 +32,6 @@ each kept row weight * grad_out[t] and each weight <row, grad_out[t]>; dropped s
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -113,11 +112,8 @@ def _native_available(backend: str) -> bool:
 def select_backend(device: torch.device) -> str:
     """The backend that runs for tensors on `device`: MEGAMOE_PERMUTE_BACKEND if set, else CUDA kernels for CUDA
     tensors, C++ kernels for CPU tensors, plain torch when the extension is missing (or for other devices)."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced not in ("", "auto") + BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or unset), got {forced!r}")
+    forced = _ext.forced_backend(ENV_VAR, BACKENDS, logger, "permute")
     if forced == "torch":
-        _ext.log_backend_once(logger, "permute", "torch", f"plain-torch reference, forced by {ENV_VAR}")
         return "torch"
     if forced in _NATIVE:
         dev, module, what, ext_name, dev_name = _NATIVE[forced]
