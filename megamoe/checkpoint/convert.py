@@ -416,7 +416,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             # read back what was written: identity (all experts, uniform router, scale E) and real routing
             ck = ShardedCheckpoint(tmp)
             try:
-                with _torch_threads(1), two_threads():  # the writer is done: both cores for the read-back pass
+                with two_threads():  # the writer is done: both cores for the read-back pass (torch: 1 thread)
                     id_logits, real_logits = _shard_logits(ck, ids, progress, both=True)
             finally:
                 ck.close()

@@ -106,10 +106,6 @@ def two_threads():
             _POOL[0] = prev
 
 
-def _vec(w) -> torch.Tensor:
-    return w.float()
-
-
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -175,7 +171,7 @@ class Forward:
         B, S = self.ids.shape
         H, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_head
         p = f"layers.{i}."
-        h = _rms(x, _vec(w(p + "attn_norm.weight")), cfg.rms_norm_eps)
+        h = _rms(x, w(p + "attn_norm.weight").float(), cfg.rms_norm_eps)
         q = _lin(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
         k = _lin(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
         v = _lin(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
@@ -183,7 +179,7 @@ class Forward:
         k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + _lin(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
-        h = _rms(x, _vec(w(p + "mlp_norm.weight")), cfg.rms_norm_eps)
+        h = _rms(x, w(p + "mlp_norm.weight").float(), cfg.rms_norm_eps)
         mi = cfg.moe_index(i)
         if mi is None:
             x = x + _swiglu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
@@ -202,7 +198,7 @@ class Forward:
     @torch.no_grad()
     def head(self, get) -> torch.Tensor:
         cfg = self.cfg
-        x = _rms(self.x, _vec(get("norm.weight")), cfg.rms_norm_eps)
+        x = _rms(self.x, get("norm.weight").float(), cfg.rms_norm_eps)
         head = get("embed.weight") if cfg.tie_word_embeddings else get("lm_head.weight")
         return _lin(x, head)
 

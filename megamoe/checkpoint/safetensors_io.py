@@ -16,7 +16,6 @@ Files written here load with `safetensors.safe_open` / `transformers` (tests che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -401,29 +400,3 @@ def copy_range_at(fd: int, offset: int, reader, src_offset: int, tensor: torch.T
             return done + _pwrite_all(fd, memoryview(flat.numpy()), offset + done, path)
         return write_tensor_at(fd, offset, tensor, path)
     return n
-
-
-def write_tensor_bytes(f, tensor: torch.Tensor):
-    """Append the raw (little-endian, C-order) bytes of `tensor` to the binary file `f`."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return
-    # a uint8 view of the storage: no copy, works for bf16/fp8 that numpy lacks
-    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-
-
-def sha256_file(path: str, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-from .checksum import BackgroundHasher  # noqa: E402,F401  (moved: torch-free, several algorithms)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..config import ConfigError, ModelConfig, ParallelConfig
 from .buffers import Arena
 from .layout import expected_names, expected_shape, slicing
-from .safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter
+from .safetensors_io import NAMES, CheckpointError, SafetensorsReader, StreamingWriter
 
 FILE_SOURCE = "_megamoe_file_source"  # tensor attribute: (SafetensorsReader, byte offset) of its unmodified bytes
 FORMAT = "megamoe-shards"
@@ -91,8 +91,8 @@ class ShardWriter:
     Tensors may have any strides: a slice whose rows are contiguous (o_proj/down_proj column halves, an expert's
     column block) is written row by row with gathered writes, without a contiguous copy. With `threads` > 0 the
     bytes are written by that many background threads (file I/O releases the GIL): `write` returns at once and
-    the caller must leave the tensor unchanged until `wait(w.mark())` returned past it (or `close`); `pending_bytes`
-    and `wait` bound how much is in flight. Errors of a background write are raised by the next call.
+    the caller must leave the tensor unchanged until `wait(w.mark())` returned past it (or `close`); `wait` bounds
+    how much is in flight. Errors of a background write are raised by the next call.
     """
 
     def __init__(self, out_dir: str, cfg: ModelConfig, par: ParallelConfig, dtypes: dict, info: dict | None = None,
@@ -131,7 +131,7 @@ class ShardWriter:
             raise
         self.nbytes = sum(w.total for w in self.writers.values())
         self._i = 0
-        self._serial = 0  # self._jobs: (serial, nbytes, future) of background writes
+        self._serial = 0  # self._jobs: (serial, future) of background writes
         if threads > 0:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="megamoe-shard-writer")
@@ -141,14 +141,9 @@ class ShardWriter:
         """A marker for 'everything submitted so far' (see wait)."""
         return self._serial
 
-    @property
-    def pending_bytes(self) -> int:
-        self._reap()
-        return sum(n for _, n, _ in self._jobs)
-
     def _reap(self, upto: int | None = None):
-        while self._jobs and (self._jobs[0][2].done() or (upto is not None and self._jobs[0][0] < upto)):
-            _, _, fut = self._jobs.popleft()
+        while self._jobs and (self._jobs[0][1].done() or (upto is not None and self._jobs[0][0] < upto)):
+            _, fut = self._jobs.popleft()
             fut.result()  # raises the job's error
 
     def wait(self, mark: int | None = None):
@@ -175,7 +170,7 @@ class ShardWriter:
                 where = (src[0], src[1] + piece.data_ptr() - tensor.data_ptr())
             fut = self.writers[f].write(name, piece, submit, where)
             if fut is not None:
-                self._jobs.append((self._serial, piece.numel() * piece.element_size(), fut))
+                self._jobs.append((self._serial, fut))
         self._serial += 1
         self._i += 1
 
@@ -433,7 +428,6 @@ def save_shards(out_dir: str, cfg: ModelConfig, state: dict, par: ParallelConfig
     """Write a full (TP1/EP1, our names) state dict as shards with layout `par` into `out_dir`, which must not exist
     or be empty. Written to a temporary sibling directory and renamed into place, so a failure leaves nothing.
     Returns `out_dir`. (For the trainer's exports; conversions stream instead of holding a state dict.)"""
-    from .safetensors_io import NAMES
     par = par or ParallelConfig()
     missing = [n for n in expected_names(cfg) if n not in state]
     if missing:
