@@ -281,7 +281,7 @@ def main(argv=None) -> int:
               "paths": {"hf_dense": hf_dir, "corpus": corpus_dir, "tokenized": tok_dir, "moe_converted": moe_dir,
                         "train": train_dir, "checkpoints": summary["checkpoint_dir"], "metrics": summary["metrics"],
                         "plots": plots, "final_model": summary["final_model"], "hf_mixtral": hf_out}}
-    from megamoe.training.checkpointing import atomic_write_text
+    from megamoe.fileio import atomic_write_text
     atomic_write_text(os.path.join(out, "quickstart_summary.json"), json.dumps(result, indent=1, default=str))
     print("\nwritten:")
     for k, v in result["paths"].items():

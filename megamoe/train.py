@@ -189,8 +189,7 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
     """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
     forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro;
     finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the data-parallel group;
-    then, when
-    `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient norm skips the update)."""
+    then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient norm skips the update)."""
     from megatron.core.distributed import finalize_model_grads
 
     from megamoe.compat.cpu import cuda_to_cpu
@@ -430,7 +429,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
                "checkpoint_dir": ckpt.root, "metrics": os.path.abspath(monitor.jsonl_path),
                "final_model": final_dir, "tgs": meter.tgs, "flops_per_token": fpt}
     if is_main:
-        from megamoe.training.checkpointing import atomic_write_text
+        from megamoe.fileio import atomic_write_text
         atomic_write_text(os.path.join(cfg.out_dir, "summary.json"),
                           json.dumps({k: v for k, v in summary.items() if k not in ("losses", "eval_history")},
                                      indent=1, default=str))

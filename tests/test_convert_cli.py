@@ -3,7 +3,6 @@ behind; an existing checkpoint is never touched; the CLI round trip works on the
 
 import json
 import os
-import shutil
 import sys
 
 import pytest

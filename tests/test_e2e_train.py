@@ -4,7 +4,6 @@
 import json
 import os
 
-import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from megamoe.checkpoint import convert
 from megamoe.checkpoint.forward import reference_logits
-from megamoe.checkpoint.guard import GuardError, guard_ids
+from megamoe.checkpoint.guard import GuardError
 from megamoe.checkpoint.layout import hf_llama_to_ours_name
 from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
-from megamoe.config import ModelConfig, MoEConfig
+from megamoe.config import MoEConfig
 
 transformers = pytest.importorskip("transformers")
 

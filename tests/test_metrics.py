@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megamoe.config import ConfigError, ModelConfig, MoEConfig
-from megamoe.training.config import TrainConfig, apply_overrides, load_train_config, save_train_config
+from megamoe.training.config import apply_overrides, load_train_config, save_train_config
 from megamoe.training.metrics import ThroughputMeter, flops_per_token, matmul_active_params, mfu
 from megamoe.training.schedule import LRSchedule
 

@@ -134,12 +134,15 @@ def test_layouts_match_single_process(two_node_layouts):
 
 
 def test_reshard_tp2ep2_to_ep4_tp1ep1(ref):
-    """TP1xEP1 is loaded on 4 ranks (DP4); `parallel_worker.py load_single` also loads it in a world of one."""
+    """TP1xEP1 is loaded on 4 ranks (DP4), and in a world of one (`parallel_worker.py load_single`)."""
     ok = "\n".join(_checks(_torchrun(4, [WORKER, "reshard", ref], timeout=280)))
     assert "OK ep2etp2/llamamoe gradients of all" in ok and "OK ep2etp2/llamamoe step 4 grad norm" in ok
     for layout in ("ep4", "dp4", "ep2etp2"):
         for i, what in ((3, "weights"), (4, "optimizer state")):
             assert f"OK {layout} after loading tp2ep2sp_dp2: step {i} loss ({what})" in ok
+    single = _run([sys.executable, WORKER, "load_single", ref], 180)
+    assert single.returncode == 0 and single.stdout.count("OK single process") == 2, \
+        single.stdout[-3000:] + single.stderr[-3000:]
 
 
 def test_dead_rank_stops_the_job_and_names_it(tmp_path):

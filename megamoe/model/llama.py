@@ -350,10 +350,10 @@ class LlamaMoEModel(nn.Module):
             if st is not None:
                 stats.append(st)
         x = self.norm(x)
+        aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=x.device))
         if labels is not None and not return_logits and self._fused_loss_applies(x):
             # CPU, TP = 1: projection + cross entropy chunk by chunk, no [S, B, V] logits (megamoe/ops/linear_ce.py)
             from megamoe.ops.linear_ce import linear_cross_entropy
-            aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=x.device))
             w = (self.lm_head.weight if self.lm_head is not None else self.embed.weight)
             tok_w = None
             if loss_mask is not None:
@@ -366,7 +366,6 @@ class LlamaMoEModel(nn.Module):
         else:
             logits, _ = self._tied_head(x, weight=self.embed.weight)
         logits = upcast(logits)
-        aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=logits.device))
         out = ModelOutput(logits=logits.transpose(0, 1) if return_logits else None, aux_loss=aux, router_stats=stats)
         if labels is not None:
             # megatron's cross entropy works in place on its input: give it a copy when the logits are returned

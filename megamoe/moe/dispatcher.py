@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megamoe.moe.router import Routing
+from megamoe.ops import _ext
 from megamoe.ops.permute import permute, unpermute
 
 
@@ -49,9 +50,6 @@ class AllToAllHandle:
     output_splits: list[int]         # rows received from each EP rank
     etp_sizes: list[int] | None      # rows held by each expert-TP rank before the all-gather (etp > 1)
     unsort: torch.Tensor | None      # inverse of the (source, expert) -> (expert, source) chunk sort
-
-
-_logged = False
 
 
 def _chunk_sort_index(counts: torch.Tensor) -> torch.Tensor:
@@ -98,12 +96,8 @@ class AllToAllDispatcher:
         if self.local_ids != expect:
             raise ValueError(f"AllToAllDispatcher: local experts {self.local_ids} are not the block {expect} of "
                              f"EP rank {ep_rank}")
-        global _logged
-        if not _logged:
-            _logged = True
-            logging.getLogger(__name__).info(
-                "MoE dispatch: all-to-all over an EP group of %d ranks (%d experts each), expert-TP %d", self.ep,
-                self.num_local, self.etp)
+        _ext.log_backend_once(logging.getLogger(__name__), "MoE dispatch", "all-to-all",
+                              f"an EP group of {self.ep} ranks, {self.num_local} experts each, expert-TP {self.etp}")
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         from megatron.core.tensor_parallel import mappings

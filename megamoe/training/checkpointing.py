@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamoe.fileio import atomic_write_text  # noqa: F401  (re-exported: part of this module's API)
+from megamoe.fileio import atomic_write_text
 
 log = logging.getLogger("megamoe.train")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from megamoe.config import ConfigError, ModelConfig, ParallelConfig, from_dict
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["TrainConfig", "InitConfig", "DataConfig", "OptimConfig", "LoopConfig", "EvalConfig",
            "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config", "apply_overrides"]
@@ -291,7 +292,5 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
 
 def save_train_config(cfg: TrainConfig, path: str) -> None:
     """Write the config in force as YAML, atomically (temp file, then rename)."""
-    from megamoe.fileio import atomic_write_text
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
