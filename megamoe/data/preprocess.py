@@ -439,7 +439,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
         _worker_init(tok, tok.path, cfg, in_pool=False, threads=threads)
         if executor is None and procs > 1:
             own_ex = executor = _make_executor(tok, cfg)
-        if executor is not None and not froze:
+        if executor is not None:
             froze = True
             gc.freeze()  # neither this process's nor the workers' collections walk (and copy) the shared heap
         results = _ordered_results(executor if procs > 1 else None, tasks, procs)
