@@ -91,3 +91,34 @@ def test_counts_must_cover_the_rows():
     ex = Experts(8, [4, 4], [0, 1])
     with pytest.raises(ValueError):
         ex(torch.randn(5, 8), [2, 2])
+
+
+def test_padded_counts_buckets():
+    from megamoe.moe.experts import padded_counts
+    counts = list(range(0, 3000))
+    rows = padded_counts(counts)
+    assert all(n <= r <= n + max(15, n // 8) for n, r in zip(counts, rows))   # at most 1/8 (or 15 rows) of padding
+    assert rows[0] == 0
+    assert len(set(padded_counts(range(400, 700)))) <= 8                      # few shapes around 512 tokens
+
+
+def test_row_padding_is_exact(monkeypatch):
+    """The CPU half-precision path pads each expert's rows with zeros (a few GEMM shapes for oneDNN). Forced on in
+    fp64, it must give the unpadded values and gradients to rounding."""
+    import megamoe.moe.experts as E
+    torch.manual_seed(0)
+    ex = Experts(24, [48, 16, 40, 24], [0, 1, 2, 3], std=0.2).double()
+    counts = [37, 0, 101, 5]
+    x0 = torch.randn(sum(counts), 24, dtype=torch.float64)
+    dy = torch.randn(sum(counts), 24, dtype=torch.float64)
+    outs = []
+    for pad in (False, True):
+        monkeypatch.setattr(E, "_pads_rows", lambda x, pad=pad: pad)
+        ex.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = ex(x, counts)
+        y.backward(dy)
+        outs.append([y.detach(), x.grad] + [p.grad for p in ex.parameters()])
+    assert E.padded_counts(counts) != tuple(counts)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -72,6 +72,14 @@ def test_bf16_inputs_fp32_statistics():
     ref.backward()
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-3)
     torch.testing.assert_close(w.grad.double(), wr.grad, atol=2e-4, rtol=2e-2)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=2e-4, rtol=2e-2)
+
+
+def test_chunk_rows_policy():
+    from megamoe.ops.linear_ce import chunk_rows
+    assert chunk_rows(8192) == 1024 and chunk_rows(8192, half=True) == 512   # a logits budget at small vocabularies
+    assert chunk_rows(49152) == chunk_rows(49152, half=True) == 512           # never below 512 rows (weight-grad adds)
+    assert chunk_rows(256) == 1 << 15
 
 
 def test_bad_shapes_are_refused():

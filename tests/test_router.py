@@ -170,3 +170,28 @@ def test_switch_default_capacity_factor_and_training_noise_changes_choice():
     r.eval()
     b, c = r(x).indices, r(x).indices
     assert torch.equal(b, c) and not torch.equal(a, b)  # Gumbel noise in training only
+
+
+@pytest.mark.parametrize("gate_network", ["mlp", "linear"])
+def test_bf16_router_scores_in_fp32(gate_network):
+    """Under bf16 training the router's weights are bf16 like every other parameter (one dtype for megatron's DDP and
+    distributed optimizer), but the scores are computed in fp32: same routing as an fp32 router holding the same
+    (bf16-representable) weights, from bf16 activations."""
+    r32 = make_router(top_k=2, router="topk_noisy", gate_network=gate_network).eval()
+    with torch.no_grad():
+        for p in r32.parameters():
+            p.copy_(p.bfloat16().float())
+    r16 = Router(MoEConfig(num_experts=E, top_k=2, router="topk_noisy", gate_network=gate_network), H,
+                 score_scale=1.0, dtype=torch.bfloat16).eval()
+    r16.load_state_dict(r32.state_dict())
+    assert {p.dtype for p in r16.parameters()} == {torch.bfloat16}
+    x = torch.randn(64, H).bfloat16()
+    a, b = r16(x), r32(x.float())
+    assert a.weights.dtype == torch.float32
+    torch.testing.assert_close(a.indices, b.indices)
+    torch.testing.assert_close(a.weights, b.weights, rtol=1e-6, atol=1e-6)
+    # gradients reach the bf16 weights
+    r16.train()
+    out = r16(x.requires_grad_())
+    (out.weights.sum() + out.stats.balance_loss).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in r16.gate.parameters())

@@ -50,6 +50,26 @@ def test_exact_resume_after_sigterm(tmp_path):
     assert resumed["tokens"] == full["tokens"] == 8 * 256
 
 
+def test_bf16_training_tracks_fp32_and_resumes_exactly(tmp_path):
+    """bf16 weights with fp32 master weights and grads (megatron mixed precision), on a CPU: the losses follow the
+    fp32 run's, and a run stopped after step 4 and resumed reproduces the uninterrupted bf16 run exactly (the
+    distributed optimizer's fp32 master weights are in the checkpoint)."""
+    from megamoe.checkpoint.shards import load_shards
+    from megamoe.train import run
+    ref = run(tiny(tmp_path / "fp32", train__steps=6, train__precision="fp32", checkpoint__interval=0,
+                   checkpoint__save_at_end=False))
+    full = run(tiny(tmp_path / "full", train__steps=6, train__precision="bf16", checkpoint__interval=0,
+                    checkpoint__save_at_end=False))
+    for step, loss in ref["losses"].items():
+        assert abs(full["losses"][step] - loss) < 2e-3 * loss, (step, full["losses"][step], loss)
+    part = run(tiny(tmp_path / "run", train__steps=4, train__precision="bf16"))
+    resumed = run(tiny(tmp_path / "run", train__steps=6, train__precision="bf16", checkpoint__resume=True))
+    assert resumed["start_step"] == 4
+    assert {**part["losses"], **resumed["losses"]} == full["losses"]
+    sd = load_shards(resumed["final_model"])
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16} and "layers.1.mlp.router.gate.0.weight" in sd
+
+
 def test_keep_last_and_final_model(tmp_path):
     from megamoe.checkpoint.shards import load_shards
     from megamoe.train import run

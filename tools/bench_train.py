@@ -13,6 +13,11 @@ torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (foreach). Both start from ide
 first-step losses are compared to make sure the same function is trained. Timing: warm-up steps, then rounds that
 alternate one step of each, median over rounds (robust to other load on the machine).
 
+Precision (`--precision`, default: what the trainer's `train.precision: auto` picks on this machine): fp32, or bf16
+= bf16 weights with fp32 master weights and grads (megatron mixed precision). Against bf16 on a CPU the reference
+runs twice, under torch.autocast(bf16) over fp32 weights (transformers' mixed precision) and in plain fp32; the
+ratio counted is against the faster of the two.
+
 On a GPU (`--shape llama-moe-3.5b`): the LLaMA-MoE-3.5B (2/8) layer shape (H 4096, 8 experts of 1376 = 11008/8,
 top-2, 32 heads, vocab 32000) truncated to `--layers` decoder layers to fit one device; bf16, reports TGS and
 MFU = TGS * (6 * activated matmul params + causal attention FLOPs) / peak (metrics.py), peak by device name or
@@ -36,6 +41,9 @@ SHAPES = {
                   num_kv_heads=4),
     "llama-moe-3.5b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                            num_kv_heads=32),
+    # the quickstart's model: SmolLM2-135M split into 8 experts of 192
+    "smollm2-moe": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                        num_kv_heads=3),
 }
 
 
@@ -102,17 +110,19 @@ def hf_setup(mcfg, ours, device, dtype, lr=1e-4):
     return model, opt
 
 
-def hf_loss(model, batch):
-    """Next-token loss over the same S positions as ours (HF's `labels=` would shift once more) + router aux loss."""
-    out = model(input_ids=batch[:, :-1])
+def hf_loss(model, batch, autocast=None):
+    """Next-token loss over the same S positions as ours (HF's `labels=` would shift once more) + router aux loss.
+    autocast: a dtype to run the forward under torch.autocast (transformers' mixed precision), or None."""
+    with torch.autocast(batch.device.type, dtype=autocast, enabled=autocast is not None):
+        out = model(input_ids=batch[:, :-1])
     logits = out.logits.float()
     lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     return lm, lm + model.config.router_aux_loss_coef * out.aux_loss
 
 
-def hf_step(model, opt, batch):
+def hf_step(model, opt, batch, autocast=None):
     opt.zero_grad(set_to_none=True)
-    _, loss = hf_loss(model, batch)
+    _, loss = hf_loss(model, batch, autocast)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -139,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="only megamoe's step (GPU MFU runs)")
     p.add_argument("--recompute", action="store_true")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: what the trainer picks here (bf16 on a GPU or a CPU with native bf16, else fp32)")
     p.add_argument("--peak-flops", type=float, default=None)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
@@ -146,15 +158,16 @@ def main(argv=None) -> int:
     _quiet_library_warnings()
 
     from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.training.config import resolve_precision
     from megamoe.training.metrics import flops_per_token, peak_flops_for_device
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    precision = "bf16" if cuda else "fp32"
+    precision = resolve_precision(a.precision, cuda)
     shape = dict(SHAPES[a.shape])
     if a.layers:
         shape["num_layers"] = a.layers
     mcfg = ModelConfig(**shape, max_position_embeddings=max(4096, a.seq_len), recompute=a.recompute,
-                       params_dtype="bfloat16" if cuda else "float32",
+                       params_dtype="bfloat16" if precision == "bf16" else "float32",
                        moe=MoEConfig(num_experts=8, top_k=2, router="mixtral", gate_network="linear",
                                      score_scale=1.0, balance_loss_weight=0.01)).validate()
     tokens = a.batch * a.seq_len
@@ -165,26 +178,39 @@ def main(argv=None) -> int:
           f"{precision}; {a.shape} shape, {mcfg.num_layers} layers, H {mcfg.hidden_size}, 8 experts top-2, "
           f"batch {a.batch} x {a.seq_len} = {tokens} tokens/step")
     model, ddp, opt, sched = our_setup(mcfg, precision, device)
-    ref = None
+    # the references: transformers at our precision (bf16: torch.autocast, its mixed precision, over fp32 weights;
+    # on a GPU bf16 weights), and on a CPU in bf16 also plain fp32, which may be faster there: the ratio counted is
+    # against the fastest
+    refs = {}
     if not a.no_reference:
-        ref = hf_setup(mcfg, model, device, torch.bfloat16 if cuda else torch.float32)
+        if cuda:
+            refs["transformers bf16" if precision == "bf16" else "transformers fp32"] = (
+                *hf_setup(mcfg, model, device, torch.bfloat16 if precision == "bf16" else torch.float32), None)
+        else:
+            refs["transformers fp32"] = (*hf_setup(mcfg, model, device, torch.float32), None)
+            if precision == "bf16":
+                refs["transformers bf16 autocast"] = (*hf_setup(mcfg, model, device, torch.float32), torch.bfloat16)
         with torch.no_grad():
-            model.eval(), ref[0].eval()
+            model.eval()
             l_ours = float(model(batches[0][:, :-1], labels=batches[0][:, 1:], return_logits=False).lm_loss)
-            l_ref = float(hf_loss(ref[0], batches[0])[0])
-            model.train(), ref[0].train()
-        print(f"same model check: initial LM loss megamoe {l_ours:.6f} vs transformers {l_ref:.6f}")
-        if abs(l_ours - l_ref) > 1e-3 * max(1.0, abs(l_ref)):
-            print("WARNING: the two models differ; the comparison is not like for like")
-    t_ours, t_ref = [], []
+            model.train()
+            for name, (m, _, cast) in refs.items():
+                m.eval()
+                l_ref = float(hf_loss(m, batches[0], cast)[0])
+                m.train()
+                print(f"same model check: initial LM loss megamoe {l_ours:.6f} vs {name} {l_ref:.6f}")
+                tol = (1e-3 if precision == "fp32" and cast is None else 2e-2) * max(1.0, abs(l_ref))
+                if abs(l_ours - l_ref) > tol:
+                    print("WARNING: the two models differ; the comparison is not like for like")
+    t_ours, t_ref = [], {name: [] for name in refs}
     for i, b in enumerate(batches):
         dt = timed(lambda: our_step(ddp, opt, sched, b, i), device)
         if i >= a.warmup:
             t_ours.append(dt)
-        if ref is not None:
-            dt = timed(lambda: hf_step(ref[0], ref[1], b), device)
+        for name, (m, o, cast) in refs.items():
+            dt = timed(lambda: hf_step(m, o, b, cast), device)
             if i >= a.warmup:
-                t_ref.append(dt)
+                t_ref[name].append(dt)
     ours_tps = tokens / statistics.median(t_ours)
     fpt = flops_per_token(mcfg, a.seq_len)
     peak = a.peak_flops or peak_flops_for_device(device, precision)
@@ -192,13 +218,17 @@ def main(argv=None) -> int:
            "batch": a.batch, "precision": precision, "megamoe_tokens_per_s": ours_tps,
            "megamoe_step_s": statistics.median(t_ours), "flops_per_token": fpt,
            "achieved_flops": ours_tps * fpt, "peak_flops": peak, "mfu": ours_tps * fpt / peak if peak else None}
-    print(f"megamoe       {ours_tps:10,.0f} tokens/s  (median step {res['megamoe_step_s'] * 1e3:.0f} ms, "
+    print(f"megamoe {precision:<20} {ours_tps:10,.0f} tokens/s  (median step {res['megamoe_step_s'] * 1e3:.0f} ms, "
           f"{ours_tps * fpt / 1e9:.1f} GFLOP/s model FLOPs)")
-    if t_ref:
-        ref_tps = tokens / statistics.median(t_ref)
-        res.update(transformers_tokens_per_s=ref_tps, ratio=ours_tps / ref_tps)
-        print(f"transformers  {ref_tps:10,.0f} tokens/s  (MixtralForCausalLM + torch AdamW)")
-        print(f"ratio megamoe / transformers: {ours_tps / ref_tps:.2f}x  (goal >= 1.5x on CPU)")
+    if refs:
+        ref_tps = {name: tokens / statistics.median(ts) for name, ts in t_ref.items()}
+        for name, tps in ref_tps.items():
+            print(f"{name:<28} {tps:10,.0f} tokens/s  (MixtralForCausalLM + torch AdamW; megamoe {ours_tps / tps:.2f}x)")
+        best = max(ref_tps, key=ref_tps.get)
+        res.update(transformers_tokens_per_s=ref_tps[best], reference=best, ratio=ours_tps / ref_tps[best],
+                   references={k: v for k, v in ref_tps.items()})
+        print(f"ratio megamoe / transformers (its fastest: {best}): {ours_tps / ref_tps[best]:.2f}x  "
+              f"(goal >= 1.5x on CPU)")
     if cuda:
         print(f"TGS {ours_tps:,.0f} tokens/GPU/s, MFU {100 * res['mfu']:.1f}%" if peak else
               f"TGS {ours_tps:,.0f} (unknown peak: pass --peak-flops)")

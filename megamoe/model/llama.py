@@ -250,8 +250,12 @@ class Attention(nn.Module):
             if gqa and q.is_cuda:
                 rep = self.n_heads // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            dt = q.dtype
+            if not q.is_cuda and dt in (torch.float16, torch.bfloat16):
+                # a CPU's SDPA kernel is slower in half precision than in fp32 (it accumulates in fp32 either way)
+                q, k, v = q.float(), k.float(), v.float()
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa and not q.is_cuda)
-            o = o.permute(2, 0, 1, 3)  # [S,B,h,d]
+            o = o.permute(2, 0, 1, 3).to(dt)  # [S,B,h,d]
         out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
         return out
 

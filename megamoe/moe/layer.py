@@ -21,15 +21,17 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
         super().__init__()
         from megatron.core import parallel_state as ps
+
+        from megamoe.model.llama import DTYPES, MLP
         moe = cfg.moe
         self.layer_idx, self.moe = layer_idx, moe
         mi = cfg.moe_index(layer_idx)
-        self.router = Router(moe, cfg.hidden_size, moe.layer_scale(mi), mcfg.sequence_parallel)
+        self.router = Router(moe, cfg.hidden_size, moe.layer_scale(mi), mcfg.sequence_parallel,
+                             DTYPES[cfg.params_dtype])
         ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
         per_rank = moe.num_experts // ep
         local = list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank))
         etp = ps.get_expert_tensor_parallel_world_size()
-        from megamoe.model.llama import DTYPES, MLP
         self.experts = Experts(cfg.hidden_size, cfg.expert_sizes(layer_idx), local, etp, cfg.init_std,
                                cfg.num_layers, DTYPES[cfg.params_dtype])
         self.shared = MLP(cfg, mcfg, moe.residual_size) if moe.residual_size else None

@@ -67,22 +67,37 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def build_gate_network(kind: str, hidden: int, num_experts: int) -> nn.Module:
+def build_gate_network(kind: str, hidden: int, num_experts: int, dtype=torch.float32) -> nn.Module:
     if kind == "linear":
-        return nn.Linear(hidden, num_experts, bias=False)
+        return nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(hidden, num_experts, bias=False), nn.Tanh(),
-                             nn.Linear(num_experts, num_experts, bias=False))
+        return nn.Sequential(nn.Linear(hidden, num_experts, bias=False, dtype=dtype), nn.Tanh(),
+                             nn.Linear(num_experts, num_experts, bias=False, dtype=dtype))
     raise ValueError(f"moe.gate_network: unknown gate type {kind!r}")
 
 
+def _linear_fp32(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, upcast(lin.weight))
+
+
+def gate_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gate network's logits, computed in fp32 whatever the dtype of x and of the weights (the weights are stored
+    in the model's dtype, as every other parameter; routing decisions are made on fp32 scores, as megatron's
+    moe_router_dtype="fp32")."""
+    x = upcast(x)
+    if isinstance(gate, nn.Linear):
+        return _linear_fp32(gate, x)
+    return _linear_fp32(gate[2], torch.tanh(_linear_fp32(gate[0], x)))
+
+
 class Router(nn.Module):
-    def __init__(self, moe: MoEConfig, hidden: int, score_scale: float, sequence_parallel: bool = False):
+    def __init__(self, moe: MoEConfig, hidden: int, score_scale: float, sequence_parallel: bool = False,
+                 dtype=torch.float32):
         super().__init__()
         self.moe, self.scale = moe, score_scale
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
-        self.gate = build_gate_network(moe.gate_network, hidden, moe.num_experts)
-        self.noise = nn.Linear(hidden, moe.num_experts, bias=False) if moe.router == "topk_noisy" else None
+        self.gate = build_gate_network(moe.gate_network, hidden, moe.num_experts, dtype)
+        self.noise = nn.Linear(hidden, moe.num_experts, bias=False, dtype=dtype) if moe.router == "topk_noisy" else None
         for p in self.parameters():
             nn.init.normal_(p, std=moe.gate_init_std)
             setattr(p, "sequence_parallel", sequence_parallel)  # sees only this rank's tokens under SP
@@ -104,14 +119,13 @@ class Router(nn.Module):
         """x: [T, H] -> Routing."""
         moe, E, k = self.moe, self.num_experts, self.top_k
         T = x.shape[0]
-        logits = self.gate(x)
-        logits = upcast(logits)
+        logits = gate_logits(self.gate, x)
         capacity = self.capacity(T)
         noisy_training = self.training and moe.noise
         sigma = noise = None
         if moe.router == "topk_noisy":
             if noisy_training:
-                sigma = F.softplus(upcast(self.noise(x))) + moe.noise_epsilon
+                sigma = F.softplus(_linear_fp32(self.noise, upcast(x))) + moe.noise_epsilon
                 noise = torch.randn_like(logits) * sigma
             g = topk_gating(logits, k, order="topk_softmax", scale=self.scale, noise=noise, capacity=capacity,
                             return_thresholds=noisy_training and k < E)
