@@ -112,6 +112,7 @@ def _evaluate_hf(model, mix, batches: int, B: int, device):
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megamoe.train import _quiet_library_warnings
+    from megamoe.training.config import resolve_precision
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     _quiet_library_warnings()
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
-          f"({'bf16' if cuda else 'fp32'} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
+          f"({resolve_precision('auto', cuda)} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
     stage = Stage(7)
     t_start = time.time()
 

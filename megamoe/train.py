@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from megamoe.config import ConfigError
-from megamoe.training.config import TrainConfig, load_train_config, save_train_config
+from megamoe.training.config import TrainConfig, load_train_config, resolve_precision, save_train_config
 
 log = logging.getLogger("megamoe.train")
 
@@ -239,7 +239,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     if mcfg is None:
         raise ConfigError("model: no model section and no init.path to take the architecture from")
     cuda = torch.cuda.is_available()
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cuda else "fp32")
+    precision = resolve_precision(cfg.train.precision, cuda)
     mcfg.params_dtype = "bfloat16" if precision == "bf16" else "float32"
     mcfg.recompute = bool(cfg.train.activation_checkpointing or mcfg.recompute)
     cfg.model = mcfg

@@ -81,3 +81,12 @@ def test_yaml_errors_name_file_and_field(tmp_path):
         load_yaml(str(p), ModelConfig)
     with pytest.raises(ConfigError, match="no such config file"):
         load_yaml(str(tmp_path / "missing.yaml"), ModelConfig)
+
+
+def test_precision_auto(monkeypatch):
+    import megamoe.training.config as C
+    assert C.resolve_precision("fp32", cuda=True) == "fp32" and C.resolve_precision("bf16", cuda=False) == "bf16"
+    assert C.resolve_precision("auto", cuda=True) == "bf16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(C, "cpu_has_native_bf16", lambda native=native: native)
+        assert C.resolve_precision("auto", cuda=False) == want

@@ -110,7 +110,7 @@ class LoopConfig:
     global_batch_tokens: int = 4 * 2048   # tokens per optimizer step, all ranks together
     micro_batch_size: int = 1             # sequences per forward on one rank
     seed: int = 1227
-    precision: str = "auto"               # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"               # auto: bf16 on a GPU or a CPU with native bf16, else fp32
     activation_checkpointing: bool = False
     max_consecutive_nonfinite: int = 5    # NaN/Inf losses in a row before the run stops
     max_minutes: float | None = None      # wall-clock limit of the loop: save and stop (resumable) before passing it
