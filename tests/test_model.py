@@ -211,3 +211,26 @@ def test_bf16_model_tracks_fp32():
     g32 = torch.cat([p.grad.flatten() for p in m32.parameters()])
     g16 = torch.cat([p.grad.float().flatten() for p in m16.parameters()])
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_rmsnorm_cpu_functions_match_autograd_reference(dtype):
+    """The CPU RMSNorm autograd functions (fp32/fp64 and half precision) against autograd through the reference."""
+    from megamoe.model.llama import RMSNorm, rms_norm_reference
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, 1e-5, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g) * 0.5 + 1)
+    x0 = torch.randn(5, 3, 48, generator=g).to(dtype) * 3
+    dy = torch.randn(5, 3, 48, generator=g).to(dtype)
+    res = []
+    for fn in (norm, lambda x: rms_norm_reference(x, norm.weight, 1e-5)):
+        norm.weight.grad = None
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        y.backward(dy)
+        res.append((y.detach(), x.grad, norm.weight.grad))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*res):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b.double(), **tol)

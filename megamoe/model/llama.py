@@ -62,8 +62,11 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", sequence_parallel)
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64) and not x.is_cuda:
-            return _RMSNormFunction.apply(x, self.weight, self.eps)   # fewer passes over x on a CPU
+        if x.dtype == self.weight.dtype and not x.is_cuda:
+            if x.dtype in (torch.float32, torch.float64):
+                return _RMSNormFunction.apply(x, self.weight, self.eps)   # fewer passes over x on a CPU
+            if x.dtype in (torch.bfloat16, torch.float16):
+                return _RMSNormHalfFunction.apply(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
 
@@ -99,6 +102,35 @@ class _RMSNormFunction(torch.autograd.Function):
             g = dy * weight                                               # w dy
             m = (g * xn).sum(-1, keepdim=True).div_(H)                    # mean(w dy * x) * r
             dx = g.sub_(xn * m).mul_(r)                                   # r * (w dy - x r * mean(w dy x r))
+        return dx, dw, None
+
+
+class _RMSNormHalfFunction(torch.autograd.Function):
+    """rms_norm_reference for half-precision x and weight (y = w * half(x r), the statistics in fp32), with the
+    backward written out in fp32 as autograd computes it through the casts: dw = sum_t dy * half(x r);
+    dx = half(r * (g - x r * mean(g * x r))), g = float(w dy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        H = x.shape[-1]
+        xf = x.float()
+        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(H).add_(eps))
+        xn = xf.mul_(r).to(x.dtype)
+        ctx.save_for_backward(x, r, weight)
+        return xn * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, weight = ctx.saved_tensors
+        H = x.shape[-1]
+        xnf = x.float().mul_(r)
+        dw = dx = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * xnf.to(x.dtype)).reshape(-1, H).sum(0)
+        if ctx.needs_input_grad[0]:
+            g = (dy * weight).float()
+            m = (g * xnf).sum(-1, keepdim=True).div_(H)
+            dx = g.sub_(xnf.mul_(m)).mul_(r).to(x.dtype)
         return dx, dw, None
 
 
@@ -229,6 +261,11 @@ class Attention(nn.Module):
         q = q.view(S, B, self.n_heads, self.d).permute(1, 2, 0, 3)   # [B, h, S, d]
         k = k.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
         v = v.view(S, B, self.n_kv, self.d).permute(1, 2, 0, 3)
+        dt = q.dtype
+        if not q.is_cuda and dt in (torch.float16, torch.bfloat16):
+            # on a CPU, RoPE and attention run in fp32: SDPA's CPU kernel is faster in fp32 than in half precision
+            # (it accumulates in fp32 either way), and so are elementwise ops on these strided views
+            q, k, v, cos, sin = q.float(), k.float(), v.float(), cos.float(), sin.float()
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = _pick_attention_backend(self.cfg, q)
         if backend == "te":
@@ -250,10 +287,6 @@ class Attention(nn.Module):
             if gqa and q.is_cuda:
                 rep = self.n_heads // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            dt = q.dtype
-            if not q.is_cuda and dt in (torch.float16, torch.bfloat16):
-                # a CPU's SDPA kernel is slower in half precision than in fp32 (it accumulates in fp32 either way)
-                q, k, v = q.float(), k.float(), v.float()
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa and not q.is_cuda)
             o = o.permute(2, 0, 1, 3).to(dt)  # [S,B,h,d]
         out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
