@@ -179,8 +179,11 @@ def main(argv=None) -> int:
     dense.load_state_dict(dense_sd, strict=True)
     ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
     del dense, dense_sd
+    # the MoE in the precision it will train in: its forward speed sets the step count below
+    bf16 = resolve_precision("auto", cuda) == "bf16"
+    moe_cfg.params_dtype = "bfloat16" if bf16 else "float32"
     moe = LlamaMoEModel(moe_cfg)
-    sd = load_shards(moe_dir, dtype=torch.float32)
+    sd = load_shards(moe_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     moe.load_state_dict(sd, strict=True)
     t_eval = time.time()
     ppl_before, fwd_tps = _evaluate_ours(moe, mix, a.eval_batches, a.micro_batch, device)
