@@ -63,10 +63,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype and not x.is_cuda:
-            if x.dtype in (torch.float32, torch.float64):
-                return _RMSNormFunction.apply(x, self.weight, self.eps)   # fewer passes over x on a CPU
-            if x.dtype in (torch.bfloat16, torch.float16):
-                return _RMSNormHalfFunction.apply(x, self.weight, self.eps)
+            return _RMSNormFunction.apply(x, self.weight, self.eps)       # fewer passes over x on a CPU
         return rms_norm_reference(x, self.weight, self.eps)
 
 
@@ -77,60 +74,34 @@ def rms_norm_reference(x, weight, eps):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """rms_norm_reference for fp32/fp64 x and weight of the same dtype, with a hand-written backward:
+    """rms_norm_reference for x and weight of one dtype, with a hand-written backward:
     y = w * x * r, r = rsqrt(mean(x^2) + eps);  dx = r * (w dy) - x * r^3 * mean(w dy * x);  dw = sum_t dy * x * r.
-    3 passes over x forward and 5 backward instead of autograd's 6 and ~10 (the norms are memory-bound)."""
+    3 passes over x forward and 5 backward instead of autograd's 6 and ~10 (the norms are memory-bound). Half
+    precision as autograd computes it through the reference's casts: statistics and dx in fp32, y = w * half(x r),
+    dw = sum_t dy * half(x r); it keeps x (half) rather than x r (fp32) for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         H = x.shape[-1]
-        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        r = torch.rsqrt(ss.square_().div_(H).add_(eps))
-        xn = x * r
-        ctx.save_for_backward(xn, r, weight)
-        return xn * weight
-
-    @staticmethod
-    def backward(ctx, dy):
-        xn, r, weight = ctx.saved_tensors
-        H = xn.shape[-1]
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = (dy * xn).reshape(-1, H).sum(0)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            g = dy * weight                                               # w dy
-            m = (g * xn).sum(-1, keepdim=True).div_(H)                    # mean(w dy * x) * r
-            dx = g.sub_(xn * m).mul_(r)                                   # r * (w dy - x r * mean(w dy x r))
-        return dx, dw, None
-
-
-class _RMSNormHalfFunction(torch.autograd.Function):
-    """rms_norm_reference for half-precision x and weight (y = w * half(x r), the statistics in fp32), with the
-    backward written out in fp32 as autograd computes it through the casts: dw = sum_t dy * half(x r);
-    dx = half(r * (g - x r * mean(g * x r))), g = float(w dy)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        H = x.shape[-1]
-        xf = x.float()
+        xf = upcast(x)
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(H).add_(eps))
-        xn = xf.mul_(r).to(x.dtype)
-        ctx.save_for_backward(x, r, weight)
+        xn = (xf * r).to(x.dtype)
+        ctx.save_for_backward(x if xf is not x else xn, r, weight)
         return xn * weight
 
     @staticmethod
     def backward(ctx, dy):
-        x, r, weight = ctx.saved_tensors
-        H = x.shape[-1]
-        xnf = x.float().mul_(r)
+        saved, r, weight = ctx.saved_tensors
+        H = saved.shape[-1]
+        half = saved.dtype in (torch.float16, torch.bfloat16)
+        xn = saved.float().mul_(r) if half else saved                    # x r, fp32 (or fp64)
         dw = dx = None
         if ctx.needs_input_grad[1]:
-            dw = (dy * xnf.to(x.dtype)).reshape(-1, H).sum(0)
+            dw = (dy * xn.to(dy.dtype)).reshape(-1, H).sum(0)
         if ctx.needs_input_grad[0]:
-            g = (dy * weight).float()
-            m = (g * xnf).sum(-1, keepdim=True).div_(H)
-            dx = g.sub_(xnf.mul_(m)).mul_(r).to(x.dtype)
+            g = upcast(dy * weight)                                       # w dy
+            m = (g * xn).sum(-1, keepdim=True).div_(H)                    # mean(w dy * x) * r
+            dx = g.sub_(xn * m).mul_(r).to(dy.dtype)                      # r * (w dy - x r * mean(w dy x r))
         return dx, dw, None
 
 
