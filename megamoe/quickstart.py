@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--score-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=1227)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training precision (auto: bf16 on a GPU, fp32 on a CPU; bf16 is faster on CPUs with native "
+                        "bf16, AVX512-BF16 or AMX)")
     p.add_argument("--hf-dir", default=None,
                    help="start from this dense HF LLaMA directory instead of the embedded SmolLM2 (tests, your model)")
     return p.parse_args(argv)
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
-          f"({resolve_precision('auto', cuda)} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
+          f"({resolve_precision(a.precision, cuda)} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
     stage = Stage(7)
     t_start = time.time()
 
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
     ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
     del dense, dense_sd
     # the MoE in the precision it will train in: its forward speed sets the step count below
-    bf16 = resolve_precision("auto", cuda) == "bf16"
+    bf16 = resolve_precision(a.precision, cuda) == "bf16"
     moe_cfg.params_dtype = "bfloat16" if bf16 else "float32"
     moe = LlamaMoEModel(moe_cfg)
     sd = load_shards(moe_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
     overrides = [f"out_dir={train_dir}", f"init.path={moe_dir}", f"data.manifest={manifest}",
                  f"data.seq_len={a.seq_len}", f"data.seed={a.seed}", f"train.steps={steps}",
                  f"train.global_batch_tokens={tokens_per_step}", f"train.micro_batch_size={a.micro_batch}",
-                 f"train.seed={a.seed}", f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
+                 f"train.seed={a.seed}", f"train.precision={a.precision}", f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
                  # the trainer's own evaluation at the end feeds the routing-by-domain plot (one batch per domain);
                  # the "after" perplexities are measured below with the exported transformers model
                  "eval.batches=1", f"eval.batch_size={a.micro_batch}", "eval.interval=0",

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from megamoe.config import ConfigError
-from megamoe.training.config import TrainConfig, load_train_config, resolve_precision, save_train_config
+from megamoe.training.config import (TrainConfig, cpu_has_native_bf16, load_train_config, resolve_precision,
+                                     save_train_config)
 
 log = logging.getLogger("megamoe.train")
 
@@ -254,6 +255,8 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     n_micro = cfg.micro_batches_per_step(dp_size)
     log.info("device %s, precision %s, world %d (dp %d), %d micro-batches of %d x %d per rank per step",
              device, precision, world, dp_size, n_micro, cfg.train.micro_batch_size, cfg.data.seq_len)
+    if is_main and not cuda and precision == "fp32" and cpu_has_native_bf16():
+        log.info("this CPU computes bf16 natively: train.precision=bf16 trains faster (docs/training.md, Precision)")
 
     # ---- model, optimizer, schedule ----
     torch.manual_seed(cfg.train.seed)                      # identical initial weights on every rank

@@ -13,8 +13,9 @@ torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (foreach). Both start from ide
 first-step losses are compared to make sure the same function is trained. Timing: warm-up steps, then rounds that
 alternate one step of each, median over rounds (robust to other load on the machine).
 
-Precision (`--precision`, default: what the trainer's `train.precision: auto` picks on this machine): fp32, or bf16
-= bf16 weights with fp32 master weights and grads (megatron mixed precision). Against bf16 on a CPU the reference
+Precision (`--precision`, default: what the trainer's `train.precision: auto` picks: bf16 on a GPU, fp32 on a CPU):
+fp32, or bf16 = bf16 weights with fp32 master weights and grads (megatron mixed precision; on a CPU with native bf16
+the faster choice, `--precision bf16`). Against bf16 on a CPU the reference
 runs twice, under torch.autocast(bf16) over fp32 weights (transformers' mixed precision) and in plain fp32; the
 ratio counted is against the faster of the two.
 
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="only megamoe's step (GPU MFU runs)")
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: what the trainer picks here (bf16 on a GPU or a CPU with native bf16, else fp32)")
+                   help="auto: what the trainer's train.precision=auto picks (bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--peak-flops", type=float, default=None)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
