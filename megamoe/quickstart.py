@@ -115,7 +115,7 @@ def _evaluate_hf(model, mix, batches: int, B: int, device):
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megamoe.train import _quiet_library_warnings
-    from megamoe.training.config import resolve_precision
+    from megamoe.training.config import PARAMS_DTYPES, resolve_precision
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     _quiet_library_warnings()
@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
+    precision = resolve_precision(a.precision, cuda)
     print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
-          f"({resolve_precision(a.precision, cuda)} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
+          f"({precision} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
     stage = Stage(7)
     t_start = time.time()
 
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
     stage("per-domain perplexity: dense model and converted MoE before training")
     from megamoe.checkpoint.hf_llama import load_hf_llama
     from megamoe.model import LlamaMoEModel
+    from megamoe.model.llama import DTYPES
     dense_cfg, dense_sd = load_hf_llama(hf_dir, dtype=torch.float32)
     torch.manual_seed(a.seed)
     dense = LlamaMoEModel(dense_cfg)
@@ -183,10 +185,9 @@ def main(argv=None) -> int:
     ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
     del dense, dense_sd
     # the MoE in the precision it will train in: its forward speed sets the step count below
-    bf16 = resolve_precision(a.precision, cuda) == "bf16"
-    moe_cfg.params_dtype = "bfloat16" if bf16 else "float32"
+    moe_cfg.params_dtype = PARAMS_DTYPES[precision]
     moe = LlamaMoEModel(moe_cfg)
-    sd = load_shards(moe_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    sd = load_shards(moe_dir, dtype=DTYPES[moe_cfg.params_dtype])
     moe.load_state_dict(sd, strict=True)
     t_eval = time.time()
     ppl_before, fwd_tps = _evaluate_ours(moe, mix, a.eval_batches, a.micro_batch, device)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from megamoe.config import ConfigError
-from megamoe.training.config import (TrainConfig, cpu_has_native_bf16, load_train_config, resolve_precision,
-                                     save_train_config)
+from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, cpu_has_native_bf16, load_train_config,
+                                     resolve_precision, save_train_config)
 
 log = logging.getLogger("megamoe.train")
 
@@ -241,7 +241,7 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
         raise ConfigError("model: no model section and no init.path to take the architecture from")
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.train.precision, cuda)
-    mcfg.params_dtype = "bfloat16" if precision == "bf16" else "float32"
+    mcfg.params_dtype = PARAMS_DTYPES[precision]
     mcfg.recompute = bool(cfg.train.activation_checkpointing or mcfg.recompute)
     cfg.model = mcfg
     cfg.validate()

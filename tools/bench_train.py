@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     _quiet_library_warnings()
 
     from megamoe.config import ModelConfig, MoEConfig
-    from megamoe.training.config import resolve_precision
+    from megamoe.model.llama import DTYPES
+    from megamoe.training.config import PARAMS_DTYPES, resolve_precision
     from megamoe.training.metrics import flops_per_token, peak_flops_for_device
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     if a.layers:
         shape["num_layers"] = a.layers
     mcfg = ModelConfig(**shape, max_position_embeddings=max(4096, a.seq_len), recompute=a.recompute,
-                       params_dtype="bfloat16" if precision == "bf16" else "float32",
+                       params_dtype=PARAMS_DTYPES[precision],
                        moe=MoEConfig(num_experts=8, top_k=2, router="mixtral", gate_network="linear",
                                      score_scale=1.0, balance_loss_weight=0.01)).validate()
     tokens = a.batch * a.seq_len
@@ -185,8 +186,7 @@ def main(argv=None) -> int:
     refs = {}
     if not a.no_reference:
         if cuda:
-            refs["transformers bf16" if precision == "bf16" else "transformers fp32"] = (
-                *hf_setup(mcfg, model, device, torch.bfloat16 if precision == "bf16" else torch.float32), None)
+            refs[f"transformers {precision}"] = (*hf_setup(mcfg, model, device, DTYPES[mcfg.params_dtype]), None)
         else:
             refs["transformers fp32"] = (*hf_setup(mcfg, model, device, torch.float32), None)
             if precision == "bf16":
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             print(f"{name:<28} {tps:10,.0f} tokens/s  (MixtralForCausalLM + torch AdamW; megamoe {ours_tps / tps:.2f}x)")
         best = max(ref_tps, key=ref_tps.get)
         res.update(transformers_tokens_per_s=ref_tps[best], reference=best, ratio=ours_tps / ref_tps[best],
-                   references={k: v for k, v in ref_tps.items()})
+                   references=dict(ref_tps))
         print(f"ratio megamoe / transformers (its fastest: {best}): {ours_tps / ref_tps[best]:.2f}x  "
               f"(goal >= 1.5x on CPU)")
     if cuda:

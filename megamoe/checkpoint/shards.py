@@ -383,8 +383,8 @@ def check_output(out: str):
             is_ckpt = any(f in (MANIFEST, "config.json") or f.endswith(".safetensors") for f in content)
             what = "a checkpoint" if is_ckpt else "files"
             raise CheckpointError(f"{out}: already holds {what} ({', '.join(content[:4])}"
-                                  f"{', ...' if len(content) > 4 else ''}); megamoe never overwrites, so it is not overwriting it: choose "
-                                  "a new output directory or remove this one yourself")
+                                  f"{', ...' if len(content) > 4 else ''}); not overwriting it (megamoe never overwrites): choose a "
+                                  "new output directory or remove this one yourself")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ columns) and the dispatcher sums the partial outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -157,12 +158,5 @@ def _to_padded(x: torch.Tensor, counts, rows) -> torch.Tensor:
 def _from_padded(xp: torch.Tensor, counts, rows) -> torch.Tensor:
     if rows == counts:
         return xp
-    return torch.cat([xp[p:p + n] for p, n in zip(_offsets(rows), counts)]) if counts else xp[:0]
-
-
-def _offsets(rows):
-    p, out = 0, []
-    for r in rows:
-        out.append(p)
-        p += r
-    return out
+    starts = itertools.accumulate(rows[:-1], initial=0)
+    return torch.cat([xp[p:p + n] for p, n in zip(starts, counts)])

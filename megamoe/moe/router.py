@@ -119,13 +119,14 @@ class Router(nn.Module):
         """x: [T, H] -> Routing."""
         moe, E, k = self.moe, self.num_experts, self.top_k
         T = x.shape[0]
+        x = upcast(x)
         logits = gate_logits(self.gate, x)
         capacity = self.capacity(T)
         noisy_training = self.training and moe.noise
         sigma = noise = None
         if moe.router == "topk_noisy":
             if noisy_training:
-                sigma = F.softplus(_linear_fp32(self.noise, upcast(x))) + moe.noise_epsilon
+                sigma = F.softplus(_linear_fp32(self.noise, x)) + moe.noise_epsilon
                 noise = torch.randn_like(logits) * sigma
             g = topk_gating(logits, k, order="topk_softmax", scale=self.scale, noise=noise, capacity=capacity,
                             return_thresholds=noisy_training and k < E)

@@ -35,6 +35,7 @@ __all__ = ["TrainConfig", "InitConfig", "DataConfig", "OptimConfig", "LoopConfig
 INIT_SOURCES = ("random", "megamoe", "hf")
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # a resolved precision -> ModelConfig.params_dtype
 
 
 def cpu_has_native_bf16() -> bool:
