@@ -5,6 +5,7 @@ guard still refuses what it must."""
 import json
 import os
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -300,3 +301,35 @@ def test_in_kernel_copy_of_source_bytes_and_its_fallback(tmp_path, monkeypatch):
             os.close(fd)
         assert (tmp_path / f"out{i}").read_bytes()[3:] == t[10:20].numpy().tobytes()
     assert len(calls) == 1  # the open reader went through the kernel copy, the closed one did not
+
+
+def test_blocked_linear_row_split_between_threads_is_bit_identical(monkeypatch):
+    """forward.threads(n) splits every matrix into block-aligned row ranges, one per thread: each output element
+    comes from the same block product whatever n, so the guard's logits do not depend on the core count."""
+    monkeypatch.setattr(forward, "BLOCK_BYTES", 4 * 32 * 5)  # blocks of 5 rows
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, generator=g)
+    w = torch.randn(97, 32, generator=g).half()  # 20 blocks, the last of 2 rows
+    ref = F.linear(x, w.float())
+    one = forward._lin(x, w)
+    assert (one - ref).abs().max() <= 1e-5 * ref.abs().max()
+    seen = set()
+    mm = torch.mm
+
+    def spy(*a, **k):
+        seen.add(threading.current_thread().name)
+        return mm(*a, **k)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    for n in (2, 3, 4, 7, 64):
+        seen.clear()
+        with forward.threads(n):
+            got = forward._lin(x, w)
+        assert torch.equal(got, one), n
+        # the calling thread takes the first range, pool threads the others (a pool thread may take two)
+        assert threading.current_thread().name in seen and any(t.startswith("megamoe-forward") for t in seen), seen
+    with forward.threads(1):
+        seen.clear()
+        assert torch.equal(forward._lin(x, w), one)
+        assert seen == {threading.current_thread().name}
+    assert forward._POOL == [None, 1]  # closed blocks leave no pool behind

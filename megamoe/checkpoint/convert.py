@@ -41,7 +41,7 @@ from ..config import ConfigError, MoEConfig, ModelConfig, ParallelConfig
 from . import llama_moe_v1 as v1
 from . import mixtral as mx
 from .buffers import Arena
-from .forward import Forward, SplitWeight, reference_logits, two_threads
+from .forward import Forward, SplitWeight, reference_logits, threads, usable_cores
 from .guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from .hf_dir import HFDir, read_json
 from .hf_writer import HFWriter, write_json
@@ -335,7 +335,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
     report = GuardReport()
 
     guard = guard_tokens > 0
-    with staged_output(out) as tmp, _no_gc(), _torch_threads(1):
+    # the source pass runs beside the writer thread: the other cores (none spare on 2 cores) share its matmuls
+    with staged_output(out) as tmp, _no_gc(), _torch_threads(1), threads(usable_cores() - WRITE_THREADS):
         info = {"partition": {"method": method, "seed": seed, "gate_init": gate_init,
                               "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values())}}
         # the bytes go out on a background thread (file writes release the GIL) while this thread gathers the next
@@ -416,8 +417,7 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             # read back what was written: identity (all experts, uniform router, scale E) and real routing
             ck = ShardedCheckpoint(tmp)
             try:
-                with two_threads():  # the writer is done: both cores for the read-back pass (torch: 1 thread)
-                    id_logits, real_logits = _shard_logits(ck, ids, progress, both=True)
+                id_logits, real_logits = _shard_logits(ck, ids, progress, both=True)
             finally:
                 ck.close()
             if exact:
@@ -456,9 +456,10 @@ def _no_gc():
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    """torch intra-op threads for the guard's small matmuls. One: the conversion already keeps both cores busy
-    (writer thread + gather/guard), and OpenMP workers that spin-wait for a busy core cost up to 4x the CPU time
-    on a shared machine (measured: 31 s instead of 8.6 s user for the 8-layer bench)."""
+    """torch intra-op threads for the guard's small matmuls. One: the guard splits each matrix between its own
+    threads (forward.threads: one per usable core, less the writer while it runs), and OpenMP workers that
+    spin-wait for a busy core cost up to 4x the CPU time on a shared machine (measured: 31 s instead of 8.6 s user
+    for the 8-layer bench)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -509,7 +510,8 @@ def _dense_mlp_name(n: str) -> str:
 def _shard_logits(ck: ShardedCheckpoint, ids, progress, both=False):
     """Logits from the written shards: real routing (and, with both=True, first the all-experts identity). Every
     tensor is used straight from the memory-mapped shard files, part by part (the forward converts blocks of rows
-    to fp32 in a small buffer: no full-size fp32 copy); the two variants run as two rows of one batch."""
+    to fp32 in a small buffer: no full-size fp32 copy); the two variants run as two rows of one batch. Each matrix
+    is split by rows between every usable core (forward.threads)."""
     cfg = ck.config
     n = ids.shape[0]
     f = Forward(cfg, ids.repeat(2, 1), row_modes=["identity"] * n + ["routed"] * n) if both else Forward(cfg, ids)
@@ -518,10 +520,11 @@ def _shard_logits(ck: ShardedCheckpoint, ids, progress, both=False):
         pieces, dim = ck.map_parts(name)
         return pieces[0] if len(pieces) == 1 else SplitWeight(pieces, dim)
 
-    f.embed(get)
-    for i in tqdm(range(cfg.num_layers), desc="verify", disable=not progress, unit="layer"):
-        f.layer(i, get)
-    logits = f.head(get)
+    with _torch_threads(1), threads(usable_cores()):  # nothing else runs now: every core, our row split
+        f.embed(get)
+        for i in tqdm(range(cfg.num_layers), desc="verify", disable=not progress, unit="layer"):
+            f.layer(i, get)
+        logits = f.head(get)
     return [logits[:n], logits[n:]] if both else logits
 
 

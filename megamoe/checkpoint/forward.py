@@ -23,6 +23,7 @@ Tested against transformers' LlamaForCausalLM and MixtralForCausalLM (tests/test
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -79,31 +80,51 @@ def _lin(x: torch.Tensor, w) -> torch.Tensor:
             n = min(rows, b - i)
             torch.mm(buf[:n].copy_(w[i:i + n]), xt, out=out_t[i:i + n])
 
-    pool = _POOL[0]
-    if pool is None or N < 4 * rows:
+    pool, workers = _POOL[0], _POOL[1]
+    parts = min(workers, N // (2 * rows)) if pool is not None else 1  # each part at least two blocks
+    if parts <= 1:
         run(0, N)
-    else:  # halves of the rows on two threads (torch releases the GIL; no OpenMP spin-waiting on a busy core)
-        mid = (N // 2 + rows - 1) // rows * rows
-        fut = pool.submit(run, mid, N)
-        run(0, mid)
-        fut.result()
+    else:  # contiguous, block-aligned row ranges on `parts` threads (torch releases the GIL; no OpenMP spin-waits)
+        step = (N + parts - 1) // parts
+        step = (step + rows - 1) // rows * rows
+        futs = [pool.submit(run, a, min(a + step, N)) for a in range(step, N, step)]
+        run(0, min(step, N))
+        for f in futs:
+            f.result()
     return out_t.t().reshape(*x.shape[:-1], N)
 
 
-_POOL = [None]
+_POOL = [None, 1]  # (executor, workers including the calling thread) while a `threads` block is open
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
-def two_threads():
-    """Within this block `_lin` splits each large matrix between the calling thread and one helper thread."""
+def threads(n: int):
+    """Within this block `_lin` splits each large matrix into up to `n` block-aligned row ranges: the calling
+    thread takes the first, n - 1 helper threads the others. Every output element is computed by the same
+    blocked loop whatever `n`, so the result does not depend on it (bit for bit)."""
     from concurrent.futures import ThreadPoolExecutor
-    prev = _POOL[0]
-    with ThreadPoolExecutor(1, thread_name_prefix="megamoe-forward") as pool:
-        _POOL[0] = pool
+    prev = list(_POOL)
+    if n <= 1:
+        _POOL[:] = [None, 1]
         try:
             yield
         finally:
-            _POOL[0] = prev
+            _POOL[:] = prev
+        return
+    with ThreadPoolExecutor(n - 1, thread_name_prefix="megamoe-forward") as pool:
+        _POOL[:] = [pool, n]
+        try:
+            yield
+        finally:
+            _POOL[:] = prev
 
 
 def _rms(x, w, eps):
