@@ -80,8 +80,8 @@ def _lin(x: torch.Tensor, w) -> torch.Tensor:
             n = min(rows, b - i)
             torch.mm(buf[:n].copy_(w[i:i + n]), xt, out=out_t[i:i + n])
 
-    pool, workers = _POOL[0], _POOL[1]
-    parts = min(workers, N // (2 * rows)) if pool is not None else 1  # each part at least two blocks
+    pool, workers = _POOL
+    parts = min(workers, N // (2 * rows))  # each part at least two blocks; 1 without a `threads` block
     if parts <= 1:
         run(0, N)
     else:  # contiguous, block-aligned row ranges on `parts` threads (torch releases the GIL; no OpenMP spin-waits)
@@ -112,19 +112,14 @@ def threads(n: int):
     blocked loop whatever `n`, so the result does not depend on it (bit for bit)."""
     from concurrent.futures import ThreadPoolExecutor
     prev = list(_POOL)
-    if n <= 1:
-        _POOL[:] = [None, 1]
-        try:
-            yield
-        finally:
-            _POOL[:] = prev
-        return
-    with ThreadPoolExecutor(n - 1, thread_name_prefix="megamoe-forward") as pool:
-        _POOL[:] = [pool, n]
-        try:
-            yield
-        finally:
-            _POOL[:] = prev
+    pool = ThreadPoolExecutor(n - 1, thread_name_prefix="megamoe-forward") if n > 1 else None
+    _POOL[:] = [pool, max(1, n)]
+    try:
+        yield
+    finally:
+        _POOL[:] = prev
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _rms(x, w, eps):
