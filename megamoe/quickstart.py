@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     overrides = [f"out_dir={train_dir}", f"init.path={moe_dir}", f"data.manifest={manifest}",
                  f"data.seq_len={a.seq_len}", f"data.seed={a.seed}", f"train.steps={steps}",
                  f"train.global_batch_tokens={tokens_per_step}", f"train.micro_batch_size={a.micro_batch}",
-                 f"train.seed={a.seed}", f"train.precision={a.precision}", f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
+                 f"train.seed={a.seed}", f"train.precision={precision}",  # the one the step count was sized for
+                 f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
                  # the trainer's own evaluation at the end feeds the routing-by-domain plot (one batch per domain);
                  # the "after" perplexities are measured below with the exported transformers model
                  "eval.batches=1", f"eval.batch_size={a.micro_batch}", "eval.interval=0",
