@@ -6,7 +6,6 @@ routers (llama-moe noisy top-k in training, so noise, thresholds and Shazeer's l
 switch with capacity and token dropping), with a residual expert and uneven expert sizes.
 """
 
-
 import pytest
 import torch
 

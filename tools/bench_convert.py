@@ -17,9 +17,10 @@ second thread, started before torch is imported) and the guard (dense vs MoE log
 shards read back). With --no-guard the same runs are repeated with --guard-tokens 0 and both ratios are printed.
 Timings on a shared machine are noisy: the load average is printed before and after, with the CPU times.
 
-Virtual machines that return free memory to the hypervisor (virtio-balloon free page reporting: pages that stay
-free ~2 s are handed back, and touching them again costs a host fault) make fresh page-cache pages up to 10x dearer
-for a run that starts a few seconds after the last cleanup than for one that starts at once. `cp` (about 1 s)
+Virtual machines that return free memory to the hypervisor (virtio-balloon free page reporting: freed pages are
+handed back within a second or two, and touching them again costs a host fault) make fresh page-cache pages up to
+5-10x dearer for a run that starts writing even half a second after the last cleanup than for one that starts at
+once (1 GB of pwrite on our VM: 0.28 s at once, 1.3-1.45 s after 0.5-5 s). `cp` (about 1 s)
 reuses the pages its cleanup just freed; a longer run soon writes into returned pages. `--settle S` waits S
 seconds after each cleanup (the source is read again just before the timed run) so that every run starts from
 the same returned-memory state; the default 0 times each run straight after its cleanup. The bench says when
