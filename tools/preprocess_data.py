@@ -15,7 +15,16 @@ One dataset per domain directory (SlimPajama layout, or `tools/build_local_corpu
     -> tokenized/<domain>/train_text_document.{bin,idx}, tokenized/<domain>/valid_text_document.{bin,idx}
        (files named valid*/val*/validation*/dev* are held out) and tokenized/manifest.json
 
-EOS is appended to every document; `--append-bos` also prepends BOS. Bad lines (malformed JSON, missing key,
+Chat data (`--format chat`): JSONL of `{"messages": [{"role", "content"}, ...]}` or `{"instruction", "input"?,
+"output"}` records, rendered with the tokenizer's chat template (or `--chat-template FILE`, a Jinja file):
+
+    python tools/preprocess_data.py --format chat --input sft.jsonl --output-prefix out/sft --tokenizer <hf dir>
+
+    -> out/sft_chat_document.bin/.idx (tokens) and out/sft_chat_document_loss_mask.bin/.idx (uint8, 1 = assistant
+       token), same document boundaries; with --per-domain: <domain>/{train,valid}_chat_document[_loss_mask]
+       and a manifest.json for megamoe.data.sft.SFTMixture.from_manifest
+
+Text data: EOS is appended to every document; `--append-bos` also prepends BOS. Bad lines (malformed JSON, missing key,
 non-UTF-8 bytes, empty documents, ...) are reported as file:line; `--on-error fail` stops at the first one and writes
 nothing, `--on-error skip` (default) counts them and goes on. Output is renamed into place only when complete.
 The library code is `megamoe.data.preprocess`.
@@ -26,7 +35,8 @@ import json
 import os
 import sys
 
-from megamoe.data.preprocess import PreprocessConfig, PreprocessError, preprocess, preprocess_domains
+from megamoe.data.chat import read_chat_template
+from megamoe.data.preprocess import PreprocessConfig, PreprocessError, dataset_name, preprocess, preprocess_domains
 from megamoe.data.tokenizers import load_tokenizer
 
 
@@ -35,10 +45,16 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="JSONL files and/or directories (searched recursively, sorted)")
     src.add_argument("--per-domain", metavar="ROOT", help="a directory with one subdirectory of JSONL per domain")
-    p.add_argument("--output-prefix", help="with --input: output prefix; '_<json-key>_document' is appended")
+    p.add_argument("--output-prefix", help="with --input: output prefix; '_<json-key>_document' is appended "
+                                           "('_chat_document' with --format chat)")
     p.add_argument("--output-dir", help="with --per-domain: output directory")
     p.add_argument("--domains", nargs="+", help="with --per-domain: only these domain subdirectories")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory or sentencepiece .model file")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: one document per line under --json-key; chat: chat records (messages or "
+                        "instruction/input/output) with a loss mask on the assistant tokens")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="with --format chat: a Jinja chat template to use instead of the tokenizer's own")
     p.add_argument("--json-key", default="text", help="the JSON key holding the document text (default: text)")
     p.add_argument("--append-bos", action="store_true", help="prepend BOS to every document")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS (megatron expects it; rarely wanted)")
@@ -58,18 +74,22 @@ def parse_args(argv=None):
         p.error("--input needs --output-prefix")
     if a.per_domain and not a.output_dir:
         p.error("--per-domain needs --output-dir")
+    if a.chat_template and a.format != "chat":
+        p.error("--chat-template needs --format chat")
     return a
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    cfg = PreprocessConfig(json_key=a.json_key, append_eos=not a.no_eos, prepend_bos=a.append_bos,
-                           workers=a.workers, max_threads=a.max_threads, on_error=a.on_error, chunk_bytes=int(a.chunk_mb * (1 << 20)),
-                           overwrite=a.overwrite, progress=not a.quiet)
     try:
+        template = read_chat_template(a.chat_template) if a.chat_template else None
+        cfg = PreprocessConfig(json_key=a.json_key, append_eos=not a.no_eos, prepend_bos=a.append_bos,
+                               workers=a.workers, max_threads=a.max_threads, on_error=a.on_error,
+                               chunk_bytes=int(a.chunk_mb * (1 << 20)), overwrite=a.overwrite, progress=not a.quiet,
+                               format=a.format, chat_template=template, chat_template_source=a.chat_template)
         tok = load_tokenizer(a.tokenizer)
         if a.input:
-            s = preprocess(a.input, f"{a.output_prefix}_{a.json_key}_document", tok, cfg)
+            s = preprocess(a.input, dataset_name(a.output_prefix, cfg), tok, cfg)
             print(s.format())
             result = s.to_dict()
         else:

@@ -14,6 +14,11 @@ into place only when everything is written, `.idx` last: a dataset "looks whole"
 exists, and an interrupted run leaves at most `*.tmp` files. When an older dataset of the same prefix exists and
 `overwrite=True`, its `.idx` is removed *before* the new `.bin` replaces the old one, so no moment pairs an old index
 with new tokens. Partial files written by worker processes are appended with `append_bin_file` (a file copy).
+
+`IndexedReader(prefix)` reads such a dataset back without megatron (documents as numpy views of a memory map),
+after checking that the `.idx` is whole (header, counts, array lengths, byte pointers consistent with the sizes) and
+that the `.bin` holds exactly the bytes the index describes: a truncated or mismatched file is a `ValueError` naming
+it, never a short read.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-__all__ = ["IndexedWriter", "DTYPE_CODES", "dataset_exists", "read_sizes", "INDEX_HEADER"]
+__all__ = ["IndexedWriter", "IndexedReader", "DTYPE_CODES", "dataset_exists", "read_sizes", "read_index",
+           "INDEX_HEADER"]
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
@@ -56,6 +62,74 @@ def read_sizes(prefix: str) -> tuple:
     if len(sizes) != n:
         raise ValueError(f"{path}: truncated index ({len(sizes)} of {n} sizes)")
     return _CODE_DTYPES[code], sizes
+
+
+def read_index(prefix: str) -> tuple:
+    """(dtype, sizes int32[N], pointers int64[N]) from `<prefix>.idx`, every length checked.
+
+    Checks: the header and version, the dtype code, the file length (exactly header + 4N + 8N + 8D bytes), and the
+    byte pointers (`pointers[i] == sum(sizes[:i]) * itemsize`, i.e. documents back to back as our writer and
+    megatron's builder lay them out). Raises ValueError naming the file."""
+    path = prefix + ".idx"
+    dtype, sizes = read_sizes(prefix)
+    n = len(sizes)
+    with open(path, "rb") as f:
+        f.seek(26)
+        (d,) = struct.unpack("<Q", f.read(8))
+        f.seek(34 + 4 * n)
+        pointers = np.fromfile(f, dtype=np.int64, count=n)
+        doc_idx = np.fromfile(f, dtype=np.int64, count=d)
+        rest = f.read(1)
+    if len(pointers) != n or len(doc_idx) != d:
+        raise ValueError(f"{path}: truncated index ({len(pointers)} of {n} pointers, {len(doc_idx)} of {d} "
+                         f"document indices)")
+    if rest:
+        raise ValueError(f"{path}: trailing bytes after the index arrays (not written by a megatron-style writer)")
+    if (sizes < 0).any():
+        raise ValueError(f"{path}: negative document sizes")
+    expect = np.zeros(n, dtype=np.int64)
+    if n > 1:
+        np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=expect[1:])
+    if not np.array_equal(pointers, expect):
+        raise ValueError(f"{path}: byte pointers do not follow the sizes (documents not back to back)")
+    return dtype, sizes, pointers
+
+
+class IndexedReader:
+    """A megatron `.bin/.idx` dataset read back with numpy: `len(r)`, `r[i]` (a read-only view of document i),
+    `r.sizes`, `r.dtype`, `r.num_tokens`. The `.bin` is memory-mapped; its length must equal what the index
+    describes (a truncated `.bin` is an error, not a short document)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        for ext in (".idx", ".bin"):
+            if not os.path.isfile(prefix + ext):
+                raise FileNotFoundError(f"{prefix}{ext}: not found (a dataset needs both .bin and .idx)")
+        self.dtype, self.sizes, self.pointers = read_index(prefix)
+        self.num_tokens = int(self.sizes.astype(np.int64).sum())
+        got = os.path.getsize(prefix + ".bin")
+        want = self.num_tokens * self.dtype.itemsize
+        if got != want:
+            raise ValueError(f"{prefix}.bin: {got} bytes, but its index ({prefix}.idx) describes {len(self.sizes)} "
+                             f"documents of {self.num_tokens} {self.dtype.name} tokens = {want} bytes "
+                             f"({'truncated' if got < want else 'too long'}; rewrite the dataset)")
+        self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        self._bin = (np.memmap(prefix + ".bin", dtype=self.dtype, mode="r") if want
+                     else np.zeros(0, dtype=self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"document {i} out of range for {len(self)} documents ({self.prefix})")
+        i %= len(self)
+        return self._bin[self.offsets[i]:self.offsets[i + 1]]
+
+    def __repr__(self) -> str:
+        return f"IndexedReader({self.prefix!r}, documents={len(self)}, tokens={self.num_tokens}, {self.dtype.name})"
 
 
 class IndexedWriter:

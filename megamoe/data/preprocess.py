@@ -33,6 +33,18 @@ order, raises `PreprocessError("<file>:<line>: <reason>")` and nothing is writte
 reason, the first few of each are listed in the summary, and the run goes on.
 
 Every document gets EOS (`tokenizer.eod`) appended, and BOS prepended when `prepend_bos=True`.
+
+Chat data (`format="chat"`)
+---------------------------
+Lines are chat records (`{"messages": [...]}` or `{"instruction", "input"?, "output"}`, `megamoe.data.chat`),
+rendered with the tokenizer's chat template (or `chat_template`, the Jinja text of `--chat-template FILE`) and
+tokenized as the template writes them (no EOS/BOS added: the template's own tokens delimit turns). Each worker part
+then has a twin holding the per-token loss mask (uint8 0/1: 1 = assistant token), and the output is two datasets with
+identical document sizes: `<prefix>.bin/.idx` (tokens) and `<prefix>_loss_mask.bin/.idx` (`chat.mask_prefix`). The
+mask dataset is published first and the tokens last, so the token `.idx` still marks a whole dataset; readers
+(`megamoe.data.sft.ChatDataset`) refuse a pair whose sizes differ. Bad records are reported as `file:line: reason`
+like text lines (`chat.CHAT_BAD_INPUT_REASONS`); a conversation without an assistant turn (or whose assistant turns
+hold no token) is skipped and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -55,16 +67,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..fileio import atomic_write_text
+from .chat import ALWAYS_SKIPPED, ChatEncoder, ChatInputError, mask_prefix, parse_chat_line
 from .indexed import IndexedWriter
+from .jsonl import parse_json_object
 from .tokenizers import TextTokenizer, load_tokenizer, token_dtype
 
 __all__ = ["PreprocessConfig", "PreprocessSummary", "PreprocessError", "preprocess", "preprocess_domains",
-           "expand_inputs", "plan_chunks", "BAD_INPUT_REASONS", "is_validation_file"]
+           "expand_inputs", "plan_chunks", "BAD_INPUT_REASONS", "is_validation_file", "FORMATS",
+           "dataset_name"]
 
 BAD_INPUT_REASONS = ("invalid UTF-8", "blank line", "malformed JSON", "not a JSON object", "missing key",
                      "not a string", "empty document")
 _INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 _COMPRESSED = (".gz", ".zst")
+FORMATS = ("text", "chat")
 _VALID_RE = re.compile(r"(^|[_\-.])(valid|validation|val|dev|heldout|held_out)([_\-.]|$)", re.IGNORECASE)
 
 
@@ -85,8 +101,13 @@ class PreprocessConfig:
     overwrite: bool = False
     progress: bool = True
     max_examples: int = 5  # bad-line examples kept per reason
+    format: str = "text"  # "text" (json_key holds a document) | "chat" (chat records, see megamoe.data.chat)
+    chat_template: Optional[str] = None  # chat: Jinja source replacing the tokenizer's own chat template
+    chat_template_source: Optional[str] = None  # chat: how errors name it (the --chat-template file)
 
     def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.on_error not in ("skip", "fail"):
             raise ValueError(f"on_error must be 'skip' or 'fail', got {self.on_error!r}")
         if self.workers < 1:
@@ -124,6 +145,13 @@ class PreprocessSummary:
     files: List[str] = field(default_factory=list)
     dtype: str = ""
     layout: str = ""
+    data_format: str = "text"
+    trained_tokens: int = 0  # chat: assistant tokens (mask 1)
+    notes: Counter = field(default_factory=Counter)  # chat: assistant turns, boundary merges
+
+    @property
+    def mask_prefix(self) -> Optional[str]:
+        return mask_prefix(self.output_prefix) if self.data_format == "chat" else None
 
     @property
     def skipped_total(self) -> int:
@@ -134,6 +162,14 @@ class PreprocessSummary:
         out = [f"{self.output_prefix}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}) from "
                f"{len(self.files)} file(s), {self.lines:,} lines, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
                f"({self.documents / s:,.0f} docs/s, {self.tokens / s:,.0f} tokens/s; {self.layout})"]
+        if self.data_format == "chat":
+            share = self.trained_tokens / max(self.tokens, 1)
+            out.append(f"  chat: {self.documents:,} conversations, {self.notes.get('assistant turns', 0):,} assistant "
+                       f"turns, {self.trained_tokens:,} assistant tokens trained ({share:.1%}); loss mask in "
+                       f"{self.mask_prefix}.bin/.idx")
+            if self.notes.get("boundary merges"):
+                out.append(f"  note: {self.notes['boundary merges']:,} assistant span boundaries fall inside a token "
+                           f"(the tokenizer merged header and reply text); those tokens are masked")
         if self.skipped:
             out.append(f"  skipped {self.skipped_total:,} line(s):")
             for reason, n in sorted(self.skipped.items()):
@@ -145,9 +181,13 @@ class PreprocessSummary:
         return "\n".join(out)
 
     def to_dict(self) -> dict:
-        return {"output_prefix": self.output_prefix, "documents": self.documents, "tokens": self.tokens,
-                "lines": self.lines, "bytes": self.bytes, "seconds": round(self.seconds, 3),
-                "skipped": dict(self.skipped), "dtype": self.dtype, "layout": self.layout, "files": self.files}
+        d = {"output_prefix": self.output_prefix, "documents": self.documents, "tokens": self.tokens,
+             "lines": self.lines, "bytes": self.bytes, "seconds": round(self.seconds, 3),
+             "skipped": dict(self.skipped), "dtype": self.dtype, "layout": self.layout, "files": self.files,
+             "data_format": self.data_format}
+        if self.data_format == "chat":
+            d.update(mask_prefix=self.mask_prefix, trained_tokens=self.trained_tokens, notes=dict(self.notes))
+        return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +263,8 @@ def _worker_init(tokenizer: Optional[TextTokenizer], tokenizer_path: str, cfg: P
     _W["tok"] = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
     _W["cfg"] = cfg
     _W["dtype"] = np.dtype(token_dtype(_W["tok"].vocab_size))
+    if cfg.format == "chat":
+        _W["chat"] = ChatEncoder(_W["tok"], cfg.chat_template, cfg.chat_template_source)
 
 
 def _read_chunk(path: str, start: int, end: int) -> bytes:
@@ -244,18 +286,9 @@ def _read_chunk(path: str, start: int, end: int) -> bytes:
 
 def _parse_line(raw: bytes, key: str):
     """-> (text, None) or (None, (reason, detail))."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, ("invalid UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}")
-    if not line.strip():
-        return None, ("blank line", "")
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, ("malformed JSON", f"{e.msg} at column {e.colno}")
-    if not isinstance(obj, dict):
-        return None, ("not a JSON object", f"got {type(obj).__name__}")
+    obj, err = parse_json_object(raw)
+    if err is not None:
+        return None, err
     if key not in obj:
         keys = ", ".join(sorted(map(str, obj))[:8])
         return None, ("missing key", f"no key {key!r}; keys present: {keys or 'none'}")
@@ -267,17 +300,24 @@ def _parse_line(raw: bytes, key: str):
     return text, None
 
 
-def _process_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
-    ci, fi, path, start, end, parts_dir = task
-    tok: TextTokenizer = _W["tok"]
-    cfg: PreprocessConfig = _W["cfg"]
-    dtype = _W["dtype"]
+def _chunk_lines(path: str, start: int, end: int) -> List[bytes]:
     data = _read_chunk(path, start, end)
     if start == 0 and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark before the first line
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the chunk's last line
+    return lines
+
+
+def _process_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
+    ci, fi, path, start, end, parts_dir = task
+    tok: TextTokenizer = _W["tok"]
+    cfg: PreprocessConfig = _W["cfg"]
+    dtype = _W["dtype"]
+    if cfg.format == "chat":
+        return _process_chat_chunk(task)
+    lines = _chunk_lines(path, start, end)
     errors: List[Tuple[int, str, str]] = []
     sizes: List[int] = []
     n_tokens = 0
@@ -313,6 +353,61 @@ def _process_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
             flush()
     return {"chunk": ci, "file": fi, "part": part, "sizes": np.asarray(sizes, dtype=np.int32),
             "lines": len(lines), "errors": errors, "tokens": n_tokens,
+            "bytes": (end - start) if end >= 0 else os.path.getsize(path)}
+
+
+def _process_chat_chunk(task: Tuple[int, int, str, int, int, str]) -> dict:
+    """`_process_chunk` for chat records: a token part and a mask part (uint8) with the same document sizes."""
+    ci, fi, path, start, end, parts_dir = task
+    cfg: PreprocessConfig = _W["cfg"]
+    dtype = _W["dtype"]
+    enc: ChatEncoder = _W["chat"]
+    enc.stats = Counter()
+    lines = _chunk_lines(path, start, end)
+    errors: List[Tuple[int, str, str]] = []
+    sizes: List[int] = []
+    n_tokens = 0
+    part = os.path.join(parts_dir, f"part{ci:08d}.bin")
+    mpart = os.path.join(parts_dir, f"part{ci:08d}.mask.bin")
+    fatal = False
+    with open(part, "wb") as out, open(mpart, "wb") as mout:
+        batch: List[Tuple[int, tuple]] = []
+
+        def flush():
+            nonlocal n_tokens
+            if not batch:
+                return
+            for (li, _), (ids, mask) in zip(batch, enc.encode_rendered([r for _, r in batch],
+                                                                        threads=_W.get("threads", 1))):
+                if not mask.any():
+                    errors.append((li, "no trained tokens", "every assistant span is empty after rendering"))
+                    continue
+                out.write(ids.astype(dtype).tobytes())
+                mout.write(mask.tobytes())
+                sizes.append(ids.size)
+                n_tokens += ids.size
+            batch.clear()
+
+        for li, raw in enumerate(lines):
+            msgs, err = parse_chat_line(raw)
+            if err is None:
+                try:
+                    batch.append((li, enc.render(msgs)))
+                except ChatInputError as e:
+                    err = (e.reason, e.detail)
+            if err is not None:
+                errors.append((li, err[0], err[1]))
+                if cfg.on_error == "fail" and err[0] not in ALWAYS_SKIPPED:
+                    fatal = True
+                    break
+                continue
+            if len(batch) >= cfg.batch_docs:
+                flush()
+        if not fatal:
+            flush()
+    errors.sort(key=lambda e: e[0])
+    return {"chunk": ci, "file": fi, "part": part, "mask_part": mpart, "sizes": np.asarray(sizes, dtype=np.int32),
+            "lines": len(lines), "errors": errors, "tokens": n_tokens, "chat": dict(enc.stats),
             "bytes": (end - start) if end >= 0 else os.path.getsize(path)}
 
 
@@ -408,9 +503,14 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
 
     `tokenizer` is a `TextTokenizer` or a path for `load_tokenizer`. Returns a `PreprocessSummary`; raises
     `PreprocessError` for bad input under `on_error='fail'` (naming file and line) and when no document survives.
+    With `cfg.format == "chat"` also writes `<output_prefix>_loss_mask.bin/.idx` (see the module docstring); a
+    tokenizer without a chat template (and no `cfg.chat_template`) raises `chat.ChatTemplateError` first.
     """
     cfg = cfg or PreprocessConfig()
     tok = _tokenizer_of(tokenizer)
+    chat = cfg.format == "chat"
+    if chat:
+        ChatEncoder(tok, cfg.chat_template, cfg.chat_template_source)  # no template: fail before any work
     files = expand_inputs(inputs)
     dtype = np.dtype(token_dtype(tok.vocab_size))
     total = sum(os.path.getsize(f) for f in files)
@@ -421,11 +521,18 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     parts_dir = output_prefix + f".parts.{os.getpid()}.tmp"
     tasks = [(ci, fi, path, s, e, parts_dir) for ci, (fi, path, s, e) in enumerate(chunks)]
     summary = PreprocessSummary(output_prefix=output_prefix, files=list(files), dtype=dtype.name,
-                                layout=(f"{procs} processes" if procs > 1 else
+                                data_format=cfg.format, layout=(f"{procs} processes" if procs > 1 else
                                         f"1 process, {threads} tokenizer thread{'s' if threads > 1 else ''}"))
     t0 = time.perf_counter()
 
     writer = IndexedWriter(output_prefix, dtype, overwrite=cfg.overwrite)
+    mwriter = None
+    if chat:
+        try:
+            mwriter = IndexedWriter(mask_prefix(output_prefix), np.uint8, overwrite=cfg.overwrite)
+        except BaseException:
+            writer.abort()
+            raise
     os.makedirs(parts_dir, exist_ok=True)
     progress = _Progress(total, os.path.basename(output_prefix), cfg.progress)
     own_ex = None
@@ -450,7 +557,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
                 for li, reason, detail in r["errors"]:
                     where = f"{path}:{lines_before[r['file']] + li + 1}"
                     msg = f"{where}: {reason}" + (f" ({detail})" if detail else "")
-                    if cfg.on_error == "fail":
+                    if cfg.on_error == "fail" and reason not in ALWAYS_SKIPPED:
                         raise PreprocessError(msg + "  [--on-error fail: nothing was written]")
                     summary.skipped[reason] += 1
                     ex = summary.examples.setdefault(reason, [])
@@ -459,6 +566,11 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
                 lines_before[r["file"]] += r["lines"]
                 writer.append_bin_file(r["part"], r["sizes"])
                 os.remove(r["part"])
+                if mwriter is not None:
+                    mwriter.append_bin_file(r["mask_part"], r["sizes"])
+                    os.remove(r["mask_part"])
+                    summary.notes.update(r["chat"])
+                    summary.trained_tokens = summary.notes["trained tokens"]
                 summary.documents += len(r["sizes"])
                 summary.tokens += r["tokens"]
                 summary.lines += r["lines"]
@@ -468,6 +580,10 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
                 raise PreprocessError(f"{output_prefix}: no documents to write: {summary.lines} line(s) read from "
                                       f"{len(files)} file(s), {summary.skipped_total} skipped "
                                       f"({dict(summary.skipped)})")
+            if mwriter is not None:
+                if cfg.overwrite and os.path.exists(output_prefix + ".idx"):
+                    os.remove(output_prefix + ".idx")  # the old token dataset stops looking whole first
+                mwriter.publish()
             writer.publish()
     except BaseException:
         if own_ex is not None:
@@ -486,11 +602,18 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
         progress.close()
         if not writer.published:
             writer.abort()
+        if mwriter is not None and not mwriter.published:
+            mwriter.abort()
         if own_ex is not None:
             own_ex.shutdown(wait=True)
         shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def dataset_name(stem: str, cfg: PreprocessConfig) -> str:
+    """Megatron's naming: `<stem>_<json-key>_document` for text, `<stem>_chat_document` for chat data."""
+    return f"{stem}_chat_document" if cfg.format == "chat" else f"{stem}_{cfg.json_key}_document"
 
 
 def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[PreprocessConfig] = None,
@@ -499,9 +622,16 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
 
     Files whose names mark held-out data (`is_validation_file`) go to `<output_dir>/<domain>/valid_text_document`,
     the others to `<output_dir>/<domain>/train_text_document`. Writes `<output_dir>/manifest.json` (domains, prefixes
-    relative to it, document/token counts, tokenizer) for `DomainMixture.from_manifest`. Returns the manifest."""
+    relative to it, document/token counts, tokenizer) for `DomainMixture.from_manifest`. Returns the manifest.
+
+    Chat data (`cfg.format == "chat"`): `<split>_chat_document` plus its `_loss_mask` dataset per split; the manifest
+    also has `"data_format": "chat"`, the template (`chat_template`, `chat_template_sha256`) and per domain
+    `<split>_loss_mask` prefixes and `<split>_trained_tokens`, for `SFTMixture.from_manifest`."""
     cfg = cfg or PreprocessConfig()
     tok = _tokenizer_of(tokenizer)
+    chat_desc = {}
+    if cfg.format == "chat":  # no chat template: fail before any work
+        chat_desc = ChatEncoder(tok, cfg.chat_template, cfg.chat_template_source).describe()
     if not os.path.isdir(root):
         raise PreprocessError(f"{root}: not a directory (expected one subdirectory per domain)")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -521,6 +651,9 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
             raise PreprocessError(f"{os.path.join(root, d)}: only validation files, no training data")
     manifest = {"format": "megamoe-domains-v1", "tokenizer": tok.describe(), "json_key": cfg.json_key,
                 "append_eos": cfg.append_eos, "prepend_bos": cfg.prepend_bos, "domains": {}}
+    if chat_desc:
+        manifest.update(data_format="chat", append_eos=False, prepend_bos=False, **chat_desc)
+        manifest.pop("json_key")
     ex = _make_executor(tok, cfg)
     try:
         for d in names:
@@ -528,7 +661,7 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
             for split in ("train", "valid"):
                 if not plan[d][split]:
                     continue
-                prefix = os.path.join(output_dir, d, f"{split}_text_document")
+                prefix = os.path.join(output_dir, d, dataset_name(split, cfg))
                 s = preprocess(plan[d][split], prefix, tok, cfg, executor=ex)
                 if cfg.progress:
                     print(s.format(), file=sys.stderr)
@@ -536,6 +669,9 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
                 entry[f"{split}_documents"] = s.documents
                 entry[f"{split}_tokens"] = s.tokens
                 entry[f"{split}_skipped"] = dict(s.skipped)
+                if s.data_format == "chat":
+                    entry[f"{split}_loss_mask"] = os.path.relpath(s.mask_prefix, output_dir)
+                    entry[f"{split}_trained_tokens"] = s.trained_tokens
             manifest["domains"][d] = entry
     except BaseException:
         if ex is not None:

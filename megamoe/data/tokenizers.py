@@ -7,7 +7,10 @@
   `threads > 1` runs the batch on the tokenizer library's own native thread pool (Rust rayon for HF fast
   tokenizers, C++ threads for sentencepiece), which shares one vocabulary and one merge cache between threads;
 - `vocab_size` (including added tokens), `eod` (the end-of-document id, i.e. EOS), `bos`, `pad`;
-- `unique_identifiers` (a dict), which megatron-core's `GPTDatasetConfig` hashes into its index-cache names.
+- `unique_identifiers` (a dict), which megatron-core's `GPTDatasetConfig` hashes into its index-cache names;
+- for chat data (HF tokenizers only): `hf_tokenizer` (the `transformers` tokenizer, for `apply_chat_template`) and
+  `encode_batch_offsets(texts, threads)` -> `(ids, character offsets)` per text, special tokens in the text
+  recognised (what `apply_chat_template(tokenize=True)` does) and none added.
 
 The object is the duck-typed tokenizer megatron-core's GPT datasets accept (`vocab_size`, `eod`,
 `unique_identifiers`), so the same object configures preprocessing and blending.
@@ -91,7 +94,7 @@ class TextTokenizer:
     def describe(self) -> dict:
         """A json-serialisable description, stored in dataset manifests."""
         return {"kind": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eod": self.eod,
-                "bos": self.bos, "dtype": np.dtype(token_dtype(self.vocab_size)).name}
+                "bos": self.bos, "pad": self.pad, "dtype": np.dtype(token_dtype(self.vocab_size)).name}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
@@ -119,6 +122,7 @@ class HFTokenizer(TextTokenizer):
             raise ValueError(f"{path}: the tokenizer defines no eos_token; preprocessing needs one as the "
                              f"end-of-document token")
         self._tok = tok
+        self.hf_tokenizer = tok
         self._backend = getattr(tok, "backend_tokenizer", None)
         self._batch = None
         if self._backend is not None:
@@ -132,6 +136,19 @@ class HFTokenizer(TextTokenizer):
                     return [e.ids for e in self._batch(texts, add_special_tokens=False)]
             return [e.ids for e in self._batch(texts, add_special_tokens=False)]
         return [self._tok.encode(t, add_special_tokens=False) for t in texts]
+
+    def encode_batch_offsets(self, texts: List[str], threads: int = 1) -> List[tuple]:
+        """`[(ids, offsets)]` per text: ids without added special tokens (special tokens written in the text are
+        recognised), offsets `[(start, end)]` character spans in the text. Needs a fast tokenizer."""
+        if self._backend is None:
+            raise ValueError(f"{self.path}: chat data needs a fast (Rust) Hugging Face tokenizer for character "
+                             f"offsets; this one is a slow Python tokenizer (add a tokenizer.json)")
+        if threads > 1:
+            with native_threads(threads):
+                enc = self._backend.encode_batch(texts, add_special_tokens=False)
+        else:
+            enc = self._backend.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in enc]
 
 
 class SentencePieceTokenizer(TextTokenizer):
