@@ -251,6 +251,9 @@ def test_skip_counts_every_reason_and_no_assistant_is_never_fatal(tmp_path, tok)
     # load_conversations: the same checks for small files
     convs, skipped, msgs = load_conversations(str(tmp_path / "mixed.jsonl"), on_error="skip")
     assert len(convs) == len(BAD_RECORDS) + 1 and dict(skipped) == {r: 1 for r in BAD_RECORDS}
+    assert msgs[0].startswith(f"{tmp_path / 'mixed.jsonl'}:{where['bad message']}: bad message (message 1 has no")
+    with pytest.raises(ChatInputError, match=rf"mixed.jsonl:{where['bad message']}: bad message \(message 1"):
+        load_conversations(str(tmp_path / "mixed.jsonl"), on_error="fail")
 
 
 def test_template_error_is_a_line_error(tmp_path, tok):

@@ -76,6 +76,9 @@ def parse_args(argv=None):
         p.error("--per-domain needs --output-dir")
     if a.chat_template and a.format != "chat":
         p.error("--chat-template needs --format chat")
+    if a.format == "chat" and (a.append_bos or a.no_eos or a.json_key != "text"):
+        p.error("--append-bos, --no-eos and --json-key apply to text data; with --format chat the chat template "
+                "decides BOS and end-of-turn tokens, and records are read from 'messages' or instruction/output")
     return a
 
 

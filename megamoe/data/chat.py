@@ -73,11 +73,11 @@ Span = Tuple[int, int]
 
 
 class ChatInputError(ValueError):
-    """One bad record: `reason` (one of CHAT_BAD_INPUT_REASONS) and a `detail` for the message."""
+    """One bad record: `reason` (one of CHAT_BAD_INPUT_REASONS), a `detail`, and `where` ("file:line") if known."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}" + (f" ({detail})" if detail else ""))
-        self.reason, self.detail = reason, detail
+    def __init__(self, reason: str, detail: str = "", where: Optional[str] = None):
+        super().__init__((f"{where}: " if where else "") + reason + (f" ({detail})" if detail else ""))
+        self.reason, self.detail, self.where = reason, detail, where
 
 
 class ChatTemplateError(ValueError):
@@ -160,7 +160,7 @@ def parse_chat_line(raw: bytes) -> Tuple[Optional[Messages], Optional[Tuple[str,
 def load_conversations(path: str, on_error: str = "fail") -> Tuple[List[Messages], Counter, List[str]]:
     """Every conversation of a (small) JSONL file: `(conversations, skipped per reason, "file:line: ..." list)`.
 
-    `on_error="fail"` raises ChatInputError("<file>:<line>: <reason> (<detail>)") on the first bad line (the
+    `on_error="fail"` raises ChatInputError, "<file>:<line>: <reason> (<detail>)", on the first bad line (the
     always-skipped reasons excepted). For big files use `megamoe.data.preprocess` (streaming, workers)."""
     convs: List[Messages] = []
     skipped: Counter = Counter()
@@ -174,11 +174,11 @@ def load_conversations(path: str, on_error: str = "fail") -> Tuple[List[Messages
             if err is None:
                 convs.append(msgs)
                 continue
-            msg = f"{path}:{ln}: {err[0]}" + (f" ({err[1]})" if err[1] else "")
+            e = ChatInputError(err[0], err[1], where=f"{path}:{ln}")
             if on_error == "fail" and err[0] not in ALWAYS_SKIPPED:
-                raise ChatInputError(err[0], msg)
+                raise e
             skipped[err[0]] += 1
-            where.append(msg)
+            where.append(str(e))
     return convs, skipped, where
 
 
