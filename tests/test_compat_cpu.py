@@ -29,7 +29,8 @@ def test_apply_patches_cuda_assumptions():
 def test_megatron_rng_tracker_forks_and_restores():
     from megatron.core import tensor_parallel
     from megamoe import parallel
-    parallel.ensure_initialized()
+    if parallel.current() is None:
+        parallel.initialize()
     tensor_parallel.model_parallel_cuda_manual_seed(7)
     before = torch.get_rng_state()
     with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -21,7 +21,7 @@ from megamoe.construct.partition import (Partition, PartitionError, greedy_assig
 
 
 # tiny matrices: one intra-op torch thread for this module (conftest.one_thread)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "world")
 
 
 def assert_exact_balanced(p: Partition, f: int, e: int):

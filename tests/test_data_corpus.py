@@ -71,7 +71,7 @@ def test_missing_optional_domain_is_skipped_but_named_one_fails(tmp_path, monkey
 
 def test_end_to_end_real_text_through_the_mixture(small_corpus, tmp_path):
     """preprocess_domains (2 workers) -> manifest -> DomainMixture: decoded samples are text of their domain."""
-    from megamoe.checkpoint.embedded import materialize_smollm2
+    from megamoe.formats.embedded import materialize_smollm2
     from megamoe.data import DomainMixture, PreprocessConfig, load_tokenizer, preprocess_domains
 
     out, _ = small_corpus

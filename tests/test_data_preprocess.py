@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def hf_dir():
-    from megamoe.checkpoint.embedded import materialize_smollm2
+    from megamoe.formats.embedded import materialize_smollm2
 
     return materialize_smollm2()
 

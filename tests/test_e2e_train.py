@@ -4,7 +4,10 @@
 import json
 import os
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.usefixtures("world")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +23,8 @@ def tiny_llama_dir(path, vocab=128):
 
 
 def test_convert_train_resume_export_reload(tmp_path):
-    from megamoe.checkpoint.convert import hf_to_moe, moe_to_hf
-    from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
+    from megamoe.interchange import hf_to_moe, moe_to_hf
+    from megamoe.formats.shards import ShardedCheckpoint, load_shards
     from megamoe.model import LlamaMoEModel
     from megamoe.train import main
     dense = tiny_llama_dir(tmp_path / "dense")

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megamoe.checkpoint import convert
-from megamoe.checkpoint.forward import reference_logits
-from megamoe.checkpoint.guard import GuardError
-from megamoe.checkpoint.layout import hf_llama_to_ours_name
-from megamoe.checkpoint.shards import ShardedCheckpoint, load_shards
+from megamoe import interchange as convert
+from megamoe.interchange.forward import reference_logits
+from megamoe.interchange.guard import GuardError
+from megamoe.formats.layout import hf_llama_to_ours_name
+from megamoe.formats.shards import ShardedCheckpoint, load_shards
 from megamoe.config import MoEConfig
+
+pytestmark = pytest.mark.usefixtures("world")
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,7 +50,7 @@ def ids_for(v=96):
 
 def test_reference_forward_matches_transformers_llama(dense):
     path, model = dense
-    from megamoe.checkpoint.hf_llama import config_from_hf
+    from megamoe.formats.hf_llama import config_from_hf
     cfg = config_from_hf(json.load(open(os.path.join(path, "config.json"))))
     sd = {hf_llama_to_ours_name(k): v for k, v in model.state_dict().items()}
     ids = ids_for()
@@ -60,7 +62,7 @@ def test_reference_forward_matches_transformers_llama(dense):
 
 def test_names_agree_with_hf_llama_module(dense):
     """Our streaming name map and the lead's dict renaming (hf_llama.hf_to_ours) must agree on every key."""
-    from megamoe.checkpoint.hf_llama import config_from_hf, hf_to_ours
+    from megamoe.formats.hf_llama import config_from_hf, hf_to_ours
     path, model = dense
     cfg = config_from_hf(json.load(open(os.path.join(path, "config.json"))))
     sd = model.state_dict()
@@ -160,7 +162,7 @@ def test_llama_moe_v1_round_trip_bit_exact(tmp_path):
 
 def test_v1_reference_and_our_model_agree(tmp_path):
     """The independent v1 forward (their keys, their config) and megamoe's LlamaMoEModel on the imported shards."""
-    from megamoe.checkpoint.llama_moe_v1_reference import v1_logits
+    from megamoe.interchange.reference_v1 import v1_logits
     from megamoe.model import LlamaMoEModel
     sd, cfg = tiny_v1(str(tmp_path / "v1"), dtype=torch.float32)
     convert.hf_to_moe(str(tmp_path / "v1"), str(tmp_path / "shards"), progress=False)
@@ -221,7 +223,7 @@ def test_streamed_conversion_equals_build_moe(dense, tmp_path):
     """Our layer-streaming converter writes exactly what the construct module's in-memory build_moe produces."""
     from megamoe.construct.build import build_moe
     from megamoe.construct.partition import split_random
-    from megamoe.checkpoint.hf_llama import load_hf_llama
+    from megamoe.formats.hf_llama import load_hf_llama
     path, _ = dense
     out = str(tmp_path / "moe")
     convert.hf_to_moe(path, out, num_experts=4, top_k=1, seed=5, tp=2, ep=4, etp=2, progress=False)
@@ -237,7 +239,7 @@ def test_streamed_conversion_equals_build_moe(dense, tmp_path):
 
 def test_guard_catches_silent_random_experts(dense, tmp_path, monkeypatch):
     """The Megatron importer failure: experts written at init values. The guard must refuse and leave nothing."""
-    from megamoe.checkpoint import shards
+    from megamoe.formats import shards
     path, _ = dense
     real = shards.ShardWriter.write
 
@@ -253,7 +255,7 @@ def test_guard_catches_silent_random_experts(dense, tmp_path, monkeypatch):
 
 
 def test_guard_catches_a_lost_score_scale(dense, tmp_path, monkeypatch):
-    from megamoe.checkpoint import mixtral
+    from megamoe.formats import mixtral
     path, _ = dense
     convert.hf_to_moe(path, str(tmp_path / "moe"), num_experts=4, router="mixtral", gate_network="linear",
                       progress=False)

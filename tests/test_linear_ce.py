@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from megamoe.ops.linear_ce import linear_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("world")
+
 
 def _reference(x, w, y, tok_w=None):
     logits = F.linear(x, w)

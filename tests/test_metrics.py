@@ -5,7 +5,8 @@ import math
 import pytest
 
 from megamoe.config import ConfigError, ModelConfig, MoEConfig
-from megamoe.training.config import apply_overrides, load_train_config, save_train_config
+from megamoe.config import apply_overrides
+from megamoe.training.config import load_train_config, save_train_config
 from megamoe.training.metrics import ThroughputMeter, flops_per_token, matmul_active_params, mfu
 from megamoe.training.schedule import LRSchedule
 

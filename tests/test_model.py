@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from megamoe.checkpoint.hf_llama import config_from_hf, hf_to_ours, load_hf_llama
+from megamoe.formats.hf_llama import config_from_hf, hf_to_ours, load_hf_llama
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model import LlamaMoEModel
+
+pytestmark = pytest.mark.usefixtures("world")
 
 transformers = pytest.importorskip("transformers")
 
@@ -178,7 +180,7 @@ def test_gradients_match_finite_differences():
 
 
 def test_attention_backend_choice_and_clear_errors():
-    from megamoe.model.llama import _pick_attention_backend
+    from megamoe.layers.attention import _pick_attention_backend
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2)
     x = torch.zeros(1, 2, 3, 8)
     assert _pick_attention_backend(cfg, x) == "sdpa"                      # auto on CPU fp32
@@ -216,7 +218,7 @@ def test_bf16_model_tracks_fp32():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_rmsnorm_cpu_functions_match_autograd_reference(dtype):
     """The CPU RMSNorm autograd functions (fp32/fp64 and half precision) against autograd through the reference."""
-    from megamoe.model.llama import RMSNorm, rms_norm_reference
+    from megamoe.layers.norm import RMSNorm, rms_norm_reference
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(48, 1e-5, dtype=dtype)
     with torch.no_grad():

@@ -1,10 +1,11 @@
-"""The model's hand-written CPU autograd functions (RMSNorm, RoPE in megamoe/model/llama.py) against the plain
+"""The model's hand-written CPU autograd functions (RMSNorm, RoPE in megamoe/layers/) against the plain
 formulas written here: values, gradients (gradcheck in fp64) and the fallback dtypes."""
 
 import pytest
 import torch
 
-from megamoe.model.llama import RMSNorm, apply_rope
+from megamoe.layers.norm import RMSNorm
+from megamoe.layers.rope import apply_rope
 
 
 def rms_plain(x, w, eps):

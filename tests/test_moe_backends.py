@@ -15,11 +15,13 @@ HAS_CUDA = torch.cuda.is_available()
 K = import_topk_gating()   # interpreted on a CPU machine (TRITON_INTERPRET=1 around the import only), or None
 
 from megamoe.config import ModelConfig, MoEConfig  # noqa: E402
-from megamoe.model.llama import megatron_config  # noqa: E402
+from megamoe.parallel import megatron_config  # noqa: E402
 from megamoe.moe.layer import MoELayer  # noqa: E402
 from megamoe.ops import _ext  # noqa: E402
 from megamoe.ops import gating as G  # noqa: E402
 from megamoe.ops import permute as P  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("world")
 
 H, E, T = 32, 8, 77
 TRITON_OK = K is not None and (K.INTERPRETED or HAS_CUDA)

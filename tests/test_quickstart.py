@@ -52,7 +52,7 @@ def test_quickstart_tiny(quickstart_run):
 def test_loss_decreases_on_local_corpus(quickstart_run, tmp_path):
     """A tiny LLaMA-MoE from random init, trained on the real multi-domain corpus (SmolLM2 tokenizer): the
     validation loss of every domain falls well below its start (ln 49152 = 10.8 for a uniform guess)."""
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     from megamoe.training.config import TrainConfig
     cfg = TrainConfig.from_dict({
         "out_dir": str(tmp_path),

@@ -8,9 +8,11 @@ import torch
 from scipy.stats import norm
 
 from megamoe.config import ModelConfig, MoEConfig
-from megamoe.model.llama import megatron_config
+from megamoe.parallel import megatron_config
 from megamoe.moe.layer import MoELayer
 from megamoe.moe.router import Router
+
+pytestmark = pytest.mark.usefixtures("world")
 
 H, E = 16, 6
 

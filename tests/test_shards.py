@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
-from megamoe.checkpoint.layout import expected_names, expected_shape
-from megamoe.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter, NAMES
-from megamoe.checkpoint.shards import ShardWriter, ShardedCheckpoint, load_shards, reshard, save_shards
+from megamoe.formats.layout import expected_names, expected_shape
+from megamoe.formats.safetensors_io import CheckpointError, SafetensorsReader, StreamingWriter, NAMES
+from megamoe.formats.shards import ShardWriter, ShardedCheckpoint, load_shards, reshard, save_shards
 
 
 def tiny_moe_cfg(**moe):

@@ -31,7 +31,7 @@ def tiny(tmp_path, **over) -> TrainConfig:
 
 
 def test_exact_resume_after_sigterm(tmp_path):
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     full = run(tiny(tmp_path / "full", train__steps=8, checkpoint__interval=0, checkpoint__save_at_end=False))
     assert sorted(full["losses"]) == list(range(1, 9))
 
@@ -54,8 +54,8 @@ def test_bf16_training_tracks_fp32_and_resumes_exactly(tmp_path):
     """bf16 weights with fp32 master weights and grads (megatron mixed precision), on a CPU: the losses follow the
     fp32 run's, and a run stopped after step 4 and resumed reproduces the uninterrupted bf16 run exactly (the
     distributed optimizer's fp32 master weights are in the checkpoint)."""
-    from megamoe.checkpoint.shards import load_shards
-    from megamoe.train import run
+    from megamoe.formats.shards import load_shards
+    from megamoe.training.trainer import run
     ref = run(tiny(tmp_path / "fp32", train__steps=6, train__precision="fp32", checkpoint__interval=0,
                    checkpoint__save_at_end=False))
     full = run(tiny(tmp_path / "full", train__steps=6, train__precision="bf16", checkpoint__interval=0,
@@ -71,8 +71,8 @@ def test_bf16_training_tracks_fp32_and_resumes_exactly(tmp_path):
 
 
 def test_keep_last_and_final_model(tmp_path):
-    from megamoe.checkpoint.shards import load_shards
-    from megamoe.train import run
+    from megamoe.formats.shards import load_shards
+    from megamoe.training.trainer import run
     s = run(tiny(tmp_path, train__steps=6, checkpoint__interval=2, checkpoint__keep_last=2))
     names = sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step_"))
     assert names == ["step_00000004", "step_00000006"]
@@ -87,7 +87,7 @@ def test_keep_last_and_final_model(tmp_path):
 
 
 def test_nan_guard_skips_a_bad_step(tmp_path):
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     snap = {}
 
     def poison_step_3(step, model):
@@ -110,7 +110,7 @@ def test_nan_guard_skips_a_bad_step(tmp_path):
 
 
 def test_nan_guard_stops_and_names_the_layer(tmp_path):
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     from megamoe.training.nan_guard import NonFiniteError
 
     def poison(step, model):
@@ -128,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     from safetensors.torch import save_file
-    from megamoe.training import checkpointing
+    from megamoe.training import checkpoint as checkpointing
     from megamoe.training.config import TrainConfig
     import yaml
     if __name__ == "__main__":
@@ -152,7 +152,7 @@ KILL_SCRIPT = textwrap.dedent("""
             if step == 2:
                 save_file({n: p.detach().clone().contiguous() for n, p in model.state_dict().items() if p is not None},
                           os.path.join(out, "at_step2.safetensors"))
-        from megamoe.train import run
+        from megamoe.training.trainer import run
         run(TrainConfig.from_dict(d), callbacks={"step_start": snap})
 """)
 
@@ -160,7 +160,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_atomic_save_survives_kill(tmp_path):
     from safetensors.torch import load_file
 
-    from megamoe.training.checkpointing import CheckpointManager
+    from megamoe.training.checkpoint import CheckpointManager
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     out = tmp_path / "run"
@@ -181,7 +181,7 @@ def test_atomic_save_survives_kill(tmp_path):
     cm = CheckpointManager(str(ck))
     assert cm.find_latest() == str(ck / "step_00000002")
     # the previous checkpoint loads, with the weights it had
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     ref = load_file(str(out / "at_step2.safetensors"))
     seen = {}
     def grab(step, model):
@@ -208,7 +208,7 @@ def test_cli_overrides_and_errors(tmp_path, capsys):
 def test_eval_feeds_dynamic_domain_weights(tmp_path):
     """Sheared-LLaMA dynamic loading: the domain furthest above its reference loss gains weight at each eval, and
     the new weights are what the data uses (and what the next log line reports)."""
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     s = run(tiny(tmp_path, train__steps=4, eval__interval=2, checkpoint__save_at_end=False,
                  data__dynamic=True, data__reference_losses={"alpha": 0.0, "beta": 4.0, "gamma": 4.0}))
     recs = [json.loads(line) for line in open(s["metrics"])]
@@ -225,7 +225,7 @@ def test_eval_feeds_dynamic_domain_weights(tmp_path):
 
 
 def test_time_limit_saves_and_resumes(tmp_path):
-    from megamoe.train import run
+    from megamoe.training.trainer import run
     s = run(tiny(tmp_path, train__steps=50, train__max_minutes=1e-9, eval__at_end=False))
     assert s["stopped_by"] == "time limit" and sorted(s["losses"]) == [1]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"

@@ -7,12 +7,14 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 
+pytestmark = pytest.mark.usefixtures("world")
+
 
 @pytest.mark.parametrize("clip", [1.0, 0.05])   # clipping inactive / active
 def test_trainer_step_equals_plain_torch_adamw(clip):
     from megamoe import parallel
     from megamoe.model import LlamaMoEModel
-    from megamoe.train import train_step
+    from megamoe.training.trainer import train_step
     from megamoe.training.config import OptimConfig
     from megamoe.training.optim import build_optimizer, wrap_model
     from megamoe.training.schedule import LRSchedule

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamoe.checkpoint.hf_writer import HFWriter, write_json  # noqa: E402
+from megamoe.formats.hf_writer import HFWriter, write_json  # noqa: E402
 
 
 def make_source(path: str, layers: int, hidden=4096, ffn=11008, vocab=32000, heads=32, shard_gb=2.0):

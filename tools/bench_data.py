@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
 
     if a.tokenizer is None:
-        from megamoe.checkpoint.embedded import materialize_smollm2
+        from megamoe.formats.embedded import materialize_smollm2
 
         a.tokenizer = materialize_smollm2()
     work = tempfile.mkdtemp(prefix="bench_data_")

@@ -69,7 +69,7 @@ def build_megatron(args, dtype, device):
 
 def build_ours(args, dtype, device):
     from megamoe.config import ModelConfig, MoEConfig
-    from megamoe.model.llama import megatron_config
+    from megamoe.parallel import megatron_config
     from megamoe.moe.layer import MoELayer
     cfg = ModelConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn * args.experts,
                       num_layers=1, num_heads=8, params_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",

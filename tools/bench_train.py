@@ -66,7 +66,7 @@ def our_setup(mcfg, precision, device, lr=1e-4):
 
 
 def our_step(ddp, opt, sched, batch, step):
-    from megamoe.train import train_step
+    from megamoe.training.trainer import train_step
     sched.apply(opt, step)
     r = train_step(ddp, opt, lambda: batch)
     return r.lm_loss + r.aux_loss
@@ -155,11 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--peak-flops", type=float, default=None)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
-    from megamoe.train import _quiet_library_warnings
+    from megamoe.console import quiet_library_warnings as _quiet_library_warnings
     _quiet_library_warnings()
 
     from megamoe.config import ModelConfig, MoEConfig
-    from megamoe.model.llama import DTYPES
+    from megamoe.config import DTYPES
     from megamoe.training.config import PARAMS_DTYPES, resolve_precision
     from megamoe.training.metrics import flops_per_token, peak_flops_for_device
     cuda = torch.cuda.is_available()

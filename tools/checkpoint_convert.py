@@ -193,7 +193,7 @@ def _early_hasher(args):
     core; the hash runs on the other). None when there is nothing to hash or the algorithm is unavailable."""
     if args.cmd != "hf-to-moe" or args.no_checksum or not os.path.isdir(args.src):
         return None
-    from megamoe.checkpoint.checksum import BackgroundHasher, weight_files  # torch-free
+    from megamoe.formats.checksum import BackgroundHasher, weight_files  # torch-free
     files = weight_files(args.src)
     if not files:
         return None
@@ -205,7 +205,7 @@ def _early_hasher(args):
 
 def run(args) -> dict | None:
     hasher = _early_hasher(args)
-    from megamoe.checkpoint import convert
+    from megamoe import interchange as convert
     if args.cmd == "hf-to-moe":
         layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else None
         return convert.hf_to_moe(
@@ -225,7 +225,7 @@ def run(args) -> dict | None:
         print(json.dumps(convert.inspect(args.path), indent=1))
         return None
     if args.cmd == "embedded":
-        from megamoe.checkpoint.embedded import materialize_smollm2
+        from megamoe.formats.embedded import materialize_smollm2
         print(materialize_smollm2(args.out))
         return None
 
@@ -233,21 +233,12 @@ def run(args) -> dict | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megamoe.checkpoint.guard import GuardError
-    from megamoe.checkpoint.safetensors_io import CheckpointError
-    from megamoe.config import ConfigError
-    try:
-        from megamoe.construct.partition import PartitionError
-    except ImportError:  # pragma: no cover
-        PartitionError = ConfigError
+    from megamoe.errors import MegamoeError, exit_code
     try:
         s = run(args)
-    except GuardError as e:
+    except (MegamoeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ConfigError, PartitionError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     if s is not None:
         if getattr(args, "json", False):
             print(json.dumps(s, indent=1))

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from megamoe.errors import DataError
 
 __all__ = ["CalibrationData", "tokens_from_jsonl", "tokens_from_indexed", "CalibrationDataError"]
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(DataError):
     """Bad calibration input; the message names the field or file."""
 
 

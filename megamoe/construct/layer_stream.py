@@ -1,6 +1,6 @@
 """A Hugging Face LLaMA checkpoint, run one decoder layer at a time.
 
-`LayerStream(model_dir)` reads `config.json` and the safetensors lazily (`megamoe.checkpoint.hf_dir.HFDir`, one
+`LayerStream(model_dir)` reads `config.json` and the safetensors lazily (`megamoe.formats.hf_dir.HFDir`, one
 tensor at a time with `pread`), and hands out
 
     embed(ids)            -> hidden [B, S, H]           (the embedding rows only; the table is read once and dropped)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.hf_dir import HFDir
+from megamoe.formats.hf_dir import HFDir
 
 __all__ = ["LayerStream"]
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..fileio import atomic_write_text
 from .balanced import balanced_assign, balanced_kmeans
+from megamoe.errors import InputError
 
 __all__ = ["Partition", "PartitionError", "split_random", "split_clustering", "split_coactivation",
            "split_gradient", "split_sharing_inner", "split_sharing_inter", "greedy_assign",
@@ -40,7 +41,7 @@ METHODS = ("random", "clustering", "coactivation", "gradient", "sharing-inner", 
 FORMAT = "megamoe.partition/1"
 
 
-class PartitionError(ValueError):
+class PartitionError(InputError):
     """Bad input to a split, or an invalid partition file. The message names the field."""
 
 

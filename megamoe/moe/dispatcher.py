@@ -15,10 +15,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import mappings
 
 from megamoe.moe.router import Routing
 from megamoe.ops import _ext
 from megamoe.ops.permute import permute, unpermute
+from megamoe.parallel.collectives import all_gather_uneven, exchange_counts
 
 
 @dataclass
@@ -81,11 +85,9 @@ class AllToAllDispatcher:
     which under sequence parallelism hold different tokens, so every rank routes and sends its own tokens."""
 
     def __init__(self, num_experts: int, local_ids: list[int], ep_group=None, etp_group=None):
-        from megatron.core import parallel_state as ps
         self.num_experts, self.local_ids = num_experts, list(local_ids)
         self.ep_group = ep_group if ep_group is not None else ps.get_expert_model_parallel_group()
         self.etp_group = etp_group if etp_group is not None else ps.get_expert_tensor_parallel_group()
-        import torch.distributed as dist
         self.ep = dist.get_world_size(self.ep_group)
         self.etp = dist.get_world_size(self.etp_group)
         if num_experts % self.ep:
@@ -100,9 +102,6 @@ class AllToAllDispatcher:
                               f"an EP group of {self.ep} ranks, {self.num_local} experts each, expert-TP {self.etp}")
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        from megatron.core.tensor_parallel import mappings
-
-        from megamoe.distributed import all_gather_uneven, exchange_counts
         permuted, row_map, tokens_per_expert = permute(x, routing.indices, self.num_experts, capacity=routing.capacity)
         send = tokens_per_expert.to(torch.long).view(self.ep, self.num_local)
         recv = exchange_counts(send, self.ep_group)                      # [ep sources, local experts]
@@ -130,7 +129,6 @@ class AllToAllDispatcher:
         return y, per_expert, AllToAllHandle(row_map, routing.weights, input_splits, output_splits, etp_sizes, unsort)
 
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        from megatron.core.tensor_parallel import mappings
         if handle.unsort is not None:
             y = y.index_select(0, handle.unsort)
         if self.etp > 1:

@@ -8,21 +8,24 @@ forward(x [S, B, H]) -> (y [S, B, H], RouterStats). A (token, expert) slot dropp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+from megatron.core import parallel_state as ps
 from torch import nn
 
-from megamoe.config import ModelConfig
-from megamoe.moe.dispatcher import LocalDispatcher
+from megamoe.config import DTYPES, ModelConfig
+from megamoe.layers.mlp import MLP
+from megamoe.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
 from megamoe.moe.experts import Experts
-from megamoe.moe.router import Router, upcast
+from megamoe.moe.router import Router
+from megamoe.ops.precision import upcast
+from megamoe.parallel.collectives import gather_tokens, make_stats_reducer, split_tokens, token_split_sizes
 
 
 class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
         super().__init__()
-        from megatron.core import parallel_state as ps
-
-        from megamoe.model.llama import DTYPES, MLP
         moe = cfg.moe
         self.layer_idx, self.moe = layer_idx, moe
         mi = cfg.moe_index(layer_idx)
@@ -36,9 +39,8 @@ class MoELayer(nn.Module):
                                cfg.num_layers, DTYPES[cfg.params_dtype])
         self.shared = MLP(cfg, mcfg, moe.residual_size) if moe.residual_size else None
         self.dispatcher = self._build_dispatcher(ep, etp, local)
-        # parallel correctness (megamoe/distributed.py): balance statistics summed over the ranks holding the rest of
-        # the global batch; without SP, TP ranks hold the same tokens: each runs the experts on its share only
-        from megamoe.distributed import make_stats_reducer
+        # parallel correctness (megamoe/parallel/collectives.py): balance statistics summed over the ranks holding
+        # the rest of the global batch; without SP, TP ranks hold the same tokens: each runs the experts on its share
         self.router.stats_reducer = make_stats_reducer(mcfg.sequence_parallel)
         tp = ps.get_tensor_model_parallel_world_size()
         self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mcfg.sequence_parallel else None
@@ -46,7 +48,6 @@ class MoELayer(nn.Module):
     def _build_dispatcher(self, ep: int, etp: int, local: list[int]):
         if ep == 1 and etp == 1:
             return LocalDispatcher(self.moe.num_experts)
-        from megamoe.moe.dispatcher import AllToAllDispatcher  # EP/ETP > 1
         return AllToAllDispatcher(self.moe.num_experts, local)
 
     def forward(self, x: torch.Tensor):
@@ -67,9 +68,6 @@ class MoELayer(nn.Module):
             return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), handle)
         # TP without SP: tokens (and their routing) are replicated over TP; each TP rank takes its share, the
         # outputs are all-gathered back (backward: the matching split / all-gather)
-        from dataclasses import replace
-
-        from megamoe.distributed import gather_tokens, split_tokens, token_split_sizes
         g = self.tp_group
         sizes = token_split_sizes(flat.shape[0], g.size())
         part = replace(routing, indices=split_tokens(routing.indices, g, sizes),

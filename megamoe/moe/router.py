@@ -31,6 +31,7 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.ops.gating import topk_gating
+from megamoe.ops.precision import upcast
 
 
 @dataclass
@@ -52,11 +53,6 @@ class Routing:
     capacity: int | None
     dropped: torch.Tensor | None      # [T, k] bool, or None when dropless
     stats: RouterStats
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32 for routing math; fp32 and fp64 (gradient checks) are kept."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:

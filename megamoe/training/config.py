@@ -18,19 +18,19 @@ Sections (all optional; see configs/*.yaml and docs/training.md):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 
-from megamoe.config import ConfigError, ModelConfig, ParallelConfig, from_dict
+from megamoe.config import ModelConfig, ParallelConfig, apply_overrides, from_dict, read_yaml
+from megamoe.errors import ConfigError
 from megamoe.fileio import atomic_write_text
 
 __all__ = ["TrainConfig", "InitConfig", "DataConfig", "OptimConfig", "LoopConfig", "EvalConfig",
-           "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config", "apply_overrides"]
+           "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config"]
 
 INIT_SOURCES = ("random", "megamoe", "hf")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -41,7 +41,6 @@ PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # a resolved precision 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPU multiplies bf16 natively (oneDNN bf16 GEMMs then run ~2x its fp32 rate; without
     it bf16 is emulated and slower than fp32)."""
-    import torch
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         f = getattr(torch.cpu, probe, None)
         try:
@@ -248,66 +247,9 @@ class TrainConfig:
         return self.train.global_batch_tokens // per_step
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, but `2e-4` is a float (YAML 1.1 wants `2.0e-4`, which nobody writes)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml_load(text_or_file):
-    return yaml.load(text_or_file, Loader=_Loader)
-
-
-def _parse_value(text: str):
-    try:
-        return _yaml_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict; returns a new dict."""
-    d = copy.deepcopy(d)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"{item}: an override is written key.path=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"{key}: not a dotted field path")
-        node = d
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{key}: {p} is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(text)
-    return d
-
-
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    d = {}
-    if path:
-        try:
-            with open(path) as f:
-                d = _yaml_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    d = apply_overrides(d, overrides or [])
+    """The TrainConfig of a YAML file (megamoe.config.read_yaml) with `a.b=value` overrides applied."""
+    d = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     try:
         return TrainConfig.from_dict(d)
     except ConfigError as e:

@@ -15,13 +15,13 @@ import math
 import torch
 
 from megamoe.training.metrics import RouterStatsAccumulator
+from megamoe.training.optim import unwrap
 
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int, batches: int, device=None, domains=None):
-    from megamoe.training.optim import unwrap
     m = unwrap(model)
     was_training = m.training
     m.eval()

@@ -28,6 +28,7 @@ import collections
 import time
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["flops_per_token", "matmul_active_params", "peak_flops_for_device", "ThroughputMeter", "mfu",
            "RouterStatsAccumulator"]
@@ -147,7 +148,6 @@ class RouterStatsAccumulator:
 
     def reduce(self, group=None):
         """All-reduce (sum) over `group` (the data-parallel group), so the stats cover the whole global batch."""
-        import torch.distributed as dist
         if self.n == 0 or not dist.is_initialized() or dist.get_world_size(group) == 1:
             return
         flat = torch.cat([self.tpe.flatten(), self.imp.flatten(), self.load.flatten(), self.dropped, self.balance,

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+import torch
+
 log = logging.getLogger("megamoe.train")
 
 __all__ = ["Monitor", "format_duration", "progress_bar"]
@@ -89,7 +91,7 @@ class Monitor:
                         self.tb.add_scalar(f"domain_weight/{d}", w, step)
                 elif k in ("expert_load", "expert_importance") and isinstance(v, list):
                     for li, row in enumerate(v):
-                        self.tb.add_histogram(f"{k}/layer{li}", torch_tensor(row), step)
+                        self.tb.add_histogram(f"{k}/layer{li}", torch.tensor(row, dtype=torch.float32), step)
                 elif k == "dropped_tokens" and isinstance(v, list):
                     self.tb.add_scalar("dropped_tokens_total", sum(v), step)
 
@@ -131,7 +133,3 @@ class Monitor:
             self.tb.close()
             self.tb = None
 
-
-def torch_tensor(row):
-    import torch
-    return torch.tensor(row, dtype=torch.float32)

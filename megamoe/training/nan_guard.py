@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from megamoe.training.optim import unwrap
+
 __all__ = ["NonFiniteGuard", "NonFiniteError", "find_bad_layer"]
 
 
@@ -71,7 +73,6 @@ def find_bad_layer(model, router_stats=None, batch=None) -> str:
     2. a forward re-run of the last batch with hooks: the first sub-module whose output is non-finite;
     3. non-finite router statistics of the last forward (`router_stats`: list of (layer index, RouterStats));
     4. non-finite gradients (least specific: a NaN loss makes every gradient NaN)."""
-    from megamoe.training.optim import unwrap
     module = unwrap(model)
     params, grads = [], []
     for name, p in module.named_parameters():

@@ -12,7 +12,17 @@ megamoe.training.schedule.LRSchedule). On a CPU, megatron's optimizer/DDP code r
 
 from __future__ import annotations
 
+import math
+
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.transformer import TransformerConfig
+
+from megamoe.compat.cpu import cuda_to_cpu
+from megamoe.compat.megatron import single_rank_ddp
 
 __all__ = ["transformer_config", "wrap_model", "build_optimizer", "unwrap"]
 
@@ -25,8 +35,6 @@ def unwrap(model):
 
 def transformer_config(model_cfg, pcfg, precision: str):
     """The megatron TransformerConfig that DDP and the optimizer read (layout, dtypes); the model itself is ours."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer import TransformerConfig
     bf16 = precision == "bf16"
     return TransformerConfig(
         num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
@@ -44,41 +52,22 @@ def transformer_config(model_cfg, pcfg, precision: str):
 
 
 def wrap_model(model, model_cfg, pcfg, precision: str):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megamoe.compat.cpu import cuda_to_cpu
+    """megatron DDP around our model (fp32 main-grad buffers); at one data-parallel rank without the self-copies
+    (compat/megatron.py: single_rank_ddp)."""
     tcfg = transformer_config(model_cfg, pcfg, precision)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=pcfg.distributed_optimizer,
                                             check_for_nan_in_grad=False)
     with cuda_to_cpu():
         ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
-    from megatron.core import parallel_state as ps
     if ps.get_data_parallel_world_size() == 1 and ps.get_expert_data_parallel_world_size() == 1:
-        if pcfg.distributed_optimizer:
-            # one data-parallel rank: the distributed optimizer's parameter all-gather copies every shard onto itself
-            # (the updated weights are already in place); skip it. Checkpoints keep the distributed-optimizer
-            # format, so they load into runs with more data-parallel ranks.
-            ddp.start_param_sync = lambda *args, **kwargs: None
-        # likewise the gradient reduce-scatter / all-reduce over a group of one rank copies each buffer onto itself;
-        # keep only what it does besides communicating (the gradient scaling factor, 1.0 at one rank)
-        ddp.finish_grad_sync = lambda *args, **kwargs: _local_grad_sync(ddp)
+        single_rank_ddp(ddp, pcfg.distributed_optimizer)
     return ddp
 
 
-def _local_grad_sync(ddp):
-    """DDP.finish_grad_sync for a single data-parallel rank (no overlap): scale the buckets, communicate nothing."""
-    for bucket_group in list(ddp.bucket_groups) + list(getattr(ddp, "expert_parallel_bucket_groups", [])):
-        bucket_group.param_gather_dispatched = False
-        for bucket in bucket_group.buckets:
-            if bucket.gradient_scaling_factor != 1.0:
-                bucket.grad_data *= bucket.gradient_scaling_factor
-
-
 def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megamoe.compat.cpu import cuda_to_cpu
+    """megatron-core's optimizer (AdamW, distributed when pcfg.distributed_optimizer) on torch's fused AdamW kernel.
+    Its checkpoints are written in the fully reshardable format (megamoe/training/resharding.py)."""
     ocfg = OptimizerConfig(
         optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.lr * optim_cfg.min_lr_ratio,
         weight_decay=optim_cfg.weight_decay, adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2,
@@ -86,9 +75,8 @@ def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=pcfg.distributed_optimizer,
     )
-    from megamoe.parallel_checkpoint import reshardable
     with cuda_to_cpu():
-        opt = reshardable(get_megatron_optimizer(ocfg, [ddp_model]))  # checkpoints reshard over TP/EP/DP
+        opt = get_megatron_optimizer(ocfg, [ddp_model])
     _use_fast_adam(opt)
     return opt
 
@@ -123,9 +111,6 @@ def guarded_step(optimizer) -> tuple[bool, float]:
     """megatron's optimizer.step() split open so that a non-finite gradient norm skips the update:
     prepare grads -> global grad norm -> (finite?) clip to optimizer.config.clip_grad -> update.
     Returns (updated, grad_norm before clipping)."""
-    import math
-
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
     if optimizer.prepare_grads():          # found inf (dynamic loss scaling)
         return False, float("nan")
     gn = optimizer.get_grad_norm()

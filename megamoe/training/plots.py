@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 __all__ = ["read_metrics", "plot_expert_load", "plot_routing_by_domain", "plot_losses", "plot_run"]
 
 
@@ -36,7 +38,6 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_expert_load(load, path: str, title: str = "expert load (share of routed tokens)", layer_ids=None):
-    import numpy as np
     plt = _plt()
     a = np.asarray(load, dtype=float)
     L, E = a.shape
@@ -57,7 +58,6 @@ def plot_expert_load(load, path: str, title: str = "expert load (share of routed
 
 def plot_routing_by_domain(routing: dict, path: str, layers=None, title: str = "routing by domain"):
     """routing: domain -> per MoE layer -> expert fractions."""
-    import numpy as np
     plt = _plt()
     doms = [d for d, v in routing.items() if v]
     if not doms:
@@ -106,7 +106,6 @@ def plot_losses(records: list[dict], path: str):
 
 def plot_run(metrics_path: str, out_dir: str) -> list[str]:
     """All plots of a run from its metrics.jsonl; returns the files written."""
-    import numpy as np
     recs = read_metrics(metrics_path)
     os.makedirs(out_dir, exist_ok=True)
     written = []

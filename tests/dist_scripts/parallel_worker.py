@@ -82,7 +82,7 @@ def optim_cfg():
 def build(cfg, pcfg, full_sd=None):
     """Model (full weights sliced to this rank), megatron DDP, megatron optimizer."""
     from megamoe.model import LlamaMoEModel
-    from megamoe.parallel_checkpoint import load_full_state_dict
+    from megamoe.training.resharding import load_full_state_dict
     from megamoe.training.optim import build_optimizer, wrap_model
     torch.manual_seed(0)
     model = LlamaMoEModel(cfg)
@@ -90,9 +90,6 @@ def build(cfg, pcfg, full_sd=None):
         load_full_state_dict(model, full_sd)
     ddp = wrap_model(model, cfg, pcfg, "fp32")
     opt = build_optimizer(ddp, optim_cfg(), pcfg, "fp32")
-    from megamoe.parallel_checkpoint import reshardable
-    if not getattr(opt, "_megamoe_reshardable", False):   # until megamoe.training.optim applies it itself
-        reshardable(opt)
     for g in opt.param_groups:
         g["lr"] = LR
     return model, ddp, opt
@@ -208,7 +205,7 @@ def run_layout(chk, ref, layout, model_names, distopt=True):
     with the distributed optimizer (sharded grads and state) the losses and grad norms are compared again."""
     import dataclasses
 
-    from megamoe.parallel_checkpoint import local_slice
+    from megamoe.training.resharding import local_slice
     pcfg = set_layout(layout)
     runs = [(mname, dataclasses.replace(pcfg, distributed_optimizer=False)) for mname in model_names]
     if pcfg.distributed_optimizer and distopt:
@@ -302,7 +299,7 @@ def reshard(out_dir, save_layout="tp2ep2sp_dp2", load_layouts="ep4,dp4,ep2etp2")
     (DP4): step 3's loss checks the weights, step 4's loss (after an update) checks the optimizer state."""
     import torch.distributed as dist
 
-    from megamoe.training.checkpointing import CheckpointManager
+    from megamoe.training.checkpoint import CheckpointManager
     from megamoe.parallel import init_distributed
     init_distributed()
     chk = Checker()
@@ -340,7 +337,7 @@ def load_single(out_dir):
     """World of one (TP1xEP1, no torchrun): load the TP2xEP2 checkpoint written by `reshard`."""
     from megamoe.config import ParallelConfig
     from megamoe.parallel import initialize
-    from megamoe.training.checkpointing import CheckpointManager
+    from megamoe.training.checkpoint import CheckpointManager
     initialize(ParallelConfig())
     ref = torch.load(os.path.join(out_dir, "reference.pt"), weights_only=False)
     r = ref["mixtral"]

@@ -21,7 +21,8 @@ warnings.filterwarnings("ignore")
 def main():
     config, out, crash_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
     overrides = [a for a in sys.argv[4:] if a != "--set"]
-    from megamoe.train import _setup_logging, run
+    from megamoe.console import setup_logging as _setup_logging
+    from megamoe.training.trainer import run
     from megamoe.training.config import load_train_config
     _setup_logging()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

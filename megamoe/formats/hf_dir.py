@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .safetensors_io import CheckpointError, SafetensorsReader, NAMES
+from megamoe.formats.safetensors_io import CheckpointError, SafetensorsReader, NAMES
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ..config import ConfigError, ModelConfig
+from megamoe.config import ConfigError, ModelConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -1,10 +1,12 @@
-"""Process groups for a ParallelConfig, from megatron-core's parallel_state.
+"""Process-group setup for a ParallelConfig, from megatron-core's parallel_state. Entry points call it; models
+never do (a model is built under the layout in force and refuses to be built without one).
 
 Under `torchrun` the world comes from the environment (NCCL on GPUs, gloo on CPUs). Outside it -- a notebook, a test,
-`tools/checkpoint_convert.py` -- `initialize()` makes a world of one, so the same model code runs everywhere.
+`megamoe-convert` -- `initialize()` makes a world of one, so the same model code runs everywhere.
 
-    from megamoe.parallel import initialize
-    initialize(ParallelConfig(tp=2, ep=2))   # under torchrun --nproc_per_node=4
+    from megamoe import parallel
+    parallel.initialize(ParallelConfig(tp=2, ep=2), model_cfg)   # under torchrun --nproc_per_node=4
+    model = LlamaMoEModel(model_cfg)                              # built for that layout
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import socket
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
-from megamoe.config import ModelConfig, ParallelConfig
+from megamoe.compat import cpu
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from megamoe.config import DTYPES, ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 _config: ParallelConfig | None = None
@@ -60,11 +67,6 @@ def init_distributed(timeout_s: float | None = None) -> None:
 def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = None, seed: int = 1234) -> ParallelConfig:
     """Set up torch.distributed and megatron-core's model-parallel groups. Idempotent for the same layout."""
     global _config
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from megamoe.compat import cpu
-
     pcfg = pcfg or ParallelConfig()
     cpu.apply()
     init_distributed()
@@ -85,24 +87,38 @@ def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = N
     return pcfg
 
 
-def ensure_initialized(model: ModelConfig | None = None) -> ParallelConfig:
-    """The parallel layout in force; a world of one if nothing was initialised yet."""
-    from megatron.core import parallel_state as ps
-    if _config is not None and ps.model_parallel_is_initialized():
-        return _config
-    return initialize(ParallelConfig(), model)
-
-
 def current() -> ParallelConfig | None:
-    return _config
+    """The layout in force (None before `initialize`)."""
+    return _config if ps.model_parallel_is_initialized() else None
+
+
+def require() -> ParallelConfig:
+    """The layout in force; a clear error when no entry point has set one up."""
+    pcfg = current()
+    if pcfg is None:
+        raise RuntimeError("no parallel layout is set up: call megamoe.parallel.initialize(ParallelConfig(...)) before "
+                           "building a model (a world of one: initialize() with no arguments)")
+    return pcfg
 
 
 def destroy(keep_process_group: bool = False) -> None:
     """Tear down megatron's groups and torch.distributed (tests, or re-initialising with another layout).
     `keep_process_group=True` keeps the world (torchrun's), so `initialize` can set up another layout in it."""
     global _config
-    from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
     _config = None
+
+
+def megatron_config(cfg: ModelConfig) -> ModelParallelConfig:
+    """The megatron-core ModelParallelConfig our parallel layers are built with: the layout in force (`require`)
+    and the model's parameter dtype."""
+    pcfg = require()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        expert_model_parallel_size=pcfg.ep, expert_tensor_parallel_size=pcfg.etp,
+        sequence_parallel=pcfg.sequence_parallel, params_dtype=DTYPES[cfg.params_dtype],
+        use_cpu_initialization=True,  # same initial weights at every TP size
+        perform_initialization=True, gradient_accumulation_fusion=False,
+    )

@@ -1,8 +1,9 @@
-"""Full (TP1/EP1) tensors <-> this rank's shards of a LlamaMoEModel under the layout in force.
+"""What makes a training checkpoint load into another TP/EP/ETP/DP layout: full (TP1/EP1) tensors <-> this rank's
+shards of a LlamaMoEModel, and the optimizer state in megatron's fully reshardable format.
 
-Checkpoints of parallel runs are megatron-core dist_checkpointing (megamoe/training/checkpointing.py: every rank
-writes its shards in parallel; any TP/EP/DP layout loads them). This module is the small piece beside it that maps
-one full tensor to this rank's slice, the same rule dist_checkpointing's ShardedTensors encode:
+Checkpoints of parallel runs are megatron-core dist_checkpointing (megamoe/training/checkpoint.py: every rank
+writes its shards in parallel; any TP/EP/DP layout loads them). This module maps one full tensor to this rank's
+slice, the same rule dist_checkpointing's ShardedTensors encode:
 
   - megatron TP layers (`tensor_model_parallel`, `partition_dim`): chunk tp_rank of tp along partition_dim;
   - experts (`allreduce = False`, global names): the whole tensor, or under expert-TP chunk etp_rank of etp along
@@ -16,13 +17,18 @@ one full tensor to this rank's slice, the same rule dist_checkpointing's Sharded
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import ShardedTensor
 
-__all__ = ["local_slice", "shard_full_state_dict", "load_full_state_dict"]
+from megamoe.compat.megatron import distributed_optimizer_load_fix
+from megamoe.training.optim import unwrap
+
+__all__ = ["local_slice", "shard_full_state_dict", "load_full_state_dict", "OPTIM_METADATA",
+           "optimizer_sharded_state_dict", "load_optimizer_state", "fix_optimizer_steps"]
 
 
 def local_slice(name: str, local: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's part of the full tensor `full` for the local tensor `local` (a parameter of the model)."""
-    from megatron.core import parallel_state as ps
     if getattr(local, "allreduce", True) is False:                # expert weight
         etp, r = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
         if etp > 1:
@@ -39,7 +45,6 @@ def local_slice(name: str, local: torch.Tensor, full: torch.Tensor) -> torch.Ten
 
 def shard_full_state_dict(model, full: dict) -> dict:
     """{name: this rank's slice} for every tensor of `model` (DDP-wrapped or not) found in `full`."""
-    from megamoe.training.optim import unwrap
     module = unwrap(model)
     out = {}
     for name, t in module.state_dict(keep_vars=True).items():
@@ -50,7 +55,6 @@ def shard_full_state_dict(model, full: dict) -> dict:
 
 def load_full_state_dict(model, full: dict, strict: bool = True):
     """Load full (single-process) tensors into a model built under any TP/EP/ETP layout."""
-    from megamoe.training.optim import unwrap
     module = unwrap(model)
     local = shard_full_state_dict(module, full)
     missing = sorted(n for n, t in module.state_dict().items() if torch.is_tensor(t) and n not in local)
@@ -72,7 +76,6 @@ each parameter's Adam moments in the parameter's own (global, TP/EP-sharded) lay
 def _drop_main_params(sd):
     """In fp32 the model weights are the main parameters: megatron writes no "optimizer.state.param.*" copy but asks
     for one on load. Drop those entries on both sides."""
-    from megatron.core.dist_checkpointing import ShardedTensor
     if isinstance(sd, dict):
         for k in list(sd):
             v = sd[k]
@@ -86,11 +89,9 @@ def _drop_main_params(sd):
     return sd
 
 
-def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, metadata: dict | None = None):
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool):
     """The optimizer's sharded state dict in the fully reshardable format (any TP/EP/DP layout loads it)."""
-    meta = dict(metadata or {})
-    meta["distrib_optim_sharding_type"] = OPTIM_METADATA["distrib_optim_sharding_type"]
-    sd = type(optimizer).sharded_state_dict(optimizer, model_sd, is_loading=is_loading, metadata=meta)
+    sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(OPTIM_METADATA))
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
     if not any(o.config.bf16 or o.config.fp16 for o in subs):
         _drop_main_params(sd)
@@ -98,31 +99,11 @@ def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, me
 
 
 def load_optimizer_state(optimizer, state: dict):
-    """optimizer.load_state_dict for a state that dist_checkpointing loaded in the fully reshardable format.
-
-    megatron-core 0.16.1 with torch's Adam (no TE / apex, e.g. on a CPU): the loader skips the checkpoint's
-    per-parameter `step` but then copies every key of the live state, `step` included -> KeyError. Copy the keys the
-    checkpoint has; then give every parameter its own `step` tensor from its param group's step (megatron would
-    share one tensor between all parameters)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    patched = []
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(o, DistributedOptimizer) and not o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            def setter(model_param, tensors, o=o):
-                gi, go = o.model_param_group_index_map[model_param]
-                main = o.optimizer.param_groups[gi]["params"][go]
-                dst = {"param": main, **o.optimizer.state[main]}
-                for k, v in tensors.items():
-                    if k in dst:
-                        dst[k].copy_(v)
-            o._set_main_param_and_optimizer_states = setter
-            patched.append(o)
-    try:
-        with torch.no_grad():
-            type(optimizer).load_state_dict(optimizer, state)
-    finally:
-        for o in patched:
-            del o._set_main_param_and_optimizer_states
+    """optimizer.load_state_dict for a state that dist_checkpointing loaded in the fully reshardable format, then one
+    `step` tensor per parameter (fix_optimizer_steps). megatron-core 0.16.1's loader needs a fix on torch's Adam
+    (compat/megatron.py: distributed_optimizer_load_fix)."""
+    with distributed_optimizer_load_fix(optimizer), torch.no_grad():
+        optimizer.load_state_dict(state)
     fix_optimizer_steps(optimizer)
 
 
@@ -138,17 +119,3 @@ def fix_optimizer_steps(optimizer):
                     st["step"] = torch.tensor(float(g["step"]))
                 elif st and "step" in st and torch.is_tensor(st["step"]):
                     st["step"] = st["step"].clone()
-
-
-def reshardable(optimizer):
-    """Make a megatron optimizer's checkpoint reshardable across TP/EP/DP layouts: its `sharded_state_dict` writes
-    the fully reshardable format (whatever metadata the caller passes) and its `load_state_dict` reads it.
-    Returns the same optimizer; megamoe.training.checkpointing's CheckpointManager then needs no change.
-
-        opt = reshardable(get_megatron_optimizer(...))
-    """
-    optimizer.sharded_state_dict = (lambda model_sd, is_loading=False, metadata=None, **kw:
-                                    optimizer_sharded_state_dict(optimizer, model_sd, is_loading, metadata))
-    optimizer.load_state_dict = lambda state: load_optimizer_state(optimizer, state)
-    optimizer._megamoe_reshardable = True
-    return optimizer

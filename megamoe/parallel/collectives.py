@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 __all__ = ["AllReduceSum", "all_reduce_sum", "make_stats_reducer", "split_tokens", "gather_tokens",
            "token_split_sizes", "all_gather_uneven", "exchange_counts"]
@@ -49,7 +50,6 @@ def all_reduce_sum(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Ten
 
 def stats_group(sequence_parallel: bool):
     """The group holding the rest of the global batch: TP x DP under sequence parallelism, DP otherwise."""
-    from megatron.core import parallel_state as ps
     if sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
         return ps.get_tensor_and_data_parallel_group()
     return ps.get_data_parallel_group()
@@ -58,7 +58,6 @@ def stats_group(sequence_parallel: bool):
 def make_stats_reducer(sequence_parallel: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`Router.stats_reducer` for the layout in force: sum over `stats_group`, gradient scaled by the DP size
     (module docstring). None in a world where one rank holds the whole batch."""
-    from megatron.core import parallel_state as ps
     group = stats_group(sequence_parallel)
     if dist.get_world_size(group) == 1:
         return None

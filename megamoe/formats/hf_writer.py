@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .safetensors_io import StreamingWriter, dtype_size, numel
+from megamoe.formats.safetensors_io import StreamingWriter, dtype_size, numel
 
 
 class HFWriter:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..model.llama import rope_inv_freq  # the model's own RoPE table (default, linear, llama3)
+from ..layers.rope import rope_inv_freq  # the model's own RoPE table (default, linear, llama3)
 
 
 class SplitWeight:

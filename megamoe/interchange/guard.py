@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import GuardError
+
 DEFAULT_TOLERANCE = 1e-4
-
-
-class GuardError(RuntimeError):
-    """The converted checkpoint does not reproduce its source; the output has been removed."""
 
 
 @dataclass

@@ -20,8 +20,7 @@ to the newest complete one.
 
 Resharding: model tensors are saved as ShardedTensors with their GLOBAL shapes (TP-split parameters carry their
 partition axis; experts their global names), optimizer state in megatron's fully reshardable format
-(megamoe.parallel_checkpoint.reshardable, applied by megamoe.training.optim), so a checkpoint loads into another
-TP/EP/DP layout. Trust: dist_checkpointing writes its metadata (and its "common" state) with pickle, so load
+(megamoe/training/resharding.py), so a checkpoint loads into another TP/EP/DP layout. Trust: dist_checkpointing writes its metadata (and its "common" state) with pickle, so load
 only checkpoints your own runs wrote. Everything of ours is JSON or safetensors.
 """
 
@@ -33,27 +32,26 @@ import os
 import random
 import re
 import shutil
-import signal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import ShardedTensor
+from safetensors.torch import load_file, save_file
 
+from megamoe.compat.cpu import cuda_to_cpu
+from megamoe.errors import CheckpointError
 from megamoe.fileio import atomic_write_text
+from megamoe.training.optim import unwrap
+from megamoe.training.resharding import load_optimizer_state, optimizer_sharded_state_dict
 
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["CheckpointManager", "model_sharded_state_dict", "StopSignal", "capture_rng", "restore_rng",
-           "atomic_write_text", "CheckpointError"]
+__all__ = ["CheckpointManager", "model_sharded_state_dict", "capture_rng", "restore_rng"]
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
-OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -101,7 +99,6 @@ def from_jsonable(x):
 
 def capture_rng() -> tuple[dict, dict]:
     """(tensors for safetensors, json-able) RNG state of this rank."""
-    from megatron.core import tensor_parallel
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
@@ -118,7 +115,6 @@ def capture_rng() -> tuple[dict, dict]:
 
 
 def restore_rng(tensors: dict, js: dict):
-    from megatron.core import tensor_parallel
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available() and "torch_cuda" in tensors:
         torch.cuda.set_rng_state(tensors["torch_cuda"])
@@ -145,10 +141,6 @@ def model_sharded_state_dict(model) -> dict:
       down on dim 1; replicas over the expert-data-parallel group;
     - everything else (norms, routers) is replicated; rank (tp 0, dp 0) writes it.
     If the model defines its own `sharded_state_dict`, that is used instead."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    from megamoe.training.optim import unwrap
     module = unwrap(model)
     if hasattr(module, "sharded_state_dict"):
         return module.sharded_state_dict()
@@ -219,10 +211,6 @@ class CheckpointManager:
     # ---- save ----
     def save(self, step: int, model, optimizer, train_state: dict, rank_state: dict | None = None) -> str:
         """Collective: every rank calls it. Returns the final directory."""
-        from megatron.core import dist_checkpointing
-        from safetensors.torch import save_file
-
-        from megamoe.compat.cpu import cuda_to_cpu
         name = f"step_{step:08d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
         rank = _rank()
@@ -236,7 +224,7 @@ class CheckpointManager:
         model_sd = model_sharded_state_dict(model)
         with cuda_to_cpu():
             sd = {"model": model_sd,
-                  "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIM_METADATA)}
+                  "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)}
             dist_checkpointing.save(sd, tmp)
         rng_t, rng_j = capture_rng()
         save_file({k: v.contiguous() for k, v in rng_t.items()}, os.path.join(tmp, f"rank_{rank:05d}_rng.safetensors"))
@@ -273,11 +261,6 @@ class CheckpointManager:
     # ---- load ----
     def load(self, path: str, model, optimizer) -> tuple[dict, dict]:
         """Load model and optimizer in place; restore this rank's RNG. Returns (train_state, rank_state)."""
-        from megatron.core import dist_checkpointing
-        from safetensors.torch import load_file
-
-        from megamoe.compat.cpu import cuda_to_cpu
-        from megamoe.training.optim import unwrap
         if not os.path.isfile(os.path.join(path, "COMPLETE")):
             raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
         rank = _rank()
@@ -286,14 +269,12 @@ class CheckpointManager:
             sd = {"model": model_sd}
             if optimizer is not None:
                 _init_empty_optimizer_state(optimizer)
-                sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+                sd["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
             loaded = dist_checkpointing.load(sd, path)
             with torch.no_grad():
                 unwrap(model).load_state_dict(loaded["model"], strict=False)
                 if optimizer is not None:
-                    optimizer.load_state_dict(loaded["optimizer"])
-                    from megamoe.parallel_checkpoint import fix_optimizer_steps  # one `step` per param
-                    fix_optimizer_steps(optimizer)
+                    load_optimizer_state(optimizer, loaded["optimizer"])  # one `step` per parameter
         with open(os.path.join(path, "train_state.json")) as f:
             train_state = from_jsonable(json.load(f))
         rank_json = os.path.join(path, f"rank_{rank:05d}.json")
@@ -305,37 +286,3 @@ class CheckpointManager:
         else:
             log.warning("%s has no state for rank %d (another world size): RNG and data order start fresh", path, rank)
         return train_state, rank_state
-
-
-class StopSignal:
-    """SIGTERM/SIGINT -> a flag the loop checks at the next step boundary (then it saves and exits). A second
-    SIGINT (Ctrl-C twice) interrupts at once, without saving."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.requested = None
-        self._old = {}
-        for s in signals:
-            try:
-                self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: saving a checkpoint after this step, then exiting (Ctrl-C again to stop at once)",
-                    self.requested)
-
-    def should_stop(self, extra: bool = False) -> bool:
-        """Collective when distributed: any rank that got the signal (or passes `extra`) stops all ranks."""
-        flag = torch.tensor([1.0 if (self.requested or extra) else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)

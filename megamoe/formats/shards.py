@@ -13,7 +13,7 @@ Directory layout (T = tp, EP = ep, R = etp):
 Every file holds tensors under their *global* names (docs/architecture.md) so a file can be read on its own.
 The trainer loads its rank's slice, whatever layout the checkpoint was written with:
 
-    from megamoe.checkpoint.shards import load_shards, save_shards, ShardedCheckpoint
+    from megamoe.formats.shards import load_shards, save_shards, ShardedCheckpoint
     save_shards(path, cfg, model.state_dict(), ParallelConfig(tp=2, ep=2))   # write (atomic, never overwrites)
     full = load_shards(path)                                    # TP1/EP1 state dict (full tensors)
     mine = load_shards(path, tp=(rank_tp, TP), ep=(rank_ep, EP), etp=(rank_etp, ETP))
@@ -32,10 +32,10 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from ..config import ConfigError, ModelConfig, ParallelConfig
-from .buffers import Arena
-from .layout import expected_names, expected_shape, slicing
-from .safetensors_io import NAMES, CheckpointError, SafetensorsReader, StreamingWriter
+from megamoe.config import ConfigError, ModelConfig, ParallelConfig
+from megamoe.formats.buffers import Arena
+from megamoe.formats.layout import expected_names, expected_shape, slicing
+from megamoe.formats.safetensors_io import NAMES, CheckpointError, SafetensorsReader, StreamingWriter
 
 FILE_SOURCE = "_megamoe_file_source"  # tensor attribute: (SafetensorsReader, byte offset) of its unmodified bytes
 FORMAT = "megamoe-shards"

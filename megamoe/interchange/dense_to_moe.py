@@ -1,0 +1,308 @@
+"""`hf_to_moe` (megamoe-convert hf-to-moe): a dense HF LLaMA -> LLaMA-MoE shards (expert construction), checked by the guard.
+
+    hf_to_moe(src, out, num_experts=8, top_k=2, method="random", tp=2, ep=2)   # dense LLaMA -> LLaMA-MoE shards
+    hf_to_moe(src_v1_or_mixtral, out)                                          # a released MoE: import_moe.py
+
+Streams one decoder layer at a time (a 7B model converts in well under 4 GB of RAM); writes into a temporary sibling
+directory renamed into place only after the guard passed. The guard compares (guard.py) the dense source with the
+written MoE with every expert active, a uniform router and scale E (the construct-then-check identity: the
+partition lost no neuron), and the conversion's real routing in memory with the same routing read back from the
+written shards. Partitions come from megamoe.construct (random, clustering, or calibrated methods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megamoe.config import MoEConfig, ModelConfig, ParallelConfig
+from megamoe.construct import partition as P
+from megamoe.construct.build import moe_config_for, router_state
+from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl
+from megamoe.construct.pipeline import ConstructionSpec, construct
+from megamoe.errors import ConfigError
+from megamoe.formats.buffers import Arena
+from megamoe.formats.checksum import BackgroundHasher
+from megamoe.formats.checksum import resolve as checksum_resolve
+from megamoe.formats.hf_dir import HFDir
+from megamoe.formats.hf_llama import config_from_hf
+from megamoe.formats.layout import expected_names, hf_llama_to_ours_name
+from megamoe.formats.safetensors_io import DTYPES
+from megamoe.formats.shards import FILE_SOURCE, ShardWriter, ShardedCheckpoint, check_output, staged_output
+from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, layer_names, no_gc,
+                                        resolve_source, shard_logits, source_info, source_kind, summary,
+                                        torch_dtype_code, torch_threads, update_manifest)
+from megamoe.interchange.forward import Forward, threads, usable_cores
+from megamoe.interchange.guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
+from megamoe.interchange.import_moe import import_moe
+
+CALIBRATED_METHODS = ("coactivation", "gradient", "sharing-inner", "sharing-inter")
+
+
+def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str, num_experts: int, seed: int,
+                    moe_layers, partitions_dir: str | None, progress: bool, calibration: dict | None = None,
+                    gate_init: str = "random"):
+    """{layer: Partition} and {layer: centroids or None} for every MoE layer.
+
+    `calibration` (for the calibrated methods): {"jsonl": path or {domain: path}} or {"prefix": megatron prefix or
+    {domain: prefix}}, plus optional seq_len, token_budget, clusters, expert_size, residual_size, routed_rule."""
+    layers = [i for i in range(dense_cfg.num_layers) if moe_layers is None or i in moe_layers]
+    if partitions_dir:
+        parts = P.read_partitions(partitions_dir)
+        parts = {i: p for i, p in parts.items() if i in layers}
+        missing = [i for i in layers if i not in parts]
+        if missing:
+            raise ConfigError(f"--partitions {partitions_dir}: no partition for layers {missing}")
+        cents = {}
+        cpath = os.path.join(partitions_dir, "partition", "centroids.safetensors")
+        if os.path.isfile(cpath):  # router centroids written by megamoe.construct.write_construction
+            from safetensors.numpy import load_file
+            cents = {int(k.split(".")[1]): v for k, v in load_file(cpath).items()}
+        return parts, cents, (next(iter(parts.values())).method if parts else "file")
+    F = dense_cfg.intermediate_size
+    if method in ("random", "clustering") and F % num_experts:
+        raise ConfigError(f"--experts: {num_experts} experts do not divide the FFN width (intermediate_size {F} in "
+                          f"{os.path.join(hf.path, 'config.json')}); the balanced method {method!r} needs F/E "
+                          f"neurons per expert: choose E among the divisors of {F}")
+    if method == "random":
+        return {i: P.split_random(F, num_experts, seed=seed + i) for i in layers}, {}, method
+    if method == "clustering":
+        parts, cents = {}, {}
+        for i in tqdm(layers, desc="clustering", disable=not progress, unit="layer"):
+            up = hf.get(key_of[f"layers.{i}.mlp.up_proj.weight"]).float().numpy()
+            parts[i], cents[i] = P.split_clustering(up, num_experts, seed=seed)
+        return parts, cents, method
+    if method in CALIBRATED_METHODS:
+        if not calibration or not (calibration.get("jsonl") or calibration.get("prefix")):
+            raise ConfigError(f"method: {method!r} needs calibration statistics: give --calib-jsonl FILE (or "
+                              "DOMAIN=FILE ...) or --calib-prefix PREFIX, or compute partitions with "
+                              "`python -m megamoe.construct` and pass them with --partitions DIR")
+        seq_len, budget = calibration.get("seq_len", 2048), calibration.get("token_budget", 65536)
+        if calibration.get("jsonl"):
+            data = tokens_from_jsonl(calibration["jsonl"], tokenizer=hf.path, seq_len=seq_len, token_budget=budget)
+        else:
+            data = tokens_from_indexed(calibration["prefix"], seq_len=seq_len, token_budget=budget)
+        spec = ConstructionSpec(method=method, num_experts=num_experts, seed=seed, layers=layers,
+                                gate_init="centroids" if gate_init == "centroids" else "random",
+                                clusters=calibration.get("clusters", "kmeans"),
+                                expert_size=calibration.get("expert_size"),
+                                residual_size=calibration.get("residual_size", 0) or 0,
+                                routed_rule=calibration.get("routed_rule", "greedy"))
+        res = construct(hf.path, spec, data, progress=tqdm.write if progress else None)
+        return res.partitions, res.centroids or {}, method
+    raise ConfigError(f"method: {method!r} is not one of random, clustering, {', '.join(CALIBRATED_METHODS)}")
+
+
+def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, method: str = "random",
+              partitions_dir: str | None = None, router: str = "topk_noisy", gate_network: str = "mlp",
+              score_scale: float | None = None, gate_init: str = "random", moe_layers=None, seed: int = 0,
+              tp: int = 1, ep: int = 1, etp: int = 1, dtype: str | None = None,
+              tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
+              allow_pickle: bool = False, checksum: bool | str = True, calibration: dict | None = None,
+              hasher: BackgroundHasher | None = None) -> dict:
+    """Dense HF LLaMA -> LLaMA-MoE shards (construct), or llama-moe v1 / Mixtral -> shards (import).
+    `calibration`: see make_partitions (needed by the coactivation, gradient and sharing methods).
+    `checksum`: True (xxh3_128, or sha256 without the xxhash package), an algorithm name ("xxh3_128", "sha256"), or
+    False. `hasher`: a `checksum.BackgroundHasher` already started on the source's weight files (the CLI starts it
+    before importing torch); used when it hashes exactly `hf.files` with the requested algorithm."""
+    t0 = time.time()
+    src = resolve_source(src)
+    check_output(os.path.abspath(out))
+    try:
+        algorithm = checksum_resolve(None if checksum is True else checksum) if checksum else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    hf = HFDir(src, allow_pickle=allow_pickle)
+    kind = source_kind(hf)
+    if hasher is not None and (algorithm is None or hasher.algorithm != algorithm
+                               or [os.path.abspath(p) for p in hasher.paths] != [os.path.abspath(p) for p in hf.files]):
+        hasher = None  # started on other files or with another algorithm: let it finish unused
+    if algorithm is not None and hasher is None:
+        hasher = BackgroundHasher(hf.files, algorithm)
+    try:
+        if kind == "llama":
+            return _construct(hf, out, t0, hasher, num_experts=num_experts, top_k=top_k, method=method,
+                              partitions_dir=partitions_dir, router=router, gate_network=gate_network,
+                              score_scale=score_scale, gate_init=gate_init, moe_layers=moe_layers, seed=seed,
+                              par=ParallelConfig(tp=tp, ep=ep, etp=etp), dtype=torch_dtype_code(dtype),
+                              tolerance=tolerance, guard_tokens=guard_tokens, progress=progress,
+                              calibration=calibration)
+        return import_moe(hf, kind, out, t0, hasher, par=ParallelConfig(tp=tp, ep=ep, etp=etp),
+                       dtype=torch_dtype_code(dtype), tolerance=tolerance, guard_tokens=guard_tokens, progress=progress)
+    finally:
+        if hasher is not None:
+            with contextlib.suppress(BaseException):
+                hasher.result()
+        hf.close()
+
+
+
+def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partitions_dir, router, gate_network,
+               score_scale, gate_init, moe_layers, seed, par, dtype, tolerance, guard_tokens, progress,
+               calibration=None):
+    where = os.path.join(hf.path, "config.json")
+    dense_cfg = config_from_hf(hf.config, where)
+    check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
+    key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
+    parts, cents, method = make_partitions(hf, dense_cfg, key_of, method, num_experts, seed, moe_layers,
+                                           partitions_dir, progress, calibration, gate_init)
+    E = next(iter(parts.values())).num_experts
+    moe = MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network=gate_network,
+                    score_scale=float(score_scale) if score_scale is not None else E / top_k, moe_layers=moe_layers)
+    cfg = moe_config_for(dense_cfg, parts, moe)
+    par.validate(cfg)
+    src_dtype = {n: hf.dtype(k) for n, k in key_of.items()}
+    emb_dt = src_dtype["embed.weight"]
+    dtypes = {n: dtype or src_dtype.get(n) or src_dtype.get(_dense_mlp_name(n)) or emb_dt for n in expected_names(cfg)}
+    dup = {i: p.duplicated for i, p in parts.items()}
+    miss = {i: p.missing for i, p in parts.items()}
+    exact = all(p.is_exact_cover for p in parts.values())
+    ids = guard_ids(cfg.vocab_size, guard_tokens)
+    report = GuardReport()
+
+    guard = guard_tokens > 0
+    # the source pass runs beside the writer thread: the other cores (none spare on 2 cores) share its matmuls
+    with staged_output(out) as tmp, no_gc(), torch_threads(1), threads(usable_cores() - WRITE_THREADS):
+        info = {"partition": {"method": method, "seed": seed, "gate_init": gate_init,
+                              "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values())}}
+        # the bytes go out on a background thread (file writes release the GIL) while this thread gathers the next
+        # experts and runs the guard's source pass on the same memory-mapped weights
+        w = ShardWriter(tmp, cfg, par, dtypes, info, threads=WRITE_THREADS)
+        bar = tqdm(total=w.nbytes, desc="hf-to-moe", unit="B", unit_scale=True, disable=not progress)
+        arena = Arena()
+        # one pass, two rows: row 0 the dense source (every neuron weight 1), row 1 the conversion's real routing
+        # applied to the dense FFN through the partition; both share each weight read
+        f_src = Forward(cfg, ids.repeat(2, 1), partitions=parts, row_modes=["identity", "routed"]) if guard else None
+        H = cfg.hidden_size
+        try:
+            def read(n):
+                """Source tensor `n` (our name), memory-mapped (no read copy), cast to the output dtype. An uncast
+                map is tagged with its place in the source file: the writer then copies those bytes file to file
+                in the kernel (nothing here modifies a source tensor)."""
+                t = hf.map(key_of[n])
+                want = DTYPES[dtype] if dtype else t.dtype
+                if t.dtype != want:
+                    return t.to(want)
+                where = hf.file_source(key_of[n])
+                if where is not None:
+                    setattr(t, FILE_SOURCE, where)
+                return t
+
+            def emit(n, t):
+                w.write(n, t)
+                bar.update(t.numel() * t.element_size())
+
+            emb = read("embed.weight")
+            emit("embed.weight", emb)
+            if guard:
+                f_src.embed({"embed.weight": emb}.__getitem__)
+            done_before = w.mark()
+            for i in range(cfg.num_layers):
+                src = {n: read(n) for n in layer_names(key_of, i)}
+                pre = f"layers.{i}.mlp."
+                if cfg.moe_index(i) is not None:
+                    g, u, d = (src[pre + x] for x in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+                    gen = torch.Generator().manual_seed(seed * 100003 + i)  # build_moe's per-layer convention
+                    src.update(router_state(pre, H, E, cfg.moe, gate_init, cents.get(i), g.dtype, gen))
+                    # every block's neurons back to back: rows of gate/up, columns of down, gathered once per
+                    # layer into buffers that alternate between layers (the previous layer may still be writing)
+                    cut = _gather_experts(parts[i], g, u, d, arena, f"{i % 2}")
+                for n in layer_names(w.names, i):
+                    t = src.get(n)
+                    if t is None:  # an expert (or shared) tensor: a slice of the gathered matrices
+                        block, proj = n[len(pre):].rsplit(".", 2)[0], n.rsplit(".", 2)[1]
+                        t = cut[block][proj]
+                    elif t.dtype != DTYPES[dtypes[n]]:
+                        t = t.to(DTYPES[dtypes[n]])
+                    emit(n, t)
+                layer_done = w.mark()
+                if guard:
+                    f_src.layer(i, src.__getitem__)  # the stored dtype; the forward converts blocks to fp32
+                del src
+                w.wait(done_before)  # at most two layers in flight: bounds memory, frees this parity's buffers
+                done_before = layer_done
+            tail = {"norm.weight": read("norm.weight"), "embed.weight": emb}
+            emit("norm.weight", tail["norm.weight"])
+            if not cfg.tie_word_embeddings:
+                tail["lm_head.weight"] = read("lm_head.weight")
+                emit("lm_head.weight", tail["lm_head.weight"])
+            if guard:
+                lg = f_src.head(tail.__getitem__)
+                dense_logits, mem_logits = lg[: ids.shape[0]], lg[ids.shape[0]:]
+            del tail, emb
+            w.close()
+            arena.clear()
+            bar.close()
+        except BaseException:
+            w.abort()
+            raise
+        P.write_partitions(os.path.join(tmp, "partitions"), parts)
+        copy_tokenizer(hf.path, tmp)
+
+        if guard:
+            # read back what was written: identity (all experts, uniform router, scale E) and real routing
+            ck = ShardedCheckpoint(tmp)
+            try:
+                id_logits, real_logits = shard_logits(ck, ids, progress, both=True)
+            finally:
+                ck.close()
+            if exact:
+                report.add(check("construct identity: dense source vs written MoE (all experts active, uniform "
+                                 "router, scale E)", dense_logits, id_logits, tolerance))
+            else:
+                report.add(Skipped("construct identity", f"{method}: {sum(dup.values())} neurons duplicated and "
+                                   f"{sum(miss.values())} missing across layers, so the MoE is not a re-partition of "
+                                   "the dense FFN and cannot reproduce it; compared the real routing only"))
+            report.add(check("written experts vs the partition applied to the dense FFN (real routing)",
+                             mem_logits, real_logits, tolerance))
+        else:
+            report.add(Skipped("guard", "disabled (--guard-tokens 0): the result was NOT checked"))
+        report.raise_if_failed(f"hf-to-moe {hf.path} -> {out}")
+        update_manifest(tmp, source=source_info(hf, "hf-llama", hasher),
+                         guard=[c.to_dict() for c in report.checks])
+        nbytes = w.nbytes
+    return summary("hf-to-moe", out, cfg, par, nbytes, t0, report,
+                    {"method": method, "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values()),
+                     "source": hf.path})
+WRITE_THREADS = 1  # background writer threads of hf-to-moe (the main thread gathers and runs the guard meanwhile)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _gather_experts(part, g, u, d, arena: Arena, slot: str) -> dict:
+    """{block: {"gate_proj", "up_proj", "down_proj": tensor}} for the experts (`experts.{e}`) and the residual
+    block (`shared`) of partition `part`: all blocks' neurons are gathered back to back with one index_select of
+    the rows of gate/up and one gather of the columns of down, into arena slots named after `slot`; each block's
+    tensors are views (gate/up: row ranges, contiguous; down: column ranges, rows contiguous)."""
+    blocks = [(f"experts.{e}", idx) for e, idx in enumerate(part.experts)]
+    if part.residual:
+        blocks.append(("shared", part.residual))
+    order = torch.as_tensor([int(j) for _, idx in blocks for j in idx], dtype=torch.long)
+    n = len(order)
+    G = torch.index_select(g, 0, order, out=arena.empty(f"cut.gate.{slot}", [n, g.shape[1]], g.dtype))
+    U = torch.index_select(u, 0, order, out=arena.empty(f"cut.up.{slot}", [n, u.shape[1]], u.dtype))
+    D = arena.empty(f"cut.down.{slot}", [d.shape[0], n], d.dtype)
+    it = _INT_OF_SIZE.get(d.element_size())
+    if it is not None and d.is_contiguous():
+        # numpy's take is about 2x torch's index_select along dim 1, and releases the GIL
+        np.take(d.view(it).numpy(), order.numpy(), axis=1, out=D.view(it).numpy())
+    else:
+        torch.index_select(d, 1, order, out=D)
+    cut, a = {}, 0
+    for name, idx in blocks:
+        b = a + len(idx)
+        cut[name] = {"gate_proj": G[a:b], "up_proj": U[a:b], "down_proj": D[:, a:b]}
+        a = b
+    return cut
+
+
+def _dense_mlp_name(n: str) -> str:
+    """The dense tensor an MoE tensor is cut from (for its dtype)."""
+    parts = n.split(".")
+    if len(parts) > 4 and parts[2] == "mlp" and parts[3] in ("experts", "shared"):
+        return f"layers.{parts[1]}.mlp.{parts[-2]}.weight"
+    return n

@@ -1,0 +1,14 @@
+"""Parallelism: who holds what, and how ranks talk.
+
+| module | job |
+|---|---|
+| `groups.py` | process-group setup for a `ParallelConfig` (torch.distributed + megatron-core's parallel_state); entry points call `initialize`, models only read the layout in force |
+| `collectives.py` | autograd-aware collectives of the MoE layer (token split/gather over TP, uneven all-gather, count exchange) and the router-statistics reducer |
+
+    from megamoe import parallel
+    parallel.initialize(ParallelConfig(tp=2, ep=2), model_cfg)   # under torchrun --nproc_per_node=4
+"""
+
+from megamoe.parallel.groups import current, destroy, init_distributed, initialize, megatron_config, require
+
+__all__ = ["initialize", "destroy", "current", "require", "init_distributed", "megatron_config"]

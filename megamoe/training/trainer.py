@@ -1,0 +1,328 @@
+"""The training loop, as explicit phases that read top to bottom (in the spirit of torchtitan's train loop):
+
+    run(cfg)                      resolve the model, set up the process groups of cfg.parallel, then
+      Trainer(cfg, model_cfg)     setup: device, model + initial weights, DDP + AdamW + LR schedule, data, resume
+      .fit()                      for each step:  train_step -> log -> evaluate? -> save? -> stop?
+                                  then: final evaluation and checkpoint, export (world of one), summary.json
+
+One step (`train_step`): zero the grad buffers; forward/backward every micro-batch (loss / n_micro); finalize the
+grads (data-parallel reduction); average the losses over data-parallel ranks; clip and update unless the loss or the
+gradient norm is non-finite (then the update is skipped and counted by the NaN guard).
+
+Writes under `out_dir`: config.yaml (the config in force; also beside the checkpoints), metrics.jsonl,
+tensorboard/ (when installed), plots/ (at each evaluation), checkpoints/ (step_N, latest), final_model/ (our shard
+format), summary.json. SIGTERM saves a checkpoint at the next step boundary and exits; `--resume` continues from
+checkpoints/latest and reproduces the uninterrupted run's losses. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+
+from megamoe import parallel
+from megamoe.compat.cpu import cuda_to_cpu
+from megamoe.data import update_domain_weights
+from megamoe.fileio import atomic_write_text
+from megamoe.model import LlamaMoEModel
+from megamoe.parallel.collectives import stats_group
+from megamoe.training.checkpoint import CheckpointManager
+from megamoe.training.config import PARAMS_DTYPES, TrainConfig, cpu_has_native_bf16, resolve_precision, \
+    save_train_config
+from megamoe.training.data import build_data
+from megamoe.training.evaluate import evaluate
+from megamoe.training.export import export_final_model
+from megamoe.training.init import load_initial_weights, resolve_model_config
+from megamoe.training.metrics import RouterStatsAccumulator, ThroughputMeter, flops_per_token, mfu, \
+    peak_flops_for_device
+from megamoe.training.monitor import Monitor
+from megamoe.training.nan_guard import NonFiniteGuard
+from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_model
+from megamoe.training.plots import plot_run
+from megamoe.training.schedule import LRSchedule
+from megamoe.training.signals import StopSignal
+
+log = logging.getLogger("megamoe.train")
+
+__all__ = ["run", "Trainer", "train_step", "StepResult"]
+
+
+def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
+    """Train according to `cfg` and return the summary. Sets up the process groups of `cfg.parallel` (a world of one
+    outside torchrun). `callbacks` (tests, tools): {"step_start": fn(step, model)}."""
+    model_cfg = resolve_model_config(cfg)
+    precision = resolve_precision(cfg.train.precision, torch.cuda.is_available())
+    model_cfg.params_dtype = PARAMS_DTYPES[precision]
+    model_cfg.recompute = bool(cfg.train.activation_checkpointing or model_cfg.recompute)
+    cfg.model = model_cfg
+    cfg.validate()
+    parallel.initialize(cfg.parallel, model_cfg, seed=cfg.train.seed)
+    return Trainer(cfg, precision, callbacks).fit()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one optimizer step
+
+@dataclass
+class StepResult:
+    lm_loss: float              # mean over micro-batches and data-parallel ranks
+    aux_loss: float             # the router balance loss, likewise
+    ok: bool                    # False: a non-finite loss or gradient norm; the update was skipped
+    grad_norm: float            # before clipping (nan when skipped before the norm)
+    router_stats: list          # the model's per-layer router statistics, one list per micro-batch
+    last_batch: torch.Tensor    # the last micro-batch's token ids (for the NaN guard's report)
+
+
+def _dp_mean(values: list[float], device) -> list[float]:
+    group = ps.get_data_parallel_group()
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t.tolist()
+
+
+def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True) -> StepResult:
+    """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
+    forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro;
+    finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the data-parallel group;
+    then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient norm skips the update)."""
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    lm_sum = aux_sum = 0.0
+    stats, batch = [], None
+    for _ in range(n_micro):
+        batch = next_batch()
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
+        out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        (out.loss / n_micro).backward()
+        lm_sum += float(out.lm_loss.detach()) / n_micro
+        aux_sum += float(out.aux_loss.detach()) / n_micro
+        stats.append(out.router_stats)
+    with cuda_to_cpu():
+        finalize_model_grads([ddp])
+        lm_loss, aux_loss = _dp_mean([lm_sum, aux_sum], batch.device)
+        ok, grad_norm = False, float("nan")
+        if finite(lm_loss, aux_loss):
+            ok, grad_norm = guarded_step(opt)
+    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+
+class Trainer:
+    """One run. `__init__` is the setup phase; `fit()` the loop; the phases in between are methods."""
+
+    def __init__(self, cfg: TrainConfig, precision: str, callbacks: dict | None = None):
+        self.cfg, self.precision, self.callbacks = cfg, precision, callbacks or {}
+        model_cfg = self.model_cfg = cfg.model
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.is_main = self.rank == 0
+        self.n_micro = cfg.micro_batches_per_step(dp_size)
+        log.info("device %s, precision %s, world %d (dp %d), %d micro-batches of %d x %d per rank per step",
+                 self.device, precision, self.world, dp_size, self.n_micro, cfg.train.micro_batch_size,
+                 cfg.data.seq_len)
+        if self.is_main and not cuda and precision == "fp32" and cpu_has_native_bf16():
+            log.info("this CPU computes bf16 natively: train.precision=bf16 trains faster (docs/training.md, "
+                     "Precision)")
+
+        # ---- model, optimizer, schedule ----
+        torch.manual_seed(cfg.train.seed)                           # identical initial weights on every rank
+        model = LlamaMoEModel(model_cfg)
+        load_initial_weights(cfg, model)
+        model.to(self.device)
+        self.ddp = wrap_model(model, model_cfg, cfg.parallel, precision)
+        self.opt = build_optimizer(self.ddp, cfg.optim, cfg.parallel, precision)
+        self.sched = LRSchedule.from_config(cfg.optim, cfg.train.steps)
+        torch.manual_seed(cfg.train.seed + 100_003 * self.dp_rank)  # router noise differs across data-parallel ranks
+        self.counts = model_cfg.param_counts()
+        self.fpt = flops_per_token(model_cfg, cfg.data.seq_len)
+        self.peak = cfg.log.peak_flops or peak_flops_for_device(self.device, precision)
+        self.moe_layer_ids = [i for i in range(model_cfg.num_layers) if model_cfg.moe_index(i) is not None]
+        log.info("model: %d layers (%d MoE), %.1fM total / %.1fM activated parameters, %.3g FLOPs per token; "
+                 "MFU peak %s", model_cfg.num_layers, len(self.moe_layer_ids), self.counts["total"] / 1e6,
+                 self.counts["active"] / 1e6, self.fpt,
+                 f"{self.peak:.4g} FLOP/s" if self.peak else "unknown (CPU: achieved FLOP/s reported instead)")
+        self.stats_group = stats_group(cfg.parallel.sequence_parallel)  # ranks holding the global batch once
+
+        # ---- data, state, resume ----
+        self.data = build_data(cfg.data, model_cfg.vocab_size, self.dp_rank, dp_size)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
+        self.start_step, self.tokens_seen = 0, 0
+        self.last_saved = None
+        if cfg.checkpoint.resume:
+            self.resume()
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            save_train_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+            save_train_config(cfg, os.path.join(self.ckpt.root, "config.yaml"))
+        self.monitor = Monitor(cfg.out_dir, cfg.train.steps, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                               progress=cfg.log.progress)
+        self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
+        self.router_acc = RouterStatsAccumulator()
+        self.losses: dict[int, float] = {}
+        self.eval_results, self.eval_history = None, []
+
+    # ---- resume ----
+    def resume(self):
+        path = self.ckpt.find_latest()
+        if path is None:
+            log.info("--resume: no checkpoint in %s yet; starting from step 0", self.ckpt.root)
+            return
+        ts, rs = self.ckpt.load(path, self.ddp, self.opt)
+        self.start_step, self.tokens_seen = int(ts["step"]), int(ts["tokens"])
+        self.guard.load_state_dict(ts.get("nan_guard", {}))
+        if "data" in rs:
+            self.data.load_state_dict(rs["data"])
+        elif ts.get("domain_weights"):
+            self.data.set_weights(ts["domain_weights"])
+        self.last_saved = self.start_step or None
+        log.info("resumed from %s at step %d (%d tokens)", path, self.start_step, self.tokens_seen)
+
+    # ---- the loop ----
+    def fit(self) -> dict:
+        cfg = self.cfg
+        stop = StopSignal()
+        step, stopped_by = self.start_step, None
+        if cfg.eval.at_start and self.start_step == 0:
+            self.evaluate(0)
+        t_loop = time.perf_counter()
+        try:
+            for step in range(self.start_step, cfg.train.steps):
+                done = step + 1
+                r = self.step(step)
+                if self.logs_at(done):
+                    self.log(done, r)
+                if cfg.eval.interval and done % cfg.eval.interval == 0 and done != cfg.train.steps:
+                    self.evaluate(done)
+                if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done != cfg.train.steps:
+                    self.save(done)
+                over_time = bool(cfg.train.max_minutes) and done < cfg.train.steps and \
+                    time.perf_counter() - t_loop + self.meter.step_seconds > 60 * cfg.train.max_minutes
+                if stop.should_stop(over_time):
+                    stopped_by = stop.requested or ("time limit" if over_time else "signal on another rank")
+                    log.info("%s: saving at step %d and exiting (resume with --resume)", stopped_by, done)
+                    if stopped_by == "time limit" and (cfg.eval.at_end or cfg.eval.interval):
+                        self.evaluate(done)
+                    self.save(done)
+                    break
+            else:
+                done = cfg.train.steps if cfg.train.steps > self.start_step else self.start_step
+                if cfg.eval.at_end or cfg.eval.interval:
+                    self.evaluate(done)
+                if cfg.checkpoint.save_at_end and self.last_saved != done:
+                    self.save(done)
+        finally:
+            stop.restore()
+            self.monitor.close()
+        steps = step + 1 if stopped_by or cfg.train.steps > self.start_step else self.start_step
+        return self.finish(steps, stopped_by)
+
+    def logs_at(self, done: int) -> bool:
+        return done % self.cfg.log.interval == 0 or done == self.cfg.train.steps
+
+    # ---- step ----
+    def step(self, step: int) -> StepResult:
+        cfg = self.cfg
+        if "step_start" in self.callbacks:
+            self.callbacks["step_start"](step, unwrap(self.ddp))
+        self.meter.start()
+        self.lr = self.sched.apply(self.opt, step)
+        r = train_step(self.ddp, self.opt, lambda: self.data.next_batch(cfg.train.micro_batch_size)[0], self.n_micro,
+                       device=self.device, finite=self.guard.finite)
+        done = step + 1
+        if self.logs_at(done):
+            for micro_stats in r.router_stats:
+                self.router_acc.add(micro_stats)
+        self.tokens_seen += cfg.train.global_batch_tokens
+        self.step_time = self.meter.stop(cfg.train.global_batch_tokens)
+        if r.ok:
+            self.losses[done] = r.lm_loss + r.aux_loss
+        else:
+            log.warning("step %d: non-finite loss/grad (lm %s, aux %s, grad norm %s); update skipped (%d in a row)",
+                        done, r.lm_loss, r.aux_loss, r.grad_norm, self.guard.consecutive + 1)
+        self.guard.record(r.ok, done, self.ddp, list(zip(self.moe_layer_ids, r.router_stats[-1])), r.last_batch)
+        return r
+
+    # ---- log ----
+    def log(self, done: int, r: StepResult):
+        self.router_acc.reduce(self.stats_group)
+        rs = self.router_acc.summary()
+        self.router_acc.reset()
+        tgs = self.meter.tgs
+        rec = {"kind": "train", "step": done, "loss": r.lm_loss + r.aux_loss, "lm_loss": r.lm_loss,
+               "balance_loss": r.aux_loss, "lr": self.lr, "grad_norm": r.grad_norm, "tokens": self.tokens_seen,
+               "step_time": self.step_time, "tgs": tgs, "flops_per_s": tgs * self.fpt,
+               "mfu": mfu(tgs, self.fpt, self.peak), "skipped_steps": self.guard.skipped,
+               "domain_weights": dict(self.data.weights)}
+        if rs:
+            rec.update({k: rs[k] for k in ("expert_load", "expert_importance", "dropped_tokens", "dropped_total",
+                                           "z_loss")})
+            rec["router_balance_loss"] = rs["balance_loss"]
+        self.monitor.write(rec)
+        self.monitor.console(done, rec, self.meter.step_seconds * (self.cfg.train.steps - done))
+
+    # ---- evaluate ----
+    def evaluate(self, step: int):
+        cfg = self.cfg
+        res, routing = evaluate(self.ddp, self.data, cfg.eval.batch_size, cfg.eval.batches, self.device)
+        self.eval_results = res
+        self.eval_history.append({"step": step, "results": res, "routing": routing})
+        rec = {"kind": "eval", "step": step, "tokens": self.tokens_seen, "routing_by_domain": routing}
+        for d, r in res.items():
+            rec[f"eval/{d}/loss"], rec[f"eval/{d}/ppl"] = r["loss"], r["ppl"]
+        if cfg.data.dynamic:  # Sheared-LLaMA dynamic batch loading (docs/data.md)
+            new_w = update_domain_weights(self.data.weights, {d: r["loss"] for d, r in res.items()},
+                                          cfg.data.reference_losses, rule=cfg.data.dynamic_rule,
+                                          eta=cfg.data.dynamic_eta, smoothing=cfg.data.dynamic_smoothing)
+            self.data.set_weights(new_w)
+            rec["domain_weights"] = new_w
+        self.monitor.write(rec)
+        self.monitor.message("eval step %d: " % step + ", ".join(f"{d} loss {r['loss']:.3f} ppl {r['ppl']:.2f}"
+                                                               for d, r in res.items()))
+        if self.is_main and cfg.eval.plots:
+            try:
+                plot_run(self.monitor.jsonl_path, os.path.join(cfg.out_dir, "plots"))
+            except Exception as e:  # noqa: BLE001 - plots never stop training
+                log.warning("plots failed: %s", e)
+
+    # ---- save ----
+    def save(self, step: int):
+        t0 = time.perf_counter()
+        train_state = {"tokens": self.tokens_seen, "nan_guard": self.guard.state_dict(),
+                       "domain_weights": dict(self.data.weights), "config": self.cfg.to_dict()}
+        path = self.ckpt.save(step, self.ddp, self.opt, train_state, {"data": self.data.state_dict()})
+        self.last_saved = step
+        log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+
+    # ---- finish ----
+    def finish(self, steps: int, stopped_by: str | None) -> dict:
+        cfg = self.cfg
+        final_dir = None
+        if stopped_by in (None, "time limit"):
+            final_dir = export_final_model(self.ddp, self.model_cfg, os.path.join(cfg.out_dir, "final_model"))
+        summary = {"steps": steps, "start_step": self.start_step, "tokens": self.tokens_seen,
+                   "stopped_by": stopped_by, "skipped_steps": self.guard.skipped, "losses": self.losses,
+                   "eval": self.eval_results, "eval_history": self.eval_history, "params": self.counts,
+                   "out_dir": os.path.abspath(cfg.out_dir), "checkpoint_dir": self.ckpt.root,
+                   "metrics": os.path.abspath(self.monitor.jsonl_path), "final_model": final_dir,
+                   "tgs": self.meter.tgs, "flops_per_token": self.fpt}
+        if self.is_main:
+            atomic_write_text(os.path.join(cfg.out_dir, "summary.json"),
+                              json.dumps({k: v for k, v in summary.items() if k not in ("losses", "eval_history")},
+                                         indent=1, default=str))
+        return summary
