@@ -15,7 +15,7 @@ import pytest
 
 from megamoe.data.chat import (ALWAYS_SKIPPED, CHAT_BAD_INPUT_REASONS, ChatEncoder, ChatInputError, ChatTemplateError,
                                iter_assistant_runs, load_conversations, mask_prefix, parse_record)
-from megamoe.data.preprocess import PreprocessConfig, PreprocessError, preprocess, preprocess_domains
+from megamoe.data.preprocess import PreprocessConfig, PreprocessError, preprocess
 from megamoe.data.sft import ChatDataset
 from megamoe.data.tokenizers import load_tokenizer
 

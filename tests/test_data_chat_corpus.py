@@ -2,9 +2,11 @@
 and the whole chat data path on it (build -> preprocess --format chat -> SFTMixture.from_manifest) with the trained
 labels decoded back to the corpus' assistant texts."""
 
+import inspect
+import itertools
 import json
-import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -67,10 +69,6 @@ def test_general_answers_are_docstrings(corpus):
     """Each Python item's summary is the first paragraph of the live object's docstring (`inspect.getdoc` on modules
     this process has already imported, for objects defined in Python in that module: an independent reading of the
     builder's `ast` one), and each corpus answer about a Python item contains that summary."""
-    import inspect
-    import itertools
-    import sys
-
     items = list(itertools.islice(chat_corpus.python_items(5), 600))
     checked = 0
     for it in items:
