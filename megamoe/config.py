@@ -23,7 +23,6 @@ import yaml
 
 from megamoe.errors import ConfigError
 
-
 ROUTERS = ("topk_noisy", "mixtral", "switch")
 GATE_NETWORKS = ("linear", "mlp")
 DROP_POLICIES = ("zero", "input")

@@ -1,4 +1,5 @@
-"""Everything megatron-core needs to run on a CPU-only torch with gloo. Nothing else in megamoe patches megatron.
+"""Everything megatron-core needs to run on a CPU-only torch with gloo. The only other place that changes megatron's
+behaviour is megamoe/compat/megatron.py (fixes applied to megatron objects on every device).
 
 megatron-core assumes CUDA in a few places (`torch.cuda.current_device()` as a device, CUDA streams and events, the
 CUDA RNG tracker, `device="cuda"` literals in its optimizer). `apply()` patches exactly those, and only when no GPU is

@@ -16,7 +16,9 @@ import logging
 import os
 import sys
 
-from .partition import METHODS, PartitionError
+from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl
+from megamoe.construct.partition import METHODS, PartitionError
+from megamoe.construct.pipeline import ConstructionSpec, construct, write_construction
 
 
 def _pairs(items):
@@ -61,8 +63,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from .calib_data import tokens_from_indexed, tokens_from_jsonl
-    from .pipeline import ConstructionSpec, construct, write_construction
     try:
         spec = ConstructionSpec(method=args.method, num_experts=args.num_experts, seed=args.seed, layers=args.layers,
                                 gate_init=args.gate_init, proj=args.proj, metric=args.metric,

@@ -21,8 +21,8 @@ import copy
 
 import torch
 
-from ..config import ConfigError, MoEConfig, ModelConfig
-from .partition import Partition
+from megamoe.config import ConfigError, ModelConfig, MoEConfig
+from megamoe.construct.partition import Partition
 
 __all__ = ["build_moe", "moe_layer_state", "moe_config_for", "GATE_INITS"]
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from megamoe.data.tokenizers import load_tokenizer
 from megamoe.errors import DataError
 
 __all__ = ["CalibrationData", "tokens_from_jsonl", "tokens_from_indexed", "CalibrationDataError"]
@@ -86,7 +88,6 @@ def tokens_from_jsonl(paths, tokenizer, seq_len: int = 2048, token_budget: int =
     paths: a file, a list of files (read in order until the budget is met), or {domain: file or files}: each domain
     gets an equal share of the budget and its blocks are labelled with the domain. Alternatively `domain_key`
     names a field of each JSON object holding its domain."""
-    from ..data.tokenizers import load_tokenizer
     n_blocks = _check_budget(seq_len, token_budget)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if isinstance(paths, dict):
@@ -170,7 +171,7 @@ def tokens_from_indexed(prefixes, seq_len: int = 2048, token_budget: int = 65536
     prefixes: one prefix, a list (no domains), or {domain: prefix} (each domain gets an equal share of the budget).
     Documents are read in order; the end-of-document token is whatever the preprocessing appended.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # megatron's import costs seconds: only here
     n_blocks = _check_budget(seq_len, token_budget)
     if isinstance(prefixes, str):
         groups = [(None, [prefixes])]

@@ -43,9 +43,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .balanced import balanced_kmeans
-from .calib_data import CalibrationData
-from .layer_stream import LayerStream
+from megamoe.construct.balanced import balanced_kmeans
+from megamoe.construct.calib_data import CalibrationData
+from megamoe.construct.layer_stream import LayerStream
 
 log = logging.getLogger("megamoe.construct")
 

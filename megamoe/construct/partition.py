@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..fileio import atomic_write_text
-from .balanced import balanced_assign, balanced_kmeans
+from megamoe.construct.balanced import balanced_assign, balanced_kmeans
 from megamoe.errors import InputError
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["Partition", "PartitionError", "split_random", "split_clustering", "split_coactivation",
            "split_gradient", "split_sharing_inner", "split_sharing_inter", "greedy_assign",

@@ -38,12 +38,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_text
-from .calib_data import CalibrationData
-from .calibration import activation_stats, gradient_importance, router_centroids
-from .layer_stream import LayerStream
-from .partition import (METHODS, Partition, PartitionError, split_clustering, split_coactivation, split_gradient,
-                        split_random, split_sharing_inner, split_sharing_inter, write_partitions)
+from megamoe.construct.calib_data import CalibrationData
+from megamoe.construct.calibration import activation_stats, gradient_importance, router_centroids
+from megamoe.construct.layer_stream import LayerStream
+from megamoe.construct.partition import (METHODS, Partition, PartitionError, split_clustering, split_coactivation,
+                                         split_gradient, split_random, split_sharing_inner, split_sharing_inter,
+                                         write_partitions)
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["ConstructionSpec", "ConstructionResult", "construct", "write_construction", "match_centroids"]
 

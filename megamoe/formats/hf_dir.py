@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from megamoe.formats.safetensors_io import CheckpointError, SafetensorsReader, NAMES
+from megamoe.formats.safetensors_io import NAMES, CheckpointError, SafetensorsReader
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import re
 import torch
 
 from megamoe.config import ModelConfig
+from megamoe.formats.layout import config_from_hf_llama
 
 _PAIRS = [  # (HF name, our name); {i} = layer index, {p} = projection
     ("model.embed_tokens.weight", "embed.weight"),
@@ -51,7 +52,6 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """A dense ModelConfig from an HF LLaMA config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
     `rope_parameters`). Raises ConfigError naming the file and field for anything we cannot represent. The field
     mapping lives in megamoe.formats.layout, shared with the Mixtral and llama-moe v1 readers."""
-    from megamoe.formats.layout import config_from_hf_llama
     return config_from_hf_llama(hf, where)
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import re
 
-from megamoe.config import ConfigError, MoEConfig, ModelConfig
+from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.formats.layout import (expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf,
-                     ours_to_hf_llama_name, validated_config)
+                                    ours_to_hf_llama_name, validated_config)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_moe.LlamaMoEConfig",

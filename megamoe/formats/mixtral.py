@@ -22,9 +22,9 @@ import re
 
 import torch
 
-from megamoe.config import ConfigError, MoEConfig, ModelConfig
+from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.formats.layout import (expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf,
-                     ours_to_hf_llama_name, validated_config)
+                                    ours_to_hf_llama_name, validated_config)
 
 _W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _W_BACK = {v: k for k, v in _W.items()}

@@ -19,8 +19,8 @@ See docs/interchange.md.
 """
 
 from megamoe.interchange.dense_to_moe import hf_to_moe
-from megamoe.interchange.inspect_dir import inspect
 from megamoe.interchange.export_hf import moe_to_hf
+from megamoe.interchange.inspect_dir import inspect
 from megamoe.interchange.reshard import reshard_checked
 
 __all__ = ["hf_to_moe", "moe_to_hf", "reshard_checked", "inspect"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megamoe.config import MoEConfig, ModelConfig, ParallelConfig
+from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 from megamoe.construct import partition as P
 from megamoe.construct.build import moe_config_for, router_state
 from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl
@@ -33,10 +33,10 @@ from megamoe.formats.hf_dir import HFDir
 from megamoe.formats.hf_llama import config_from_hf
 from megamoe.formats.layout import expected_names, hf_llama_to_ours_name
 from megamoe.formats.safetensors_io import DTYPES
-from megamoe.formats.shards import FILE_SOURCE, ShardWriter, ShardedCheckpoint, check_output, staged_output
-from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, layer_names, no_gc,
-                                        resolve_source, shard_logits, source_info, source_kind, summary,
-                                        torch_dtype_code, torch_threads, update_manifest)
+from megamoe.formats.shards import FILE_SOURCE, ShardedCheckpoint, ShardWriter, check_output, staged_output
+from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, layer_names, no_gc, resolve_source,
+                                        shard_logits, source_info, source_kind, summary, torch_dtype_code,
+                                        torch_threads, update_manifest)
 from megamoe.interchange.forward import Forward, threads, usable_cores
 from megamoe.interchange.guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from megamoe.interchange.import_moe import import_moe

@@ -20,6 +20,7 @@ from megamoe.interchange.common import copy_tokenizer, dtype_word, mixtral_logit
 from megamoe.interchange.guard import DEFAULT_TOLERANCE, GuardReport, check, guard_ids
 from megamoe.interchange.reference_v1 import v1_logits
 
+
 def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5 << 30,
               tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True) -> dict:
     """Our shards -> an HF directory: `mixtral` (transformers, no remote code; the model must fit, see

@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..layers.rope import rope_inv_freq  # the model's own RoPE table (default, linear, llama3)
+from megamoe.config import ModelConfig
+from megamoe.layers.rope import rope_inv_freq  # the model's own RoPE table (default, linear, llama3)
 
 
 class SplitWeight:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import GuardError
+from megamoe.errors import GuardError
 
 DEFAULT_TOLERANCE = 1e-4
 

@@ -13,11 +13,12 @@ from megamoe.formats import mixtral as mx
 from megamoe.formats.hf_dir import HFDir
 from megamoe.formats.layout import expected_names, expected_shape
 from megamoe.formats.safetensors_io import DTYPES
-from megamoe.formats.shards import ShardWriter, ShardedCheckpoint, staged_output, write_tensors
+from megamoe.formats.shards import ShardedCheckpoint, ShardWriter, staged_output, write_tensors
 from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, mixtral_logits, shard_logits,
                                         source_info, summary, update_manifest)
 from megamoe.interchange.guard import GuardReport, check, guard_ids
 from megamoe.interchange.reference_v1 import v1_logits
+
 
 def import_moe(hf: HFDir, kind, out, t0, hasher, *, par, dtype, tolerance, guard_tokens, progress):
     """llama-moe v1 or Mixtral HF checkpoint -> our shards (renaming only; the score scale stays a config field)."""

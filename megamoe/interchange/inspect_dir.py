@@ -12,6 +12,7 @@ from megamoe.formats.hf_llama import config_from_hf
 from megamoe.formats.shards import ShardedCheckpoint, is_shard_dir
 from megamoe.interchange.common import source_kind
 
+
 def inspect(path: str) -> dict:
     """What a directory holds: our shards (manifest) or an HF checkpoint (config + tensors)."""
     if is_shard_dir(path):

@@ -14,6 +14,7 @@ from megamoe.formats.shards import ShardedCheckpoint, check_output, reshard, sta
 from megamoe.interchange.common import TOKENIZER_FILES, summary
 from megamoe.interchange.guard import GuardReport, check
 
+
 def reshard_checked(src: str, out: str, tp: int = 1, ep: int = 1, etp: int = 1, progress: bool = True) -> dict:
     """Re-partition shards into another TP/EP/ETP layout; verifies that every tensor is bit-identical."""
     t0 = time.time()

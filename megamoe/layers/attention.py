@@ -55,20 +55,20 @@ def _pick_attention_backend(cfg: ModelConfig, x: torch.Tensor) -> str:
 class Attention(nn.Module):
     """Grouped-query attention with RoPE. q/k/v are column-parallel (heads split over TP), o is row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, mp_cfg, layer_idx: int):
         super().__init__()
-        tp = mcfg.tensor_model_parallel_size
+        tp = mp_cfg.tensor_model_parallel_size
         self.cfg = cfg
         self.d = cfg.dim_head
         self.n_heads, self.n_kv = cfg.num_heads // tp, cfg.kv_heads // tp
         H = cfg.hidden_size
         init = init_normal(cfg.init_std)
         out_init = init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-        col = dict(config=mcfg, init_method=init, bias=False, gather_output=False)
+        col = dict(config=mp_cfg, init_method=init, bias=False, gather_output=False)
         self.q_proj = ColumnParallelLinear(H, cfg.num_heads * self.d, **col)
         self.k_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
         self.v_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
-        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mcfg, init_method=out_init, bias=False,
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mp_cfg, init_method=out_init, bias=False,
                                         input_is_parallel=True, skip_bias_add=False)
         self._te = None  # transformer-engine attention module, built on first use when that backend runs
 

@@ -19,14 +19,14 @@ from megamoe.layers.init import init_normal
 class MLP(nn.Module):
     """Dense SwiGLU FFN: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, mcfg, width: int):
+    def __init__(self, cfg: ModelConfig, mp_cfg, width: int):
         super().__init__()
         H = cfg.hidden_size
         init = init_normal(cfg.init_std)
-        col = dict(config=mcfg, init_method=init, bias=False, gather_output=False)
+        col = dict(config=mp_cfg, init_method=init, bias=False, gather_output=False)
         self.gate_proj = ColumnParallelLinear(H, width, **col)
         self.up_proj = ColumnParallelLinear(H, width, **col)
-        self.down_proj = RowParallelLinear(width, H, config=mcfg, bias=False, input_is_parallel=True, skip_bias_add=False,
+        self.down_proj = RowParallelLinear(width, H, config=mp_cfg, bias=False, input_is_parallel=True, skip_bias_add=False,
                                            init_method=init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers)))
 
     def forward(self, x):

@@ -35,14 +35,14 @@ from megamoe.parallel import megatron_config
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, mp_cfg, layer_idx: int):
         super().__init__()
-        sp, dt = mcfg.sequence_parallel, DTYPES[cfg.params_dtype]
+        sp, dt = mp_cfg.sequence_parallel, DTYPES[cfg.params_dtype]
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
-        self.attn = Attention(cfg, mcfg, layer_idx)
+        self.attn = Attention(cfg, mp_cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
         self.is_moe = cfg.moe_index(layer_idx) is not None
-        self.mlp = MoELayer(cfg, mcfg, layer_idx) if self.is_moe else MLP(cfg, mcfg, cfg.intermediate_size)
+        self.mlp = MoELayer(cfg, mp_cfg, layer_idx) if self.is_moe else MLP(cfg, mp_cfg, cfg.intermediate_size)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -73,17 +73,17 @@ class LlamaMoEModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        mcfg = megatron_config(cfg)
-        self.sequence_parallel = mcfg.sequence_parallel
+        mp_cfg = megatron_config(cfg)
+        self.sequence_parallel = mp_cfg.sequence_parallel
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=init_normal(cfg.init_std),
-                                            config=mcfg)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, mcfg, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.sequence_parallel, DTYPES[cfg.params_dtype])
+                                            config=mp_cfg)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, mp_cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mp_cfg.sequence_parallel, DTYPES[cfg.params_dtype])
         self.lm_head = None if cfg.tie_word_embeddings else ColumnParallelLinear(
-            cfg.hidden_size, cfg.vocab_size, config=mcfg, init_method=init_normal(cfg.init_std), bias=False,
+            cfg.hidden_size, cfg.vocab_size, config=mp_cfg, init_method=init_normal(cfg.init_std), bias=False,
             gather_output=False)
         if cfg.tie_word_embeddings:  # output projection reusing the embedding weight (megatron's way)
-            self._tied_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mcfg, bias=False,
+            self._tied_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp_cfg, bias=False,
                                                    init_method=init_normal(cfg.init_std), gather_output=False,
                                                    skip_weight_param_allocation=True)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -24,12 +24,12 @@ from megamoe.parallel.collectives import gather_tokens, make_stats_reducer, spli
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mcfg, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, mp_cfg, layer_idx: int):
         super().__init__()
         moe = cfg.moe
         self.layer_idx, self.moe = layer_idx, moe
         mi = cfg.moe_index(layer_idx)
-        self.router = Router(moe, cfg.hidden_size, moe.layer_scale(mi), mcfg.sequence_parallel,
+        self.router = Router(moe, cfg.hidden_size, moe.layer_scale(mi), mp_cfg.sequence_parallel,
                              DTYPES[cfg.params_dtype])
         ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
         per_rank = moe.num_experts // ep
@@ -37,13 +37,13 @@ class MoELayer(nn.Module):
         etp = ps.get_expert_tensor_parallel_world_size()
         self.experts = Experts(cfg.hidden_size, cfg.expert_sizes(layer_idx), local, etp, cfg.init_std,
                                cfg.num_layers, DTYPES[cfg.params_dtype])
-        self.shared = MLP(cfg, mcfg, moe.residual_size) if moe.residual_size else None
+        self.shared = MLP(cfg, mp_cfg, moe.residual_size) if moe.residual_size else None
         self.dispatcher = self._build_dispatcher(ep, etp, local)
         # parallel correctness (megamoe/parallel/collectives.py): balance statistics summed over the ranks holding
         # the rest of the global batch; without SP, TP ranks hold the same tokens: each runs the experts on its share
-        self.router.stats_reducer = make_stats_reducer(mcfg.sequence_parallel)
+        self.router.stats_reducer = make_stats_reducer(mp_cfg.sequence_parallel)
         tp = ps.get_tensor_model_parallel_world_size()
-        self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mcfg.sequence_parallel else None
+        self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mp_cfg.sequence_parallel else None
 
     def _build_dispatcher(self, ep: int, etp: int, local: list[int]):
         if ep == 1 and etp == 1:

@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-
-from megamoe.compat import cpu
 from megatron.core.model_parallel_config import ModelParallelConfig
 
+from megamoe.compat import cpu
 from megamoe.config import DTYPES, ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)

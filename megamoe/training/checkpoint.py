@@ -36,8 +36,9 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing import ShardedTensor
 from safetensors.torch import load_file, save_file
 

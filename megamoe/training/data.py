@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from megamoe.data import DomainMixture
+
 log = logging.getLogger("megamoe.train")
 
 __all__ = ["SyntheticMixture", "build_data"]
@@ -79,7 +81,6 @@ def build_data(dcfg, vocab_size: int, dp_rank: int = 0, dp_size: int = 1):
                  "(tests and benchmarks only)")
         w = dcfg.weights if isinstance(dcfg.weights, dict) else None
         return SyntheticMixture(vocab_size, dcfg.seq_len, dcfg.seed, weights=w, rank=dp_rank)
-    from megamoe.data import DomainMixture
     kw = dict(weights=dcfg.weights, seq_len=dcfg.seq_len, seed=dcfg.seed, rank=dp_rank, world_size=dp_size)
     if dcfg.split:
         kw["split"] = dcfg.split

@@ -35,14 +35,14 @@ from megamoe.fileio import atomic_write_text
 from megamoe.model import LlamaMoEModel
 from megamoe.parallel.collectives import stats_group
 from megamoe.training.checkpoint import CheckpointManager
-from megamoe.training.config import PARAMS_DTYPES, TrainConfig, cpu_has_native_bf16, resolve_precision, \
-    save_train_config
+from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, cpu_has_native_bf16, resolve_precision,
+                                     save_train_config)
 from megamoe.training.data import build_data
 from megamoe.training.evaluate import evaluate
 from megamoe.training.export import export_final_model
 from megamoe.training.init import load_initial_weights, resolve_model_config
-from megamoe.training.metrics import RouterStatsAccumulator, ThroughputMeter, flops_per_token, mfu, \
-    peak_flops_for_device
+from megamoe.training.metrics import (RouterStatsAccumulator, ThroughputMeter, flops_per_token, mfu,
+                                      peak_flops_for_device)
 from megamoe.training.monitor import Monitor
 from megamoe.training.nan_guard import NonFiniteGuard
 from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_model
