@@ -24,6 +24,8 @@ import yaml
 from megamoe.errors import ConfigError
 
 ROUTERS = ("topk_noisy", "mixtral", "switch")
+SCORE_ORDERS = ("topk_softmax", "softmax_topk_renorm", "softmax_topk")
+DEFAULT_SCORE_ORDER = {"topk_noisy": "topk_softmax", "mixtral": "softmax_topk_renorm", "switch": "softmax_topk"}
 GATE_NETWORKS = ("linear", "mlp")
 DROP_POLICIES = ("zero", "input")
 LOAD_ESTIMATES = ("shazeer", "llama_moe")
@@ -40,6 +42,12 @@ class MoEConfig:
                   training), softmax over the k, cv^2 balance loss on importance and load.
       mixtral     softmax over all experts, top-k, renormalise; switch-style aux loss; optional z-loss.
       switch      top-1 of the softmax with a capacity (token dropping); switch aux loss.
+    Score orders (`score_order`; None: the router's own, in parentheses):
+      topk_softmax         top-k of the logits, softmax over the k (topk_noisy: llama-moe v1)
+      softmax_topk_renorm  softmax over all experts, top-k, renormalised over the k (mixtral)
+      softmax_topk         softmax over all experts, top-k, no renormalisation: "pre-softmax" (switch). With top-1
+                           the other two give every token the weight 1.0 exactly, so the router gets no gradient from
+                           the LM loss (only from the balance loss); this one keeps the probability as the weight.
     Expert sizes: `expert_sizes` is None (equal split of the layer's routed FFN width), a list of E sizes for every
     layer, or a list (one per MoE layer) of lists of E sizes.
     """
@@ -60,6 +68,7 @@ class MoEConfig:
     drop_policy: str = "zero"              # a dropped (token, expert) slot contributes 0 or weight * its input
     moe_layers: list | None = None         # indices of MoE layers; None: every layer
     gate_init_std: float = 0.02
+    score_order: str | None = None         # None: the router's own (above)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_layers is None or i in self.moe_layers
@@ -76,6 +85,14 @@ class MoEConfig:
         if es and isinstance(es[0], (list, tuple)):
             return [int(s) for s in es[moe_index]]
         return [int(s) for s in es]
+
+    def effective_score_order(self) -> str:
+        return self.score_order or DEFAULT_SCORE_ORDER[self.router]
+
+    def router_gets_lm_gradient(self) -> bool:
+        """False when every combine weight is the constant 1.0 (top-1 with a softmax over the selected expert only,
+        or renormalised over it): the LM loss then gives the router no gradient."""
+        return not (self.top_k == 1 and self.effective_score_order() != "softmax_topk")
 
     def effective_capacity_factor(self) -> float | None:
         if self.capacity_factor is None and self.router == "switch":
@@ -162,6 +179,14 @@ class ModelConfig:
             raise ConfigError(f"moe.gate_network: unknown gate type {m.gate_network!r}; expected one of {GATE_NETWORKS}")
         if m.router == "switch" and m.top_k != 1:
             raise ConfigError(f"moe.top_k: the switch router is top-1, got {m.top_k}")
+        if m.score_order is not None and m.score_order not in SCORE_ORDERS:
+            raise ConfigError(f"moe.score_order: {m.score_order!r} is not one of {SCORE_ORDERS} (or null)")
+        if m.router == "mixtral" and m.effective_score_order() == "topk_softmax":
+            raise ConfigError("moe.score_order: the mixtral router's aux loss is defined on the softmax over all "
+                              "experts: use softmax_topk_renorm (Mixtral) or softmax_topk (pre-softmax)")
+        if m.router == "switch" and m.effective_score_order() != "softmax_topk":
+            raise ConfigError(f"moe.score_order: the switch router weighs its expert by the raw probability "
+                              f"(softmax_topk), got {m.score_order!r}")
         if m.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"moe.drop_policy: {m.drop_policy!r} is not one of {DROP_POLICIES}")
         if m.load_estimate not in LOAD_ESTIMATES:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from megamoe.config import ModelConfig, MoEConfig
+from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.parallel import megatron_config
 from megamoe.moe.layer import MoELayer
 from megamoe.moe.router import Router
@@ -197,3 +197,45 @@ def test_bf16_router_scores_in_fp32(gate_network):
     out = r16(x.requires_grad_())
     (out.weights.sum() + out.stats.balance_loss).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in r16.gate.parameters())
+
+
+@pytest.mark.parametrize("router,order,gets_grad", [
+    ("topk_noisy", None, False),                   # llama-moe v1: softmax over the one selected logit = 1.0
+    ("mixtral", None, False),                      # renormalised over the one selected = 1.0 (v2's "1+7 top-1")
+    ("mixtral", "softmax_topk", True),             # pre-softmax: the weight is the probability itself
+    ("topk_noisy", "softmax_topk", True),
+])
+def test_top1_router_gradient_from_the_lm_loss(router, order, gets_grad, caplog):
+    """Top-1 routing with top-k-then-softmax (or renormalised) ordering gives the router exactly zero gradient from
+    the LM loss; the pre-softmax ordering (softmax over all, top-k, no renormalisation) does not; the zero-gradient
+    configurations are warned about when the router is built. Reference: the weights' formula p_e = softmax(g)_e."""
+    import logging
+    from megamoe.moe import router as router_mod
+    router_mod._warned.clear()
+    moe = MoEConfig(num_experts=E, top_k=1, router=router, gate_network="linear", noise=False,
+                    balance_loss_weight=0.0, score_order=order)
+    ModelConfig(vocab_size=32, hidden_size=H, intermediate_size=E * 4, num_layers=1, num_heads=2, moe=moe).validate()
+    with caplog.at_level(logging.WARNING, logger="megamoe.moe.router"):
+        r = Router(moe, H, 1.0).train()
+    assert ("no gradient from the LM loss" in caplog.text) == (not gets_grad)
+    x = torch.randn(32, H)
+    out = r(x)
+    target = torch.randn(32)                       # an LM-like loss through the combine weights only
+    loss = (out.weights[:, 0] * target).sum()
+    loss.backward()
+    g = r.gate.weight.grad.abs().max()
+    assert (g > 1e-3) if gets_grad else (g < 1e-5)   # renormalising p/p gives 0 up to rounding (~1e-7)
+    if gets_grad:                                  # the weight is softmax(g)[e], not renormalised
+        p = torch.softmax(x @ r.gate.weight.detach().t(), -1)
+        torch.testing.assert_close(out.weights[:, 0], p.gather(1, out.indices).squeeze(1), rtol=1e-5, atol=1e-6)
+
+
+def test_score_order_validation():
+    base = dict(vocab_size=32, hidden_size=H, intermediate_size=E * 4, num_layers=1, num_heads=2)
+    for moe, msg in [(MoEConfig(num_experts=E, top_k=2, router="mixtral", score_order="topk_softmax"),
+                      "moe.score_order"),
+                     (MoEConfig(num_experts=E, top_k=1, router="switch", score_order="softmax_topk_renorm"),
+                      "moe.score_order"),
+                     (MoEConfig(num_experts=E, top_k=2, score_order="sorted"), "moe.score_order")]:
+        with pytest.raises(ConfigError, match=msg):
+            ModelConfig(**base, moe=moe).validate()

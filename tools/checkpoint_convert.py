@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topk_noisy = llama-moe v1 (default); mixtral = exportable as HF Mixtral with --gate linear")
     h.add_argument("--gate", default="mlp", choices=["mlp", "linear"],
                    help="gate network: mlp = Linear-Tanh-Linear (llama-moe v1); linear (Mixtral)")
+    h.add_argument("--score-order", default=None, choices=["topk_softmax", "softmax_topk_renorm", "softmax_topk"],
+                   help="how router scores become weights (default: the router's own): top-k then softmax "
+                        "(topk_noisy), softmax then top-k renormalised (mixtral), or softmax then top-k without "
+                        "renormalisation (pre-softmax; the only one that trains a top-1 router through the LM loss)")
     h.add_argument("--gate-init", default="random", choices=["random", "zeros", "centroids"],
                    help="router init: random normal(0, 0.02) (llama-moe v1 release), zeros (uniform router), or "
                         "centroids (k-means centroids: clustering method, or calibrated methods as in LLaMA-MoE v2)")
@@ -212,6 +216,7 @@ def run(args) -> dict | None:
             args.src, args.out, num_experts=args.experts, top_k=args.top_k, method=args.method,
             partitions_dir=args.partitions, router=args.router, gate_network=args.gate,
             score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=layers, seed=args.seed,
+            score_order=args.score_order,
             tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
             guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
             checksum=False if args.no_checksum else (args.checksum or True), calibration=_calibration(args),

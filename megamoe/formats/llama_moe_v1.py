@@ -57,6 +57,9 @@ def why_not_v1(cfg: ModelConfig) -> str | None:
                 "not the released LlamaMoEForCausalLM layout")
     if m.router not in ("topk_noisy", "mixtral"):
         return f"moe.router: {m.router!r}; the released HF code always builds TopKBalancedNoisyGate"
+    if m.effective_score_order() == "softmax_topk":
+        return ("moe.score_order: 'softmax_topk' (pre-softmax, no renormalisation); TopKBalancedNoisyGate takes a "
+                "softmax over the k selected logits, which sums to 1")
     return None
 
 

@@ -46,6 +46,9 @@ def why_not_mixtral(cfg: ModelConfig) -> str | None:
         return "moe.gate_network: 'mlp' (Linear-Tanh-Linear); Mixtral's gate is one linear layer"
     if m.router not in ("mixtral", "topk_noisy"):
         return f"moe.router: {m.router!r}; Mixtral reproduces only softmax-top-k routers (mixtral, topk_noisy)"
+    if m.effective_score_order() == "softmax_topk":
+        return ("moe.score_order: 'softmax_topk' (pre-softmax, no renormalisation); Mixtral always renormalises "
+                "the top-k probabilities")
     if m.residual_size:
         return "moe.residual_size: Mixtral has no always-on shared expert"
     if m.capacity_factor is not None:

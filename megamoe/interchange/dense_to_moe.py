@@ -101,6 +101,7 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
 def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, method: str = "random",
               partitions_dir: str | None = None, router: str = "topk_noisy", gate_network: str = "mlp",
               score_scale: float | None = None, gate_init: str = "random", moe_layers=None, seed: int = 0,
+              score_order: str | None = None,
               tp: int = 1, ep: int = 1, etp: int = 1, dtype: str | None = None,
               tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
               allow_pickle: bool = False, checksum: bool | str = True, calibration: dict | None = None,
@@ -129,6 +130,7 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
             return _construct(hf, out, t0, hasher, num_experts=num_experts, top_k=top_k, method=method,
                               partitions_dir=partitions_dir, router=router, gate_network=gate_network,
                               score_scale=score_scale, gate_init=gate_init, moe_layers=moe_layers, seed=seed,
+                              score_order=score_order,
                               par=ParallelConfig(tp=tp, ep=ep, etp=etp), dtype=torch_dtype_code(dtype),
                               tolerance=tolerance, guard_tokens=guard_tokens, progress=progress,
                               calibration=calibration)
@@ -141,10 +143,9 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
         hf.close()
 
 
-
 def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partitions_dir, router, gate_network,
                score_scale, gate_init, moe_layers, seed, par, dtype, tolerance, guard_tokens, progress,
-               calibration=None):
+               score_order=None, calibration=None):
     where = os.path.join(hf.path, "config.json")
     dense_cfg = config_from_hf(hf.config, where)
     check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
@@ -153,7 +154,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                                            partitions_dir, progress, calibration, gate_init)
     E = next(iter(parts.values())).num_experts
     moe = MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network=gate_network,
-                    score_scale=float(score_scale) if score_scale is not None else E / top_k, moe_layers=moe_layers)
+                    score_scale=float(score_scale) if score_scale is not None else E / top_k, moe_layers=moe_layers,
+                    score_order=score_order)
     cfg = moe_config_for(dense_cfg, parts, moe)
     par.validate(cfg)
     src_dtype = {n: hf.dtype(k) for n, k in key_of.items()}

@@ -253,17 +253,13 @@ def router_weights(cfg: ModelConfig, mi: int, p: str, w, h: torch.Tensor) -> tor
     else:
         logits = _lin(torch.tanh(_lin(h, w(p + "mlp.router.gate.0.weight"))), w(p + "mlp.router.gate.2.weight"))
     dense = torch.zeros_like(logits)
-    if m.router == "topk_noisy":
+    order = m.effective_score_order()
+    if order == "topk_softmax":                 # llama-moe v1: top-k of the logits, softmax over the k
         top, idx = logits.topk(m.top_k, dim=-1)
         dense.scatter_(1, idx, top.softmax(-1))
-    elif m.router == "mixtral":
-        probs = logits.softmax(-1)
-        top, idx = probs.topk(m.top_k, dim=-1)
-        dense.scatter_(1, idx, top / top.sum(-1, keepdim=True))
-    else:  # switch
-        probs = logits.softmax(-1)
-        top, idx = probs.max(-1, keepdim=True)
-        dense.scatter_(1, idx, top)
+    else:                                       # softmax over all, top-k, renormalised (Mixtral) or not
+        top, idx = logits.softmax(-1).topk(m.top_k, dim=-1)
+        dense.scatter_(1, idx, top / top.sum(-1, keepdim=True) if order == "softmax_topk_renorm" else top)
     return dense * m.layer_scale(mi)
 
 

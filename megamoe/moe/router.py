@@ -9,7 +9,8 @@ Three routers (MoEConfig.router), each on a gate network (MoEConfig.gate_network
               importance_e = sum_t p_te;  load_e = sum_t Phi((g_te - thr_t)/sigma_te) in training (Shazeer's smooth
               estimate, thr = the k-th or (k+1)-th largest noisy logit), else the integer counts.
               balance_loss = w * (cv^2(importance) + cv^2(load)),  cv^2(x) = var(x) / (mean(x)^2 + 1e-10), unbiased var.
-  mixtral     p = softmax(g) over all E (fp32), top-k, renormalise over the k.
+  mixtral     p = softmax(g) over all E (fp32), top-k, renormalise over the k (or not: moe.score_order
+              softmax_topk, the "pre-softmax" ordering).
               aux = w * E * sum_e f_e * P_e, f_e = (token, slot) count / T, P_e = mean_t p_te   (as HF Mixtral)
   switch      p = softmax(g), top-1 with the raw probability as weight, capacity = ceil(cf * T / E) (cf = 1.25
               by default), Gumbel noise on the logits in training if moe.noise; aux as above (Switch Transformer).
@@ -21,6 +22,7 @@ sums them over the group that holds the rest of the global batch before the loss
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +34,17 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.ops.gating import topk_gating
 from megamoe.ops.precision import upcast
+
+log = logging.getLogger(__name__)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str):
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
 
 
 @dataclass
@@ -92,6 +105,13 @@ class Router(nn.Module):
         super().__init__()
         self.moe, self.scale = moe, score_scale
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
+        order = moe.effective_score_order()
+        self.order = "topk_softmax" if order == "topk_softmax" else "softmax_topk"   # the gating op's two orders
+        self.renormalize = order == "softmax_topk_renorm"
+        if not moe.router_gets_lm_gradient():
+            _warn_once(f"moe: top_k=1 with score_order {order!r} weighs every token's expert by exactly 1.0, so the "
+                       "router gets no gradient from the LM loss (only from the balance loss); moe.score_order: "
+                       "softmax_topk (pre-softmax ordering) keeps the probability as the weight")
         self.gate = build_gate_network(moe.gate_network, hidden, moe.num_experts, dtype)
         self.noise = nn.Linear(hidden, moe.num_experts, bias=False, dtype=dtype) if moe.router == "topk_noisy" else None
         for p in self.parameters():
@@ -124,13 +144,13 @@ class Router(nn.Module):
             if noisy_training:
                 sigma = F.softplus(_linear_fp32(self.noise, x)) + moe.noise_epsilon
                 noise = torch.randn_like(logits) * sigma
-            g = topk_gating(logits, k, order="topk_softmax", scale=self.scale, noise=noise, capacity=capacity,
-                            return_thresholds=noisy_training and k < E)
+            g = topk_gating(logits, k, order=self.order, renormalize=self.renormalize, scale=self.scale, noise=noise,
+                            capacity=capacity, return_thresholds=noisy_training and k < E)
         else:
             if moe.router == "switch" and noisy_training:
                 u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
                 noise = -torch.log(-torch.log(u))
-            g = topk_gating(logits, k, order="softmax_topk", renormalize=(moe.router == "mixtral"),
+            g = topk_gating(logits, k, order="softmax_topk", renormalize=self.renormalize,
                             scale=self.scale, noise=noise, capacity=capacity)
 
         counts = g.counts
