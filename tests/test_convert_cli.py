@@ -194,3 +194,52 @@ def test_calibrated_method_without_data_names_the_options(tmp_path, capsys):
     src = write_llama(str(tmp_path / "src"))
     rc, _, err = run(capsys, *h2m(src, tmp_path / "moe", "--method", "gradient"))
     assert rc == 2 and "--calib-jsonl" in err and not (tmp_path / "moe").exists()
+
+
+def _run_exit(capsys, *argv):
+    """cli.main, with argparse's SystemExit turned into its status."""
+    try:
+        return run(capsys, *argv)
+    except SystemExit as e:
+        out = capsys.readouterr()
+        return e.code, out.out, out.err
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--experts", "0"], "--experts"), (["--top-k", "0"], "--top-k"), (["--moe-layers", "a,b"], "--moe-layers"),
+    (["--guard-tokens", "-3"], "--guard-tokens"), (["--tp", "x"], "--tp"), (["--tolerance", "nan"], "--tolerance"),
+    (["--top-k", "5"], "--top-k"), (["--moe-layers", "0,7"], "--moe-layers"),
+])
+def test_bad_flags_are_named_before_any_work(tmp_path, capsys, flags, names):
+    """Each used to end in a traceback (ZeroDivisionError, ValueError, a negative tensor dimension) or, for the
+    last two, only after the partitions were computed."""
+    src = write_llama(str(tmp_path / "src"))
+    rc, out, err = _run_exit(capsys, "hf-to-moe", "--src", src, "--out", str(tmp_path / "moe"), "--experts", "4",
+                             "--quiet", *flags)
+    assert rc == 2 and names in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "moe") and leftovers(tmp_path) == []
+
+
+def _mount_tmpfs(path, opts):
+    import subprocess
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}): needs root in a sandbox")
+
+
+@pytest.mark.parametrize("opts,reason", [("size=40k", "the disk is full"), ("ro,size=1m", "the file system is read-only")])
+def test_full_or_read_only_output_disk(tmp_path, capsys, opts, reason):
+    """A full or read-only output file system: exit 3, one line naming the output, nothing half-written left
+    (it used to be a traceback from os.pwrite / mkdtemp)."""
+    import subprocess
+    src = write_llama(str(tmp_path / "src"))
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, opts)
+    try:
+        rc, out, err = run(capsys, *h2m(src, mnt / "moe"))
+        assert rc == 3, err
+        assert f"cannot write {mnt / 'moe'}: {reason}" in err and "Traceback" not in err
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])

@@ -26,7 +26,9 @@ identity, exact for every method that does not duplicate neurons -- and, under i
 conversion still in memory. Outputs are written to a temporary sibling directory and renamed into place only after
 the guard passed; an output directory that already holds anything is refused. See docs/interchange.md.
 
-Exit status: 0 success, 1 the guard refused the result, 2 bad input (the message names the file or field).
+Exit status: 0 success, 1 the guard refused the result, 2 bad input (the message names the file, field or flag),
+3 the output cannot be written (read-only, no permission, disk full; nothing half-written is kept), 5 an internal
+error (a bug: the traceback is printed). See megamoe/errors.py.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.cli.args import int_list, nonnegative_int, positive_float, positive_int  # noqa: E402  (torch-free)
 
 
 def _human(n: float) -> str:
@@ -82,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def common(sp):
-        sp.add_argument("--tolerance", type=float, default=1e-4,
+        sp.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="guard: largest allowed max|logit diff| / max|logit| (fp32 compute; default %(default)g)")
-        sp.add_argument("--guard-tokens", type=int, default=16, help="guard: tokens per sequence (2 sequences)")
+        sp.add_argument("--guard-tokens", type=nonnegative_int, default=16, help="guard: tokens per sequence (2 sequences)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -102,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "      --calib-jsonl corpus/code/train.jsonl --token-budget 16384 --gate-init centroids")
     h.add_argument("--src", required=True, help="HF directory (LLaMA, llama-moe v1, Mixtral), or 'smollm2'/'embedded'")
     h.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    h.add_argument("--experts", type=int, default=8, help="experts per layer E (default %(default)s)")
-    h.add_argument("--top-k", type=int, default=2, help="experts per token k (default %(default)s)")
+    h.add_argument("--experts", type=positive_int, default=8, help="experts per layer E (default %(default)s)")
+    h.add_argument("--top-k", type=positive_int, default=2, help="experts per token k (default %(default)s)")
     h.add_argument("--method", default="random",
                    help="random | clustering | coactivation | gradient | sharing-inner | sharing-inter "
                         "(default %(default)s)")
@@ -123,18 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-jsonl", nargs="+", metavar="[DOMAIN=]FILE",
                    help="JSONL calibration text (key 'text'); DOMAIN=FILE pairs give per-domain token clusters")
     c.add_argument("--calib-prefix", nargs="+", metavar="[DOMAIN=]PREFIX", help="megatron .bin/.idx dataset prefix(es)")
-    c.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default %(default)s)")
-    c.add_argument("--token-budget", type=int, default=65536, help="calibration tokens (default %(default)s)")
+    c.add_argument("--seq-len", type=positive_int, default=2048, help="calibration sequence length (default %(default)s)")
+    c.add_argument("--token-budget", type=positive_int, default=65536, help="calibration tokens (default %(default)s)")
     c.add_argument("--clusters", default="kmeans", choices=["kmeans", "domain", "centroids"],
                    help="token clusters for gradient importance (default %(default)s)")
-    c.add_argument("--expert-size", type=int, help="neurons per expert (sharing-inner: required)")
-    c.add_argument("--residual-size", type=int, default=0, help="sharing-inter: always-on residual neurons")
-    h.add_argument("--score-scale", type=float, help="combine-weight scale (default E/k, as llama-moe v1)")
-    h.add_argument("--moe-layers", help="comma-separated MoE layer indices (default: every layer)")
-    h.add_argument("--seed", type=int, default=0, help="split seed (layer i uses seed+i) and router seed")
-    h.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the shards")
-    h.add_argument("--ep", type=int, default=1, help="expert-parallel size (must divide E)")
-    h.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (must divide expert sizes)")
+    c.add_argument("--expert-size", type=positive_int, help="neurons per expert (sharing-inner: required)")
+    c.add_argument("--residual-size", type=nonnegative_int, default=0, help="sharing-inter: always-on residual neurons")
+    h.add_argument("--score-scale", type=positive_float, help="combine-weight scale (default E/k, as llama-moe v1)")
+    h.add_argument("--moe-layers", type=int_list, help="comma-separated MoE layer indices (default: every layer)")
+    h.add_argument("--seed", type=nonnegative_int, default=0, help="split seed (layer i uses seed+i) and router seed")
+    h.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the shards")
+    h.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (must divide E)")
+    h.add_argument("--etp", type=positive_int, default=1, help="expert tensor-parallel size (must divide expert sizes)")
     h.add_argument("--dtype", help="cast weights: float32 | bfloat16 | float16 (default: keep the source's)")
     h.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model*.bin when no safetensors exist, with torch.load(weights_only=True)")
@@ -153,15 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--src", required=True, help="our shard directory")
     m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     m.add_argument("--format", default="auto", choices=["auto", "mixtral", "llama-moe-v1"])
-    m.add_argument("--max-shard-gb", type=float, default=5.0, help="HF shard size (default %(default)s GB)")
+    m.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="HF shard size (default %(default)s GB)")
     common(m)
 
     r = sub.add_parser("reshard", help="re-partition shards for another TP/EP/ETP layout (tensors bit-identical)")
     r.add_argument("--src", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--tp", type=int, default=1)
-    r.add_argument("--ep", type=int, default=1)
-    r.add_argument("--etp", type=int, default=1)
+    r.add_argument("--tp", type=positive_int, default=1)
+    r.add_argument("--ep", type=positive_int, default=1)
+    r.add_argument("--etp", type=positive_int, default=1)
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--json", action="store_true")
 
@@ -211,11 +215,10 @@ def run(args) -> dict | None:
     hasher = _early_hasher(args)
     from megamoe import interchange as convert
     if args.cmd == "hf-to-moe":
-        layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else None
         return convert.hf_to_moe(
             args.src, args.out, num_experts=args.experts, top_k=args.top_k, method=args.method,
             partitions_dir=args.partitions, router=args.router, gate_network=args.gate,
-            score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=layers, seed=args.seed,
+            score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=args.moe_layers, seed=args.seed,
             score_order=args.score_order,
             tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
             guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
@@ -238,18 +241,13 @@ def run(args) -> dict | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megamoe.errors import MegamoeError, exit_code
-    try:
+    from megamoe.cli.exit import run_command
+
+    def go():
         s = run(args)
-    except (MegamoeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
-    if s is not None:
-        if getattr(args, "json", False):
-            print(json.dumps(s, indent=1))
-        else:
-            print_summary(s)
-    return 0
+        if s is not None:
+            print(json.dumps(s, indent=1)) if getattr(args, "json", False) else print_summary(s)
+    return run_command("checkpoint_convert.py", go, outputs=[getattr(args, "out", None)])
 
 
 if __name__ == "__main__":

@@ -169,6 +169,12 @@ def construct(model_dir: str, spec: ConstructionSpec, data: CalibrationData | No
         raise PartitionError(f"data: method {spec.method!r} with gate_init {spec.gate_init!r} needs calibration "
                              "tokens (a JSONL file with a tokenizer, or a megatron dataset)")
     e = spec.num_experts
+    if needs_data and spec.method in GRADIENT_METHODS and spec.clusters == "kmeans" and data.ids.shape[0] < e:
+        # checked here, before any forward pass: k-means needs a sequence per cluster at least
+        raise PartitionError(f"token_budget: {e} experts cluster the calibration sequences into {e} groups, but "
+                             f"token_budget {data.num_tokens} / seq_len {data.ids.shape[1]} gives only "
+                             f"{data.ids.shape[0]} sequences; raise --token-budget to at least "
+                             f"{e * data.ids.shape[1]} or lower --seq-len")
     parts, cents, report = {}, ({} if spec.gate_init == "centroids" else None), {}
     log = progress or (lambda msg: None)
 

@@ -98,6 +98,25 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
     raise ConfigError(f"method: {method!r} is not one of random, clustering, {', '.join(CALIBRATED_METHODS)}")
 
 
+def _check_args(*, num_experts, top_k, guard_tokens, tp, ep, etp, tolerance, score_scale, moe_layers):
+    """The arguments' own ranges, before any file is read (the flag names are the CLI's)."""
+    def bad(flag, msg):
+        raise ConfigError(f"{flag}: {msg}")
+    for flag, v, lo in (("--experts", num_experts, 1), ("--top-k", top_k, 1), ("--guard-tokens", guard_tokens, 0),
+                        ("--tp", tp, 1), ("--ep", ep, 1), ("--etp", etp, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            bad(flag, f"{v!r} must be an integer >= {lo}")
+    if top_k > num_experts:
+        bad("--top-k", f"{top_k} is more than the {num_experts} experts (--experts)")
+    if not tolerance > 0:
+        bad("--tolerance", f"{tolerance!r} must be > 0")
+    if score_scale is not None and not score_scale > 0:
+        bad("--score-scale", f"{score_scale!r} must be > 0")
+    if moe_layers is not None and (not all(isinstance(i, int) and i >= 0 for i in moe_layers)
+                                   or len(set(moe_layers)) != len(moe_layers)):
+        bad("--moe-layers", f"{moe_layers!r}: expected distinct non-negative layer indices")
+
+
 def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, method: str = "random",
               partitions_dir: str | None = None, router: str = "topk_noisy", gate_network: str = "mlp",
               score_scale: float | None = None, gate_init: str = "random", moe_layers=None, seed: int = 0,
@@ -112,6 +131,8 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
     False. `hasher`: a `checksum.BackgroundHasher` already started on the source's weight files (the CLI starts it
     before importing torch); used when it hashes exactly `hf.files` with the requested algorithm."""
     t0 = time.time()
+    _check_args(num_experts=num_experts, top_k=top_k, guard_tokens=guard_tokens, tp=tp, ep=ep, etp=etp,
+                tolerance=tolerance, score_scale=score_scale, moe_layers=moe_layers)
     src = resolve_source(src)
     check_output(os.path.abspath(out))
     try:
@@ -148,6 +169,13 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                score_order=None, calibration=None):
     where = os.path.join(hf.path, "config.json")
     dense_cfg = config_from_hf(hf.config, where)
+    bad_layers = [i for i in moe_layers or [] if i >= dense_cfg.num_layers]
+    if bad_layers:
+        raise ConfigError(f"--moe-layers: {bad_layers} are not layers of {where} (num_hidden_layers "
+                          f"{dense_cfg.num_layers}: indices 0..{dense_cfg.num_layers - 1})")
+    if num_experts > dense_cfg.intermediate_size:
+        raise ConfigError(f"--experts: {num_experts} experts exceed the FFN width (intermediate_size "
+                          f"{dense_cfg.intermediate_size} in {where})")
     check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
     key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
     parts, cents, method = make_partitions(hf, dense_cfg, key_of, method, num_experts, seed, moe_layers,
