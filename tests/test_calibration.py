@@ -323,3 +323,17 @@ def test_module_cli(tiny, tok_dir, tmp_path, capsys):
     assert main(["--model", d, "--out", str(tmp_path / "x"), "--method", "random", "--num-experts", "5"]) == 2
     assert "num_experts: 5 does not divide the FFN width (48)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_too_few_sequences_for_kmeans_clusters_fails_before_any_forward(tiny, monkeypatch):
+    """k-means into E clusters needs E calibration sequences; with fewer, the run used to fail only after the whole
+    calibration forward/backward (85 s on SmolLM2). Now it fails first, naming --token-budget."""
+    from megamoe.construct import pipeline
+    d, _ = tiny
+
+    def forward_must_not_run(*a, **k):
+        raise AssertionError("the calibration pass ran before the check")
+    monkeypatch.setattr(pipeline, "gradient_importance", forward_must_not_run)
+    spec = ConstructionSpec(method="gradient", num_experts=4, clusters="kmeans")
+    with pytest.raises(PartitionError, match="token_budget.*only 2 sequences"):
+        construct(d, spec, CalibrationData(ids_for(n=2, s=16)))
