@@ -354,7 +354,7 @@ def test_cli_chat_per_domain_template_and_errors(tmp_path, smollm2_dir, bare_tok
     rc = cli.main(["--input", str(root / "math" / "train.jsonl"), "--output-prefix", str(tmp_path / "x"),
                    "--format", "chat", "--tokenizer", bare_tok_dir, "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--chat-template FILE" in err and "Traceback" not in err
+    assert rc == 2 and "--chat-template FILE" in err and "Traceback" not in err
     assert not list(tmp_path.glob("x_*"))
     # ... and with --chat-template it works
     (tmp_path / "tpl.jinja").write_text(GEN_TEMPLATE)
@@ -365,10 +365,10 @@ def test_cli_chat_per_domain_template_and_errors(tmp_path, smollm2_dir, bare_tok
     rc = cli.main(["--input", str(root / "math" / "train.jsonl"), "--output-prefix", str(tmp_path / "y"),
                    "--format", "chat", "--tokenizer", bare_tok_dir, "--chat-template", str(tmp_path / "no.jinja")])
     err = capsys.readouterr().err
-    assert rc == 1 and "no.jinja: chat template file not found" in err and "Traceback" not in err
+    assert rc == 2 and "no.jinja: chat template file not found" in err and "Traceback" not in err
     # a bad line under --on-error fail: file:line, exit 1, no traceback
     _write(tmp_path / "bad.jsonl", [GOOD, BAD_RECORDS["unknown role"]])
     rc = cli.main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "z"), "--format", "chat",
                    "--tokenizer", smollm2_dir, "--on-error", "fail", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and f"{tmp_path / 'bad.jsonl'}:2: unknown role" in err and "Traceback" not in err
+    assert rc == 2 and f"{tmp_path / 'bad.jsonl'}:2: unknown role" in err and "Traceback" not in err

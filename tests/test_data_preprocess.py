@@ -324,7 +324,7 @@ def test_cli_per_domain_and_fail_exit_code(tmp_path, hf_dir, capsys):
     rc = cli.main(["--input", str(root / "web" / "train.jsonl"), "--output-prefix", str(tmp_path / "x"),
                    "--tokenizer", hf_dir, "--on-error", "fail", "--workers", "1", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and f"{root / 'web' / 'train.jsonl'}:2: malformed JSON" in err
+    assert rc == 2 and f"{root / 'web' / 'train.jsonl'}:2: malformed JSON" in err
     assert not any(p.name.startswith("x_text_document") for p in tmp_path.iterdir())
 
 
@@ -375,3 +375,49 @@ def test_killed_worker_is_an_error_not_a_hang(tmp_path, hf_tok, texts):
         preprocess([str(tmp_path / "in.jsonl")], str(tmp_path / "out" / "ds"), _DiesInWorker(hf_tok),
                    PreprocessConfig(workers=2, max_threads=1, chunk_bytes=4000, progress=False))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_lone_surrogate_line_is_skipped_not_fatal(tmp_path, hf_dir, capsys):
+    """A JSON line with a lone surrogate escape ("\\ud800") is valid JSON but not UTF-8 text: it used to crash the
+    whole run inside the tokenizer even with --on-error skip. Now it is one skipped line named file:line."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pp_cli", os.path.join(REPO, "tools", "preprocess_data.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    src = tmp_path / "in.jsonl"
+    good = [json.dumps({"text": f"line number {i} of the file"}) for i in range(6)]
+    src.write_text("\n".join(good[:3] + ['{"text": "bad \\ud800 here"}', '{"text": "pair \\ud83d\\ude00 ok"}']
+                             + good[3:]) + "\n")
+    rc = cli.main(["--input", str(src), "--output-prefix", str(tmp_path / "x"), "--tokenizer", hf_dir,
+                   "--on-error", "skip", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"{src}:4: lone surrogate" in out.out + out.err
+    from megamoe.data.indexed import IndexedReader
+    assert len(IndexedReader(str(tmp_path / "x_text_document"))) == 7   # 6 good lines + the valid surrogate pair
+    rc = cli.main(["--input", str(src), "--output-prefix", str(tmp_path / "y"), "--tokenizer", hf_dir,
+                   "--on-error", "fail", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{src}:4: lone surrogate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_truncated_compressed_input_is_a_clear_error(tmp_path, hf_dir, capsys, kind):
+    """A truncated .jsonl.gz used to end in EOFError's traceback."""
+    import gzip
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pp_cli", os.path.join(REPO, "tools", "preprocess_data.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = ("\n".join(json.dumps({"text": f"document {i} " * 20}) for i in range(300)) + "\n").encode()
+    if kind == "gz":
+        data = gzip.compress(text)
+    else:
+        zstd = pytest.importorskip("zstandard")
+        data = zstd.ZstdCompressor().compress(text)
+    src = tmp_path / f"in.jsonl.{kind}"
+    src.write_bytes(data[: len(data) // 2])
+    rc = cli.main(["--input", str(src), "--output-prefix", str(tmp_path / "x"), "--tokenizer", hf_dir, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{src}: not a complete" in err and "truncated or corrupt" in err and "Traceback" not in err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("x")]

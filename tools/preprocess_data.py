@@ -35,8 +35,9 @@ import json
 import os
 import sys
 
+from megamoe.cli.exit import run_command
 from megamoe.data.chat import read_chat_template
-from megamoe.data.preprocess import PreprocessConfig, PreprocessError, dataset_name, preprocess, preprocess_domains
+from megamoe.data.preprocess import PreprocessConfig, dataset_name, preprocess, preprocess_domains
 from megamoe.data.tokenizers import load_tokenizer
 
 
@@ -84,7 +85,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    try:
+
+    def go():
         template = read_chat_template(a.chat_template) if a.chat_template else None
         cfg = PreprocessConfig(json_key=a.json_key, append_eos=not a.no_eos, prepend_bos=a.append_bos,
                                workers=a.workers, max_threads=a.max_threads, on_error=a.on_error,
@@ -100,16 +102,13 @@ def main(argv=None) -> int:
             print(f"wrote {os.path.join(a.output_dir, 'manifest.json')}: "
                   + ", ".join(f"{d} ({e.get('train_tokens', 0):,} train tokens)"
                               for d, e in result["domains"].items()))
-    except (PreprocessError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was published for the dataset in progress", file=sys.stderr)
-        return 130
-    if a.summary_json:
-        with open(a.summary_json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+        if a.summary_json:
+            with open(a.summary_json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    # exit 2 for bad input (the message names the file and line), 3 for an unwritable output, 130 on Ctrl-C
+    # (nothing is published for the dataset in progress): megamoe/errors.py
+    return run_command("preprocess_data.py", go, outputs=[a.output_prefix or a.output_dir])
 
 
 if __name__ == "__main__":

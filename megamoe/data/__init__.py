@@ -16,12 +16,13 @@
 User guide: docs/data.md. Nothing here imports megatron-core until a dataset is built or read.
 """
 
-from .blend import DomainMixture, build_megatron_blend
-from .dynamic import PRESETS, REFERENCE_LOSSES, resolve_weights, update_domain_weights
-from .chat import ChatEncoder, ChatInputError, ChatTemplateError, mask_prefix
-from .preprocess import PreprocessConfig, PreprocessError, preprocess_domains  # function `preprocess`: .preprocess
-from .sft import ChatDataset, SFTBatch, SFTMixture
-from .tokenizers import load_tokenizer, token_dtype
+from megamoe.data.blend import DomainMixture, build_megatron_blend
+from megamoe.data.chat import ChatEncoder, ChatInputError, ChatTemplateError, mask_prefix
+from megamoe.data.dynamic import PRESETS, REFERENCE_LOSSES, resolve_weights, update_domain_weights
+from megamoe.data.preprocess import (PreprocessConfig, PreprocessError,  # function `preprocess`: .preprocess
+                                     preprocess_domains)
+from megamoe.data.sft import ChatDataset, SFTBatch, SFTMixture
+from megamoe.data.tokenizers import load_tokenizer, token_dtype
 
 __all__ = ["DomainMixture", "build_megatron_blend", "PRESETS", "REFERENCE_LOSSES", "resolve_weights",
            "update_domain_weights", "PreprocessConfig", "PreprocessError", "preprocess_domains",
@@ -31,11 +32,11 @@ __all__ = ["DomainMixture", "build_megatron_blend", "PRESETS", "REFERENCE_LOSSES
 
 def __getattr__(name):
     if name == "build_local_corpus":
-        from .corpus import build_local_corpus
+        from megamoe.data.corpus import build_local_corpus
 
         return build_local_corpus
     if name == "build_chat_corpus":
-        from .chat_corpus import build_chat_corpus
+        from megamoe.data.chat_corpus import build_chat_corpus
 
         return build_chat_corpus
     raise AttributeError(name)

@@ -50,8 +50,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
-from .dynamic import resolve_weights, update_domain_weights  # noqa: F401  (re-exported for the trainer)
-from .indexed import read_sizes
+from megamoe.data.dynamic import resolve_weights, update_domain_weights  # noqa: F401  (re-exported for the trainer)
+from megamoe.data.indexed import read_sizes
+from megamoe.errors import DataError
 
 __all__ = ["DomainMixture", "build_megatron_blend", "IndexTokenizer", "check_split_sizes", "update_domain_weights"]
 
@@ -81,13 +82,13 @@ def _prefix(path: str) -> str:
 
 
 def _split_vector(split: str) -> List[Optional[Tuple[float, float]]]:
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
 
     try:
         return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     except (AssertionError, ValueError, ZeroDivisionError) as err:
-        raise ValueError(f"split {split!r}: expected 'train,valid,test' non-negative weights, e.g. '98,2,0'") from err
+        raise DataError(f"split {split!r}: expected 'train,valid,test' non-negative weights, e.g. '98,2,0'") from err
 
 
 def check_split_sizes(domain: str, prefix: str, split: str, seq_len: int,
@@ -107,7 +108,7 @@ def check_split_sizes(domain: str, prefix: str, split: str, seq_len: int,
         beg, end = int(round(rng[0] * n)), int(round(rng[1] * n))
         tokens = int(sizes[beg:end].sum())
         if tokens < seq_len + 1:
-            raise ValueError(
+            raise DataError(
                 f"domain {domain!r} ({prefix}): the {name} split of '{split}' holds documents [{beg}, {end}) of {n}, "
                 f"{tokens} tokens, fewer than one sample of seq_len + 1 = {seq_len + 1}; use more data, a larger "
                 f"{name} share, a shorter seq_len, or held-out files (valid_prefixes)")
@@ -163,20 +164,20 @@ class DomainMixture:
                  valid_prefixes: Optional[Mapping[str, str]] = None, eod: Optional[int] = None,
                  vocab_size: Optional[int] = None, tokenizer=None, rank: int = 0, world_size: int = 1):
         if not prefixes:
-            raise ValueError("DomainMixture needs at least one domain prefix")
+            raise DataError("DomainMixture needs at least one domain prefix")
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.domains: List[str] = sorted(prefixes)
         self.prefixes = {d: _prefix(prefixes[d]) for d in self.domains}
         self.valid_prefixes = ({d: _prefix(p) for d, p in valid_prefixes.items()} if valid_prefixes else {})
         unknown = sorted(set(self.valid_prefixes) - set(self.domains))
         if unknown:
-            raise ValueError(f"valid_prefixes names domains without training data: {unknown}")
+            raise DataError(f"valid_prefixes names domains without training data: {unknown}")
         if split is None:  # held-out files for every domain: train on the whole training files
             split = "100,0,0" if set(self.valid_prefixes) == set(self.domains) else "98,2,0"
         self.seq_len, self.seed, self.split = int(seq_len), int(seed), split
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+            raise DataError(f"rank {rank} must be in [0, world_size={world_size})")
         self.rank, self.world_size = int(rank), int(world_size)
         self.cache_dir = cache_dir
         self._weights = resolve_weights(weights, self.domains)
@@ -195,7 +196,7 @@ class DomainMixture:
                 check_split_sizes(d, tp, split, self.seq_len)
             except ValueError as err:
                 if d in self.valid_prefixes:  # the split's own validation share is not even needed here
-                    raise ValueError(f"{err}. This domain has held-out validation data (valid_prefixes): pass "
+                    raise DataError(f"{err}. This domain has held-out validation data (valid_prefixes): pass "
                                      f"split='100,0,0' (or 'N,0,M') so its training file keeps all documents") from None
                 raise
             if d in self.valid_prefixes:
@@ -207,7 +208,7 @@ class DomainMixture:
                                    blend_per_split=[None, ([self.valid_prefixes[d]], None), None])
                 _, va, _ = _build(vcfg, [None, None, None])
             if tr is None or len(tr) == 0:
-                raise ValueError(f"domain {d!r} ({tp}): empty training split for split {split!r}")
+                raise DataError(f"domain {d!r} ({tp}): empty training split for split {split!r}")
             self.train[d], self.valid[d], self.test[d] = tr, va, te
         self._n = {d: len(self.train[d]) for d in self.domains}
         self._perm_cache: Dict[str, Tuple[int, np.ndarray]] = {}
@@ -230,7 +231,7 @@ class DomainMixture:
         names = list(domains) if domains is not None else sorted(avail)
         missing = [d for d in names if d not in avail]
         if missing:
-            raise ValueError(f"{manifest_path}: no domain(s) {missing} (has {sorted(avail)})")
+            raise DataError(f"{manifest_path}: no domain(s) {missing} (has {sorted(avail)})")
         prefixes = {d: os.path.join(root, avail[d]["train"]) for d in names}
         valid = {d: os.path.join(root, avail[d]["valid"]) for d in names if use_valid_files and "valid" in avail[d]}
         tok = man.get("tokenizer", {})
@@ -284,9 +285,9 @@ class DomainMixture:
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside [0, {world_size})")
+            raise DataError(f"rank {rank} outside [0, {world_size})")
         per = batch_size
         batch_size = per * world_size
         dom = self._draw_domains(self.step, batch_size)
@@ -322,7 +323,7 @@ class DomainMixture:
             raise KeyError(f"unknown domain {domain!r}; domains: {self.domains}")
         ds = (self.valid if split == "valid" else self.test)[domain]
         if ds is None:
-            raise ValueError(f"domain {domain!r} has no {split} data (split {self.split!r}, no held-out prefix)")
+            raise DataError(f"domain {domain!r} has no {split} data (split {self.split!r}, no held-out prefix)")
         n = len(ds)
         if max_batches is not None:
             n = min(n, max_batches * batch_size)
@@ -342,11 +343,11 @@ class DomainMixture:
     def load_state_dict(self, sd: Mapping) -> None:
         """Restore a `state_dict()`; refuses one from a different mixture (domains, seed, seq_len, data)."""
         if sd.get("version") != _STATE_VERSION:
-            raise ValueError(f"data state version {sd.get('version')!r}, expected {_STATE_VERSION}")
+            raise DataError(f"data state version {sd.get('version')!r}, expected {_STATE_VERSION}")
         for key, mine in (("domains", list(self.domains)), ("seed", self.seed), ("seq_len", self.seq_len),
                           ("samples_per_epoch", dict(self._n))):
             if sd.get(key) != mine:
-                raise ValueError(f"data state does not match this mixture: {key} is {sd.get(key)!r} in the "
+                raise DataError(f"data state does not match this mixture: {key} is {sd.get(key)!r} in the "
                                  f"checkpoint, {mine!r} here")
         self.step = int(sd["step"])
         self.samples_drawn = int(sd["samples_drawn"])

@@ -54,8 +54,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .jsonl import parse_json_object
-from .tokenizers import TextTokenizer, load_tokenizer
+from megamoe.data.jsonl import parse_json_object
+from megamoe.data.tokenizers import TextTokenizer, load_tokenizer
+from megamoe.errors import DataError
 
 __all__ = ["ROLES", "CHAT_BAD_INPUT_REASONS", "ALWAYS_SKIPPED", "ChatInputError", "ChatTemplateError",
            "ChatEncoder", "parse_record", "parse_chat_line", "load_conversations", "read_chat_template",
@@ -72,7 +73,7 @@ Messages = List[Dict[str, str]]
 Span = Tuple[int, int]
 
 
-class ChatInputError(ValueError):
+class ChatInputError(DataError):
     """One bad record: `reason` (one of CHAT_BAD_INPUT_REASONS), a `detail`, and `where` ("file:line") if known."""
 
     def __init__(self, reason: str, detail: str = "", where: Optional[str] = None):
@@ -80,7 +81,7 @@ class ChatInputError(ValueError):
         self.reason, self.detail, self.where = reason, detail, where
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(DataError):
     """No usable chat template (none in the tokenizer and none given, or one that does not render)."""
 
 

@@ -39,9 +39,10 @@ import sys
 import sysconfig
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..fileio import atomic_write_text
-from .chat import dumps_record
-from .corpus import _stdlib_files, _strip_troff
+from megamoe.data.chat import dumps_record
+from megamoe.data.corpus import _stdlib_files, _strip_troff
+from megamoe.errors import InputError
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["build_chat_corpus", "CHAT_DOMAINS", "python_items", "man_items", "math_problem"]
 
@@ -369,18 +370,18 @@ def build_chat_corpus(out_dir: str, sizes: Optional[Dict[str, int]] = None, vali
     `sizes`: training conversations per domain (default 2000 each); `man_share`: the share of `general` items
     drawn from man pages when the machine has them."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        raise InputError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     wanted = list(domains) if domains is not None else list(CHAT_DOMAINS)
     unknown = [d for d in wanted if d not in CHAT_DOMAINS]
     if unknown:
-        raise ValueError(f"unknown chat domain(s) {unknown}; available: {list(CHAT_DOMAINS)}")
+        raise InputError(f"unknown chat domain(s) {unknown}; available: {list(CHAT_DOMAINS)}")
     sizes = {d: 2000 for d in CHAT_DOMAINS} | dict(sizes or {})
     info = {"format": "megamoe-chat-corpus-v1", "seed": seed, "valid_fraction": valid_fraction,
             "man_share": man_share, "python": sys.version.split()[0], "domains": {}}
     for dom in wanted:
         n_train = int(sizes[dom])
         if n_train < 1:
-            raise ValueError(f"sizes[{dom!r}] must be >= 1, got {n_train}")
+            raise InputError(f"sizes[{dom!r}] must be >= 1, got {n_train}")
         n_valid = max(8, round(n_train * valid_fraction))
         cands = _general_candidates(seed, man_share) if dom == "general" else _math_candidates(seed)
         train, valid, kinds = _fill(cands, n_train, n_valid, seed, valid_fraction)

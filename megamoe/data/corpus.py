@@ -36,7 +36,8 @@ import sys
 import sysconfig
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..fileio import atomic_write_text
+from megamoe.errors import InputError
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["build_local_corpus", "DOMAIN_SOURCES", "GUARANTEED_DOMAINS"]
 
@@ -217,11 +218,11 @@ def build_local_corpus(out_dir: str, max_mb: float = 8.0, valid_fraction: float 
     `domains=None` takes every available domain; naming one that is unavailable (no files, or less than `min_kb`
     of text) raises. Without `domains`, optional ones below `min_kb` are skipped with a note."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        raise InputError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     wanted = list(domains) if domains is not None else list(DOMAIN_SOURCES)
     unknown = [d for d in wanted if d not in DOMAIN_SOURCES]
     if unknown:
-        raise ValueError(f"unknown domain(s) {unknown}; available: {sorted(DOMAIN_SOURCES)}")
+        raise InputError(f"unknown domain(s) {unknown}; available: {sorted(DOMAIN_SOURCES)}")
     cap = int(max_mb * (1 << 20))
     info = {"seed": seed, "max_mb": max_mb, "valid_fraction": valid_fraction,
             "python": sys.version.split()[0], "domains": {}}

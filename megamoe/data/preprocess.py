@@ -58,6 +58,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -66,11 +67,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..fileio import atomic_write_text
-from .chat import ALWAYS_SKIPPED, ChatEncoder, ChatInputError, mask_prefix, parse_chat_line
-from .indexed import IndexedWriter
-from .jsonl import parse_json_object
-from .tokenizers import TextTokenizer, load_tokenizer, token_dtype
+from megamoe.data.chat import ALWAYS_SKIPPED, ChatEncoder, ChatInputError, mask_prefix, parse_chat_line
+from megamoe.data.indexed import IndexedWriter
+from megamoe.data.jsonl import parse_json_object
+from megamoe.data.tokenizers import TextTokenizer, load_tokenizer, token_dtype
+from megamoe.errors import DataError
+from megamoe.fileio import atomic_write_text
 
 __all__ = ["PreprocessConfig", "PreprocessSummary", "PreprocessError", "preprocess", "preprocess_domains",
            "expand_inputs", "plan_chunks", "BAD_INPUT_REASONS", "is_validation_file", "FORMATS",
@@ -84,7 +86,7 @@ FORMATS = ("text", "chat")
 _VALID_RE = re.compile(r"(^|[_\-.])(valid|validation|val|dev|heldout|held_out)([_\-.]|$)", re.IGNORECASE)
 
 
-class PreprocessError(ValueError):
+class PreprocessError(DataError):
     """Bad input under `on_error='fail'`, or an input problem that makes the whole run impossible."""
 
 
@@ -274,11 +276,19 @@ def _read_chunk(path: str, start: int, end: int) -> bytes:
         except ImportError as err:
             raise PreprocessError(f"{path}: reading .zst needs the 'zstandard' package (pip install zstandard), "
                                   f"or decompress first with `zstd -d`") from err
-        with open(path, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
+        try:
+            with open(path, "rb") as f:
+                return zstandard.ZstdDecompressor().stream_reader(f).read()
+        except zstandard.ZstdError as e:
+            raise PreprocessError(f"{path}: not a complete zstd stream ({e}); the file is truncated or corrupt: "
+                                  "recompress it or leave it out") from None
     if end < 0:
-        with gzip.open(path, "rb") as f:
-            return f.read()
+        try:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        except (EOFError, OSError, zlib.error) as e:  # truncated stream, bad magic or CRC
+            raise PreprocessError(f"{path}: not a complete gzip stream ({e}); the file is truncated or corrupt: "
+                                  "recompress it or leave it out") from None
     with open(path, "rb") as f:
         f.seek(start)
         return f.read(end - start)

@@ -63,9 +63,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
-from .chat import mask_prefix
-from .dynamic import resolve_weights
-from .indexed import IndexedReader
+from megamoe.data.chat import mask_prefix
+from megamoe.data.dynamic import resolve_weights
+from megamoe.data.indexed import IndexedReader
 
 __all__ = ["SFTBatch", "SFTMixture", "ChatDataset", "label_loss_mask", "label_loss_mask_reference"]
 
