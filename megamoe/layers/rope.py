@@ -1,8 +1,12 @@
 """Rotary position embeddings (RoPE), HF's rotate_half convention, with default, linear and LLaMA-3 scaling.
 
     inv = rope_inv_freq(cfg)                          # [d/2] fp32, from cfg.rope_theta / cfg.rope_scaling
-    cos, sin = rope_cos_sin(inv, positions, dtype)    # [S, d] each (frequencies repeated twice)
+    cos, sin = rope_cos_sin(inv, positions, dtype)    # positions [S] -> [S, d] each (frequencies repeated twice);
+                                                      # position ids [B, S] -> [B, 1, S, d] (one row each)
     q = apply_rope(q, cos, sin)                       # q: [B, heads, S, d]; q*cos + rotate_half(q)*sin
+
+Position ids per row are what packed documents (ids restart at every document) and left-padded or cached
+generation (ids continue from the tokens seen) need; both tables broadcast against q and k the same way.
 
 Plain torch only (no megatron): the interchange guard's streaming forward uses the same table.
 """
@@ -37,14 +41,17 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype):
-    """cos, sin of shape [S, d] for positions [S] (HF's rotate_half convention: frequencies repeated twice)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :].to(positions.device)
+    """cos, sin for positions [S] (shape [S, d]) or per-row position ids [B, S] (shape [B, 1, S, d], broadcast over
+    the heads). HF's rotate_half convention: frequencies repeated twice."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
+    if positions.dim() == 2:
+        emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, heads, S, d]; cos/sin: [S, d]."""
+    """x: [B, heads, S, d]; cos/sin: [S, d] or [B, 1, S, d]."""
     if x.dtype == cos.dtype == sin.dtype and not x.is_cuda:
         return _RopeFunction.apply(x, cos, sin)   # the same without the rotated copy, on a CPU
     return apply_rope_reference(x, cos, sin)

@@ -8,6 +8,25 @@ and returns [batch, seq, vocab] logits (the local vocabulary shard under TP).
     parallel.initialize(ParallelConfig(), cfg)  # an entry point sets up the layout (a world of one here)
     model = LlamaMoEModel(cfg)                  # dense layers, or MoE layers where cfg.moe says so
     out = model(input_ids, labels=labels)       # out.loss = lm_loss + aux_loss (the routers' balance losses)
+
+`forward(input_ids [B, S], labels=None [B, S], loss_mask=None [B, S], return_logits=True | False | "last",
+position_ids=None [B, S], segment_ids=None [B, S], cache=None, loss_denominator=None)`:
+
+- labels are aligned with the inputs (megatron style: labels[t] is the target of position t, i.e. input t+1).
+- lm_loss = sum_t CE_t * m_t / N with m = loss_mask (1 everywhere when None) and N = loss_denominator, by default
+  sum(m) (the mean over this batch's trained tokens). The trainer passes N = the trained tokens of the whole global
+  batch / data-parallel size, so that summing micro-batches and averaging ranks gives the global token-weighted mean
+  (megamoe/training/trainer.py). Fused on a CPU at TP = 1 when return_logits is False (megamoe/ops/linear_ce.py),
+  megatron's vocab-parallel cross entropy elsewhere; the same formula either way.
+- position_ids: RoPE positions per row (packed documents restart them; default 0..S-1, or after the cache's).
+- segment_ids: document ids per row (0 = padding, 1..n = documents): attention never crosses a document and no real
+  token attends to padding (megamoe/layers/attention.py); padding positions must carry loss_mask 0.
+- cache: a `KVCache` (megamoe/layers/kv_cache.py): keys and values of every token seen; each forward appends its
+  tokens and attends over all of them (incremental decoding; megamoe/model/generate.py). Not under sequence
+  parallelism. return_logits="last": logits of the last position only, [B, 1, V] (decoding).
+
+Without position_ids, segment_ids and cache the forward is plain causal attention over positions 0..S-1 (the
+pre-training path, unchanged).
 """
 
 from __future__ import annotations
@@ -22,8 +41,9 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 
 from megamoe.config import DTYPES, ModelConfig
-from megamoe.layers.attention import Attention
+from megamoe.layers.attention import Attention, AttentionContext
 from megamoe.layers.init import init_normal
+from megamoe.layers.kv_cache import KVCache
 from megamoe.layers.mlp import MLP
 from megamoe.layers.norm import RMSNorm
 from megamoe.layers.rope import rope_cos_sin, rope_inv_freq
@@ -44,8 +64,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.moe_index(layer_idx) is not None
         self.mlp = MoELayer(cfg, mp_cfg, layer_idx) if self.is_moe else MLP(cfg, mp_cfg, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, ctx: AttentionContext | None = None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, ctx, cache)
         h = self.mlp_norm(x)
         if self.is_moe:
             y, stats = self.mlp(h)
@@ -56,6 +76,18 @@ class DecoderLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the model
+
+def _mask_or_ones(loss_mask, labels):
+    return torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask
+
+
+def _denominator(m: torch.Tensor, given) -> torch.Tensor | float:
+    """N of lm_loss = sum(CE * m) / N: `given` (a positive number or scalar tensor, the caller's), else sum(m) (at
+    least 1: a batch without trained tokens has loss 0)."""
+    if given is None:
+        return m.sum().clamp(min=1)
+    return given if torch.is_tensor(given) else float(given)
+
 
 @dataclass
 class ModelOutput:
@@ -92,29 +124,56 @@ class LlamaMoEModel(nn.Module):
         self.fused_lm_loss = True
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, return_logits: bool = True) -> ModelOutput:
+                loss_mask: torch.Tensor | None = None, return_logits: bool | str = True,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, loss_denominator=None) -> ModelOutput:
+        """See the module docstring for the arguments and the loss."""
         B, S = input_ids.shape
+        dev = input_ids.device
+        if (cache is not None or return_logits == "last") and self.sequence_parallel:
+            raise ValueError("LlamaMoEModel: a KV cache / last-position logits need sequence_parallel off (the same "
+                             "weights load into a model built without it)")
+        ctx = None
+        if cache is not None or segment_ids is not None:
+            if position_ids is None:
+                position_ids = cache.next_positions(B, S, dev) if cache is not None else \
+                    torch.arange(S, device=dev).expand(B, S)
+            if segment_ids is None:
+                segment_ids = torch.ones(B, S, dtype=torch.int32, device=dev)
+            position_ids, segment_ids = position_ids.to(dev).long(), segment_ids.to(dev).int()
+            if cache is None:
+                ctx = AttentionContext(position_ids, segment_ids)
+            else:
+                if len(cache.layers) != len(self.layers):
+                    raise ValueError(f"KVCache: {len(cache.layers)} layer caches for {len(self.layers)} layers")
+                ctx = AttentionContext(position_ids, segment_ids, *cache.extend(position_ids, segment_ids))
         x = self.embed(input_ids).transpose(0, 1).contiguous()  # [S, B, H]
         if self.sequence_parallel:
             x = tpar.scatter_to_sequence_parallel_region(x)
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(S, device=input_ids.device), x.dtype)
+        positions = torch.arange(S, device=dev) if position_ids is None else position_ids.to(dev)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)   # [S, d] or [B, 1, S, d]
         stats = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            lc = None if cache is None else cache.layers[i]
             if self.cfg.recompute and self.training:
-                x, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, lc, use_reentrant=False)
             else:
-                x, st = layer(x, cos, sin)
+                x, st = layer(x, cos, sin, ctx, lc)
             if st is not None:
                 stats.append(st)
         x = self.norm(x)
         aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=x.device))
+        if return_logits == "last":
+            x = x[-1:]
+            if labels is not None:
+                raise ValueError("LlamaMoEModel: return_logits='last' computes no loss (labels given)")
         if labels is not None and not return_logits and self._fused_loss_applies(x):
             # CPU, TP = 1: projection + cross entropy chunk by chunk, no [S, B, V] logits (megamoe/ops/linear_ce.py)
             w = (self.lm_head.weight if self.lm_head is not None else self.embed.weight)
             tok_w = None
-            if loss_mask is not None:
-                m = loss_mask.transpose(0, 1).reshape(-1).float()
-                tok_w = m / m.sum().clamp(min=1)
+            if loss_mask is not None or loss_denominator is not None:
+                m = _mask_or_ones(loss_mask, labels).transpose(0, 1).reshape(-1).float()
+                tok_w = m / _denominator(m, loss_denominator)
             lm = linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, labels.transpose(0, 1).reshape(-1), tok_w)
             return ModelOutput(logits=None, loss=lm + aux, lm_loss=lm, aux_loss=aux, router_stats=stats)
         if self.lm_head is not None:
@@ -127,11 +186,11 @@ class LlamaMoEModel(nn.Module):
             # megatron's cross entropy works in place on its input: give it a copy when the logits are returned
             ce_in = logits.clone() if return_logits else logits
             per_tok = tpar.vocab_parallel_cross_entropy(ce_in, labels.transpose(0, 1).contiguous())  # [S, B]
-            if loss_mask is None:
+            if loss_mask is None and loss_denominator is None:
                 lm = per_tok.mean()
             else:
-                m = loss_mask.transpose(0, 1).float()
-                lm = (per_tok * m).sum() / m.sum().clamp(min=1)
+                m = _mask_or_ones(loss_mask, labels).transpose(0, 1).float()
+                lm = (per_tok * m).sum() / _denominator(m, loss_denominator)
             out.lm_loss, out.loss = lm, lm + aux
         return out
 
