@@ -34,7 +34,7 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E4M3"] = torch.float8_e4m3fn
     DTYPES["F8_E5M2"] = torch.float8_e5m2
 NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the reference library's limit
 
 
 def dtype_size(dtype: str) -> int:
@@ -72,37 +72,79 @@ class SafetensorsReader:
             raise
 
     def _parse(self):
+        """Read and validate the header as strictly as the reference library (`safetensors`' Rust
+        `Metadata::validate` and `read_metadata`), so no file we accept is refused there and vice versa:
+
+        - 8-byte little-endian length N <= 100,000,000, and 8 + N <= file size;
+        - the N header bytes are UTF-8 JSON holding one object (trailing spaces allowed, nothing else after it);
+        - `__metadata__`, when present, maps strings to strings (or is null);
+        - every other key is a tensor `{"dtype": <known dtype>, "shape": [non-negative ints],
+          "data_offsets": [begin, end]}` (non-negative ints, begin <= end);
+        - sorted by offsets, the tensors tile the data section exactly: the first begins at 0, each begins where the
+          previous ended (no gap, no overlap, no two tensors sharing bytes), end - begin equals numel x dtype size;
+        - the last end is the end of the file (no trailing bytes, no truncation).
+        Stricter than the reference: a tensor name given twice in the header is refused (the reference keeps one of
+        them silently), and dtypes torch cannot hold (F4, F6_*, F8_E8M0, U16/U32/U64 on older torch) are refused."""
         size = os.fstat(self._fd).st_size
         if size < 8:
             raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        if n > MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{self.path}: header length {n} is over the limit of {MAX_HEADER} bytes "
+                                  "(not a safetensors file, or a corrupt one)")
+        if 8 + n > size:
             raise CheckpointError(f"{self.path}: header length {n} does not fit a {size}-byte file "
                                   "(truncated, or not a safetensors file)")
         raw = os.pread(self._fd, n, 8)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{self.path}: the safetensors header is not UTF-8 ({e.reason} at byte "
+                                  f"{8 + e.start})") from None
+        try:
+            header = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        except (json.JSONDecodeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if meta is not None and (not isinstance(meta, dict)
+                                 or not all(isinstance(v, str) for v in meta.values())):
+            raise CheckpointError(f"{self.path}: the header's __metadata__ must map strings to strings, got "
+                                  f"{str(meta)[:120]}")
+        self.metadata = meta or {}
         self.data_start = 8 + n
-        end_max = 0
+        spans = []
         for name, info in header.items():
-            try:
-                dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                raise CheckpointError(f"{where} has a malformed header entry {str(info)[:120]} (expected dtype, "
+                                      "shape, data_offsets)")
+            dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
             if dt not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dt!r}")
-            if e - b != numel(shape) * dtype_size(dt) or b < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: offsets [{b}, {e}) do not match "
-                                      f"{dt} {shape}")
-            end_max = max(end_max, e)
-        if self.data_start + end_max > size:
-            raise CheckpointError(f"{self.path}: truncated: the header needs {self.data_start + end_max} bytes, "
-                                  f"the file has {size}")
+                raise CheckpointError(f"{where} has unsupported dtype {dt!r}")
+            if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
+                raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            if not isinstance(offs, list) or len(offs) != 2 or not all(_is_index(o) for o in offs):
+                raise CheckpointError(f"{where}: data_offsets {offs!r} are not two non-negative integers")
+            spans.append((offs[0], offs[1], name, dt, shape))
+        spans.sort(key=lambda x: (x[0], x[1]))
+        pos = 0
+        for b, e, name, dt, shape in spans:
+            where = f"{self.path}: tensor {name!r}"
+            if b != pos or e < b:
+                what = ("ends before it begins" if e < b else "starts after the previous tensor's end (a gap)"
+                        if b > pos else "overlaps the bytes of another tensor")
+                raise CheckpointError(f"{where}: data_offsets [{b}, {e}) {what}; the tensors must tile the data "
+                                      f"section from 0 without gaps or overlaps (expected it to begin at {pos})")
+            if e - b != numel(shape) * dtype_size(dt):
+                raise CheckpointError(f"{where}: data_offsets [{b}, {e}) hold {e - b} bytes, {dt} {shape} needs "
+                                      f"{numel(shape) * dtype_size(dt)}")
+            pos = e
+        if self.data_start + pos != size:
+            how = "truncated" if self.data_start + pos > size else "has trailing bytes not covered by any tensor"
+            raise CheckpointError(f"{self.path}: {how}: the header describes {self.data_start + pos} bytes, the "
+                                  f"file has {size}")
         self.header = header
 
     # ---- metadata ----
@@ -211,6 +253,22 @@ class SafetensorsReader:
             self.close()
         except Exception:
             pass
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"key {dup[0]!r} appears more than once")
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _from_bytes(buf, dtype: str, shape) -> torch.Tensor:
