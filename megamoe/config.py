@@ -120,6 +120,11 @@ class ModelConfig:
     init_std: float = 0.02
     recompute: bool = False                # activation checkpointing of every decoder layer
     params_dtype: str = "float32"          # float32 | bfloat16 | float16
+    # special token ids of the source checkpoint, carried to every export (None: unknown, read from the tokenizer
+    # files beside the weights); not part of the architecture
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -163,6 +168,12 @@ class ModelConfig:
             raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash, te")
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"params_dtype: {self.params_dtype!r} is not one of float32, bfloat16, float16")
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, f)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size
+                                         for i in ids):
+                raise ConfigError(f"{f}: {v!r} must be a token id in [0, vocab_size={self.vocab_size}) or null")
         if self.moe is not None:
             self._validate_moe()
         return self

@@ -41,8 +41,8 @@ from megamoe.fileio import atomic_write_text
 from megamoe.formats.embedded import materialize_smollm2
 from megamoe.formats.hf_llama import load_hf_llama
 from megamoe.formats.shards import ShardedCheckpoint, load_shards
+from megamoe.formats.tokenizer_files import copy_tokenizer
 from megamoe.interchange import hf_to_moe, moe_to_hf
-from megamoe.interchange.common import copy_tokenizer
 from megamoe.model import LlamaMoEModel
 from megamoe.training.config import PARAMS_DTYPES, load_train_config, resolve_precision
 from megamoe.training.evaluate import evaluate

@@ -101,13 +101,19 @@ def test_mixtral_export_loads_in_transformers_and_matches_our_model(dense, tmp_p
 
 
 def test_mixtral_refused_with_reason(dense, tmp_path):
+    """An mlp gate does not fit Mixtral; rope_theta 1000 does not fit the llama-moe v1 code (base 10000 always), so
+    `auto` has nowhere to go; at rope_theta 10000 it falls back to llama-moe v1."""
     path, _ = dense
     shards = str(tmp_path / "moe")
     convert.hf_to_moe(path, shards, num_experts=4, progress=False)  # mlp gate
     with pytest.raises(Exception, match="moe.gate_network"):
         convert.moe_to_hf(shards, str(tmp_path / "x"), "mixtral", progress=False)
-    assert not os.path.exists(tmp_path / "x")
-    s = convert.moe_to_hf(shards, str(tmp_path / "auto"), "auto", progress=False)
+    with pytest.raises(Exception, match="rope_theta: 1000; the released llama-moe v1 code"):
+        convert.moe_to_hf(shards, str(tmp_path / "y"), "auto", progress=False)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    tiny_llama(str(tmp_path / "dense10k"), rope_theta=10000.0)
+    convert.hf_to_moe(str(tmp_path / "dense10k"), str(tmp_path / "moe10k"), num_experts=4, progress=False)
+    s = convert.moe_to_hf(str(tmp_path / "moe10k"), str(tmp_path / "auto"), "auto", progress=False)
     assert s["format"] == "llama-moe-v1"
 
 
@@ -157,7 +163,10 @@ def test_llama_moe_v1_round_trip_bit_exact(tmp_path):
               "gate_type", "calculator_type", "intermediate_size"):
         assert out[k] == cfg[k], k
     assert out["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_moe_hf.LlamaMoEForCausalLM"
-    assert "transformers <= 4.44" in open(tmp_path / "back" / "README.md").read()
+    readme = open(tmp_path / "back" / "README.md").read()
+    for fact in ("| <= 4.44.2 | yes", "| 4.48.x | the default load also leaves `weight_gate.*` uninitialised",
+                 "| 5.x | cannot build the model", "RoPE with base 10000 whatever config.json says"):
+        assert fact in readme, fact
 
 
 def test_v1_reference_and_our_model_agree(tmp_path):
@@ -294,3 +303,110 @@ def test_import_a_transformers_saved_mixtral(tmp_path):
         ref = m(ids).logits
     got = reference_logits(ck.config, ck.get, ids)
     assert (got - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_v1_import_computes_what_the_released_code_computes(tmp_path, caplog):
+    """A llama-moe v1 config.json that says rope_theta 1e5: the released code (d7d0989) ignores it and uses base
+    10000, so the import takes 10000 (and warns), and the guard's reference computes base 10000 too: our model on
+    the imported shards equals a LLaMA-MoE forward at base 10000 and differs from one at 1e5."""
+    import logging
+    from megamoe.interchange.reference_v1 import v1_logits
+    from megamoe.model import LlamaMoEModel
+    sd, cfg = tiny_v1(str(tmp_path / "v1"), dtype=torch.float32)
+    cfg["rope_theta"] = 1e5
+    json.dump(cfg, open(tmp_path / "v1" / "config.json", "w"))
+    with caplog.at_level(logging.WARNING):
+        convert.hf_to_moe(str(tmp_path / "v1"), str(tmp_path / "shards"), progress=False)
+    assert "rope_theta 100000 is ignored by the released llama-moe v1 code" in caplog.text
+    ck = ShardedCheckpoint(str(tmp_path / "shards"))
+    assert ck.config.rope_theta == 10000.0
+    m = LlamaMoEModel(ck.config).eval()
+    m.load_state_dict(load_shards(str(tmp_path / "shards")), strict=True)
+    ids = torch.randint(0, 80, (1, 40), generator=torch.Generator().manual_seed(1))  # long enough for RoPE to matter
+    with torch.no_grad():
+        ours = m(ids).logits
+    ref = v1_logits(cfg, sd.__getitem__, ids)
+    assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
+    import copy
+    at_1e5 = copy.deepcopy(ck.config)
+    at_1e5.rope_theta = 1e5
+    m2 = LlamaMoEModel(at_1e5).eval()
+    m2.load_state_dict(load_shards(str(tmp_path / "shards")), strict=True)
+    with torch.no_grad():
+        assert (m2(ids).logits - ref).abs().max() > 1e-3 * ref.abs().max()
+    # their loader refuses any rope_scaling but {"type": "linear", "factor": float > 1}: so does the import
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    json.dump(cfg, open(tmp_path / "v1" / "config.json", "w"))
+    with pytest.raises(Exception, match="rope_scaling"):
+        convert.hf_to_moe(str(tmp_path / "v1"), str(tmp_path / "shards2"), progress=False)
+
+
+def test_exports_carry_the_sources_special_token_ids(tmp_path):
+    """config_to_hf used to write bos/eos/pad 1/2/0 whatever the source had (SmolLM2: 1/2/2)."""
+    src = str(tmp_path / "dense")
+    tiny_llama(src, rope_theta=10000.0, bos_token_id=5, eos_token_id=[6, 9], pad_token_id=7)
+    shards = str(tmp_path / "moe")
+    convert.hf_to_moe(src, shards, num_experts=4, router="mixtral", gate_network="linear", progress=False)
+    assert ShardedCheckpoint(shards).config.pad_token_id == 7
+    for fmt in ("mixtral", "llama-moe-v1"):
+        convert.moe_to_hf(shards, str(tmp_path / fmt), fmt, progress=False)
+        out = json.load(open(tmp_path / fmt / "config.json"))
+        assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (5, [6, 9], 7), fmt
+
+
+def test_mixtral_import_refuses_llama_moe_v2_fields(dense, tmp_path):
+    """A Mixtral-layout checkpoint carrying LLaMA-MoE v2's scale_factor / residual / attention MoE used to import
+    as stock Mixtral (the scale silently dropped) and pass the guard against stock Mixtral."""
+    path, _ = dense
+    shards, hf = str(tmp_path / "moe"), str(tmp_path / "mixtral")
+    convert.hf_to_moe(path, shards, num_experts=4, top_k=2, router="mixtral", gate_network="linear", progress=False)
+    convert.moe_to_hf(shards, hf, "mixtral", progress=False)
+    cfgj = json.load(open(os.path.join(hf, "config.json")))
+    for extra, field in (({"scale_factor": 4.0}, "scale_factor"), ({"use_attn_moe": True}, "use_attn_moe"),
+                         ({"intermediate_size_residual": 8}, "intermediate_size_residual")):
+        json.dump({**cfgj, **extra}, open(os.path.join(hf, "config.json"), "w"))
+        with pytest.raises(Exception, match=field):
+            convert.hf_to_moe(hf, str(tmp_path / f"back_{field}"), progress=False)
+        assert not os.path.exists(tmp_path / f"back_{field}")
+
+
+def test_dense_dir_is_complete_for_every_loader(smollm2_dir, tmp_path):
+    """transformers 5 writes config.json without `architectures` and with RoPE only under rope_parameters, and a
+    tokenizer only it reads. llama.cpp's converter refused such a directory (no architectures) and, once patched,
+    used RoPE base 10000 (perplexity 30.4 instead of 24.7); transformers 4.x could not load the tokenizer.
+    complete_for_every_loader adds the fields and normalises the tokenizer, leaving what it encodes unchanged."""
+    import shutil
+    from transformers import AutoTokenizer
+    from megamoe.formats.embedded import complete_for_every_loader
+    d = tmp_path / "v5style"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(os.path.join(smollm2_dir, f), d / f)
+    cfg = json.load(open(d / "config.json"))
+    for k in ("architectures", "rope_theta", "rope_scaling"):
+        cfg.pop(k, None)
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    json.dump(cfg, open(d / "config.json", "w"))
+    tc = json.load(open(d / "tokenizer_config.json"))
+    tc.pop("chat_template", None)
+    tc["tokenizer_class"] = "TokenizersBackend"
+    json.dump(tc, open(d / "tokenizer_config.json", "w"))
+    tj = json.load(open(d / "tokenizer.json"))
+    tj["model"]["merges"] = [m.split(" ") for m in tj["model"]["merges"]]
+    json.dump(tj, open(d / "tokenizer.json", "w"))
+    before = AutoTokenizer.from_pretrained(str(d))
+    changed = complete_for_every_loader(str(d))
+    assert set(changed) == {"config.json", "tokenizer_config.json", "tokenizer.json"}
+    cfg = json.load(open(d / "config.json"))
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["rope_theta"] == 100000.0
+    assert cfg["rope_parameters"]["rope_theta"] == 100000.0
+    tc = json.load(open(d / "tokenizer_config.json"))
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tc["chat_template"] == open(d / "chat_template.jinja").read()
+    assert all(isinstance(m, str) for m in json.load(open(d / "tokenizer.json"))["model"]["merges"])
+    after = AutoTokenizer.from_pretrained(str(d))
+    text = "def f(x):\n    return x ** 2  # naïve 😀"
+    assert after(text)["input_ids"] == before(text)["input_ids"]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert after.apply_chat_template(msgs, tokenize=False) == before.apply_chat_template(msgs, tokenize=False)
+    assert complete_for_every_loader(str(d)) == []  # idempotent

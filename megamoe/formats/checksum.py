@@ -49,7 +49,8 @@ def resolve(algorithm: str | None) -> str:
     return algorithm
 
 
-def _new(algorithm: str):
+def new_hasher(algorithm: str):
+    """A fresh hash object of `algorithm` (update(bytes-like), hexdigest())."""
     if algorithm == "sha256":
         return hashlib.sha256()
     import xxhash
@@ -59,7 +60,7 @@ def _new(algorithm: str):
 def file_digest(path: str, algorithm: str = DEFAULT_ALGORITHM) -> str:
     """Hex digest of a whole file. Reads through a read-only memory map (no copy into a buffer); both hash
     implementations release the GIL on large updates."""
-    h = _new(algorithm)
+    h = new_hasher(algorithm)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

@@ -3,15 +3,25 @@
 `materialize_smollm2(out_dir)` de-quantizes it with `transformers` (gguf + accelerate) into a plain Hugging Face
 LLaMA directory (safetensors, config.json, tokenizer) so that every tool can start from a real model offline.
 The result is cached: a directory that already holds the model is reused.
+
+transformers 5 writes config.json without `architectures` and with RoPE only under `rope_parameters`, and a
+tokenizer only transformers 5 reads. `complete_for_every_loader` adds what other consumers read (llama.cpp's
+converter needs `architectures` and takes the RoPE base from `rope_theta`, silently 10000 without it; transformers
+4.x reads `rope_theta`, the tokenizer class and merges of formats.tokenizer_files, and the chat template from
+tokenizer_config.json). It also runs on a cached directory written by an earlier version.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+
+from megamoe.fileio import atomic_write_text
+from megamoe.formats.tokenizer_files import normalize_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,7 @@ def materialize_smollm2(out_dir: str | None = None, dtype: str = "float32") -> s
 
     out_dir = os.path.abspath(out_dir or DEFAULT_DIR)
     if is_materialized(out_dir):
+        complete_for_every_loader(out_dir)
         return out_dir
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and does not hold a materialized model; choose an empty directory")
@@ -68,6 +79,7 @@ def materialize_smollm2(out_dir: str | None = None, dtype: str = "float32") -> s
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        complete_for_every_loader(tmp)
         if os.path.exists(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -75,6 +87,27 @@ def materialize_smollm2(out_dir: str | None = None, dtype: str = "float32") -> s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def complete_for_every_loader(d: str) -> list[str]:
+    """Add to the dense HF directory `d` the fields other loaders read (module docstring); idempotent. Returns the
+    files changed."""
+    changed = []
+    p = os.path.join(d, "config.json")
+    with open(p) as f:
+        cfg = json.load(f)
+    new = dict(cfg)
+    if cfg.get("model_type") == "llama" and not cfg.get("architectures"):
+        new["architectures"] = ["LlamaForCausalLM"]
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in cfg and "rope_theta" in rope:
+        new["rope_theta"] = rope["rope_theta"]
+    if "rope_scaling" not in cfg and rope.get("rope_type", "default") == "default":
+        new["rope_scaling"] = None
+    if new != cfg:
+        atomic_write_text(p, json.dumps(new, indent=2, sort_keys=True) + "\n")
+        changed.append("config.json")
+    return changed + normalize_tokenizer_files(d)
 
 
 def main(argv=None):

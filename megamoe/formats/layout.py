@@ -170,7 +170,16 @@ def llama_fields_from_hf(hf: dict, where: str) -> dict:
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
+    ids = {}
+    for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = hf.get(f)
+        if v is None or (isinstance(v, int) and not isinstance(v, bool)) or (
+                f == "eos_token_id" and isinstance(v, list) and all(isinstance(i, int) for i in v)):
+            ids[f] = v
+        else:
+            raise ConfigError(f"{where}: {f} {v!r}: expected a token id (or a list of ids for eos_token_id)")
     return dict(
+        **ids,
         vocab_size=int(need("vocab_size")), hidden_size=int(need("hidden_size")),
         intermediate_size=int(need("intermediate_size")), num_layers=int(need("num_hidden_layers")),
         num_heads=int(need("num_attention_heads")), num_kv_heads=hf.get("num_key_value_heads"),
@@ -213,4 +222,6 @@ def llama_fields_to_hf(cfg: ModelConfig) -> dict:
         "rope_scaling": cfg.rope_scaling, "rope_parameters": rope,
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False, "pretraining_tp": 1, "initializer_range": cfg.init_std,
+        **{f: getattr(cfg, f) for f in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if getattr(cfg, f) is not None},
     }

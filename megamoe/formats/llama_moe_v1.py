@@ -14,6 +14,13 @@ Expert keys have no `.weight` suffix (nn.ParameterList). `rotary_emb.inv_freq` b
 are recomputed) and not written on export. The score scale stays a config field (`score_scale_factor`), so import
 then export is bit-exact.
 
+What their code computes differs from a LLaMA config in three places (executed against repo commit d7d0989, the
+code of the released base models, with transformers 4.44.2: docs/interchange.md): RoPE always has base 10000
+(`rope_theta` and `rope_parameters` are never read); `rope_scaling` must be null or exactly
+{"type": "linear" | "dynamic", "factor": float > 1}; `head_dim` is always hidden_size / num_attention_heads. So an
+export refuses models with another RoPE base or scaling (`why_not_v1`), and an import takes base 10000 whatever
+the file says (what the loader computes), with a warning when the file says otherwise.
+
 config.json: `model_type "llama_moe"`, the auto_map to their remote code (`configuration_llama_moe.LlamaMoEConfig`,
 `modeling_llama_moe_hf.LlamaMoEModel` / `LlamaMoEForCausalLM`), `size_experts` per layer, the gate and calculator
 fields. We do not ship their code: copy `configuration_llama_moe.py` and `modeling_llama_moe_hf.py` from a released
@@ -25,12 +32,16 @@ transformers <= 4.44, or without low_cpu_mem_usage/device_map (docs/interchange.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.formats.layout import (expected_names, hf_llama_to_ours_name, llama_fields_from_hf, llama_fields_to_hf,
                                     ours_to_hf_llama_name, validated_config)
 
+log = logging.getLogger(__name__)
+
+V1_ROPE_THETA = 10000.0    # their LlamaRotaryEmbedding is built without a base argument: 10000 always
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_moe.LlamaMoEConfig",
     "AutoModel": "modeling_llama_moe_hf.LlamaMoEModel",
@@ -57,6 +68,16 @@ def why_not_v1(cfg: ModelConfig) -> str | None:
                 "not the released LlamaMoEForCausalLM layout")
     if m.router not in ("topk_noisy", "mixtral"):
         return f"moe.router: {m.router!r}; the released HF code always builds TopKBalancedNoisyGate"
+    if cfg.rope_theta != V1_ROPE_THETA:
+        return (f"rope_theta: {cfg.rope_theta:g}; the released llama-moe v1 code (repo commit d7d0989, what the Hub's "
+                "models ship) builds RoPE with base 10000 and never reads rope_theta, so it would compute other logits")
+    rs = cfg.rope_scaling
+    if rs is not None and not (rs.get("rope_type", rs.get("type")) == "linear" and float(rs.get("factor", 0)) > 1):
+        return (f"rope_scaling: {rs}; the released llama-moe v1 code accepts only null or "
+                "{\"type\": \"linear\" | \"dynamic\", \"factor\": > 1} (llama3 scaling raises when it loads)")
+    if cfg.dim_head * cfg.num_heads != cfg.hidden_size:
+        return (f"head_dim: {cfg.dim_head}; the released llama-moe v1 code always uses hidden_size / "
+                f"num_attention_heads = {cfg.hidden_size / cfg.num_heads:g}")
     if m.effective_score_order() == "softmax_topk":
         return ("moe.score_order: 'softmax_topk' (pre-softmax, no renormalisation); TopKBalancedNoisyGate takes a "
                 "softmax over the k selected logits, which sums to 1")
@@ -83,7 +104,10 @@ def export_plan(cfg: ModelConfig):
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     m = cfg.moe
     d = llama_fields_to_hf(cfg)
-    d.pop("rope_parameters", None)  # their config class (transformers 4.31-4.36 era) reads rope_theta/rope_scaling
+    for k in ("rope_parameters", "head_dim"):  # never read by their code (a v5 config would add rope_parameters)
+        d.pop(k, None)
+    if cfg.rope_scaling:  # the exact form their config class validates: two keys, a float factor > 1
+        d["rope_scaling"] = {"type": "linear", "factor": float(cfg.rope_scaling["factor"])}
     sizes = [cfg.expert_sizes(i) for i in range(cfg.num_layers)]
     scale = m.score_scale if isinstance(m.score_scale, (list, tuple)) else float(m.score_scale)
     d.update({
@@ -95,7 +119,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "gate_add_noise": bool(m.noise), "gate_noise_epsilon": m.noise_epsilon,
         "calculator_type": "UniversalCalculator", "multiply_gate_scores": True, "score_scale_factor": scale,
         "add_weight_norm": False, "drop_tokens": True, "dropped_padding": "zero", "capacity_factor": 1.25,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
+        "use_cache": True,
         "torch_dtype": dtype,
     })
     return d
@@ -105,6 +129,17 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("model_type") != "llama_moe":
         raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}, expected 'llama_moe'")
     f = llama_fields_from_hf(hf, where)
+    theta = f["rope_theta"]
+    if theta != V1_ROPE_THETA:
+        log.warning("%s: rope_theta %g is ignored by the released llama-moe v1 code, which computes RoPE with base "
+                    "10000; imported as it computes (rope_theta 10000)", where, theta)
+    f["rope_theta"], f["head_dim"] = V1_ROPE_THETA, None  # what their code computes: base 10000, H / heads
+    rs = hf.get("rope_scaling")
+    if rs is not None and not (isinstance(rs, dict) and set(rs) == {"type", "factor"} and rs["type"] == "linear"
+                               and isinstance(rs["factor"], float) and rs["factor"] > 1):
+        raise ConfigError(f"{where}: rope_scaling {rs!r}: the released llama-moe v1 code loads only null or "
+                          "{\"type\": \"linear\", \"factor\": float > 1} that megamoe represents (dynamic NTK "
+                          "scaling is not supported)")
     for k in ("num_experts", "num_selects"):
         if k not in hf:
             raise ConfigError(f"{where}: field {k!r} is missing")

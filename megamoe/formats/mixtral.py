@@ -97,9 +97,26 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     return d
 
 
+# LLaMA-MoE v2 writes Mixtral-typed checkpoints for its own modeling code: these fields change what is computed
+# (a score scale, an always-on residual expert, attention experts, biases, dense layers); a stock-Mixtral import
+# would drop them silently. Default values that change nothing are allowed.
+V2_FIELDS = {"scale_factor": (None, 1.0), "scale_factor_attn": (None, 1.0), "use_attn_moe": (None, False),
+             "attn_experts": (None,), "top_k_attn": (None,), "intermediate_size_residual": (None, 0),
+             "add_rescale_bias": (None, False), "num_moe_contract_layers": (None, 0), "moe_type": (None, "modulelist")}
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("model_type") != "mixtral":
         raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}, expected 'mixtral'")
+    for k, harmless in V2_FIELDS.items():
+        if hf.get(k) not in harmless:
+            raise ConfigError(f"{where}: {k}={hf[k]!r}: a LLaMA-MoE v2 checkpoint (Mixtral-typed, for its own "
+                              "modeling code); importing it as stock Mixtral would drop what this field computes, "
+                              "so it is refused (the llama-moe-v2 layout is read by its own importer)")
+    if hf.get("auto_map"):
+        raise ConfigError(f"{where}: auto_map {hf['auto_map']}: this Mixtral-typed checkpoint ships its own modeling "
+                          "code, which may compute something stock Mixtral does not; refused rather than imported "
+                          "with stock Mixtral semantics")
     if hf.get("sliding_window") not in (None, 0):
         raise ConfigError(f"{where}: sliding_window={hf['sliding_window']}: sliding-window attention is not supported")
     f = llama_fields_from_hf(hf, where)

@@ -20,10 +20,12 @@ import json
 import mmap
 import os
 import struct
+import threading
 
 import torch
 
 from megamoe.errors import CheckpointError
+from megamoe.formats.checksum import new_hasher
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -225,6 +227,13 @@ class SafetensorsReader:
     def fileno(self) -> int | None:
         return self._fd
 
+    def digest(self, name: str, algorithm: str) -> str:
+        """Hex digest (checksum.ALGORITHMS) of tensor `name`'s bytes as stored, read in chunks into one small buffer
+        (no full-size copy, no memory map)."""
+        h = new_hasher(algorithm)
+        hash_file_range(self._fd, *self.file_range(name), h, self.path)
+        return h.hexdigest()
+
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of dim 0, reading only those bytes (into `out` when given)."""
         info = self.header[name]
@@ -286,10 +295,15 @@ class StreamingWriter:
 
     The header (with every offset) is written first, so the file grows sequentially and only the tensor being
     written is in memory. Writing out of order, a wrong shape or dtype, or closing early raise errors.
+
+    With `checksum` (an algorithm of megamoe.formats.checksum) every tensor's stored bytes are hashed by the job
+    that writes them, chunk by chunk as they go out (so on the writer thread when `submit` is given):
+    `digests[name]` is the hex digest once that write is done.
     """
 
-    def __init__(self, path: str, plan, metadata: dict | None = None, align: int = 8):
+    def __init__(self, path: str, plan, metadata: dict | None = None, align: int = 8, checksum: str | None = None):
         self.path = path
+        self.checksum, self.digests = checksum, {}
         header, off = {}, 0
         self.order = []
         for name, dt, shape in plan:
@@ -337,6 +351,8 @@ class StreamingWriter:
         fn, args = write_tensor_at, (self._fd, offset, tensor, self.path)
         if source is not None and tensor.is_contiguous():
             fn, args = copy_range_at, (self._fd, offset, source[0], source[1], tensor, self.path)
+        if self.checksum is not None:
+            fn, args = _hashed_write, (self.digests, name, self.checksum, fn, args)
         if submit is None:
             fn(*args)
             return None
@@ -362,21 +378,53 @@ class StreamingWriter:
 
 WRITE_CHUNK = 1 << 20  # bytes per write call: large enough to amortise the call, small enough to stay in cache
 IOV_MAX = 1024
+HASH_CHUNK = 4 << 20  # bytes per pread when hashing a file range
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int, path: str = "") -> int:
-    """Write all of `view` at `offset` in WRITE_CHUNK pieces (a partial write is continued)."""
+def _hashed_write(digests: dict, name: str, algorithm: str, fn, args) -> int:
+    """Run the write job `fn(*args)` with a hasher fed the bytes it writes, in order; record the hex digest."""
+    h = new_hasher(algorithm)
+    n = fn(*args, hasher=h)
+    digests[name] = h.hexdigest()
+    return n
+
+
+_hash_buf = threading.local()
+
+
+def hash_file_range(fd: int, offset: int, length: int, hasher, path: str = "") -> None:
+    """Feed bytes [offset, offset + length) of the open file `fd` to `hasher`, through a per-thread HASH_CHUNK
+    buffer (pread: no memory map, no page faults on a user mapping, constant memory)."""
+    buf = getattr(_hash_buf, "buf", None)
+    if buf is None:
+        buf = _hash_buf.buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        k = os.preadv(fd, [view[:min(HASH_CHUNK, length - done)]], offset + done)
+        if k <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}")
+        hasher.update(view[:k])
+        done += k
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, path: str = "", hasher=None) -> int:
+    """Write all of `view` at `offset` in WRITE_CHUNK pieces (a partial write is continued); each piece is fed to
+    `hasher` right after it went out (still in cache)."""
     n, done = len(view), 0
     while done < n:
         k = os.pwrite(fd, view[done:done + WRITE_CHUNK], offset + done)
         if k <= 0:
             raise OSError(f"{path}: short write at byte {offset + done}")
+        if hasher is not None:
+            hasher.update(view[done:done + k])
         done += k
     return n
 
 
-def _pwritev_all(fd: int, views: list, offset: int, path: str = "") -> int:
-    """Write the buffers `views` back to back at `offset`, up to IOV_MAX per call (partial writes continued)."""
+def _pwritev_all(fd: int, views: list, offset: int, path: str = "", hasher=None) -> int:
+    """Write the buffers `views` back to back at `offset`, up to IOV_MAX per call (partial writes continued); every
+    buffer is fed to `hasher` in order once it went out."""
     total = 0
     i = 0
     while i < len(views):
@@ -386,6 +434,9 @@ def _pwritev_all(fd: int, views: list, offset: int, path: str = "") -> int:
         if k == want:
             total += k
             i += len(batch)
+            if hasher is not None:
+                for v in batch:
+                    hasher.update(v)
             continue
         if k <= 0:
             raise OSError(f"{path}: short write at byte {offset + total}")
@@ -394,9 +445,13 @@ def _pwritev_all(fd: int, views: list, offset: int, path: str = "") -> int:
             if k >= len(v):
                 k -= len(v)
                 total += len(v)
+                if hasher is not None:
+                    hasher.update(v)
                 continue
+            if hasher is not None and k:
+                hasher.update(v[:k])
             total += k
-            total += _pwrite_all(fd, v[k:], offset + total, path)
+            total += _pwrite_all(fd, v[k:], offset + total, path, hasher)
             k = 0
         i += len(batch)
     return total
@@ -414,8 +469,9 @@ def _byte_rows(t: torch.Tensor):
     return memoryview(flat.view(torch.uint8).numpy()), stride, row_bytes, rows
 
 
-def write_tensor_at(fd: int, offset: int, tensor: torch.Tensor, path: str = "") -> int:
-    """Write the raw (little-endian, C-order) bytes of `tensor` at byte `offset` of the open file `fd`.
+def write_tensor_at(fd: int, offset: int, tensor: torch.Tensor, path: str = "", hasher=None) -> int:
+    """Write the raw (little-endian, C-order) bytes of `tensor` at byte `offset` of the open file `fd` (and feed
+    them, in file order, to `hasher` when given).
 
     Contiguous tensors (including memory-mapped source tensors: the kernel copies straight from the page cache)
     go out in large writes; a 2-D tensor whose rows are contiguous (a column slice) goes out row by row in one
@@ -429,20 +485,22 @@ def write_tensor_at(fd: int, offset: int, tensor: torch.Tensor, path: str = "") 
         rows = _byte_rows(t)
         if rows is not None:
             flat, stride, row_bytes, n = rows
-            return _pwritev_all(fd, [flat[r * stride:r * stride + row_bytes] for r in range(n)], offset, path)
+            return _pwritev_all(fd, [flat[r * stride:r * stride + row_bytes] for r in range(n)], offset, path, hasher)
         t = t.contiguous()
     # a uint8 view of the storage: no copy, works for bf16/fp8 that numpy lacks
-    return _pwrite_all(fd, memoryview(t.view(-1).view(torch.uint8).numpy()), offset, path)
+    return _pwrite_all(fd, memoryview(t.view(-1).view(torch.uint8).numpy()), offset, path, hasher)
 
 
-def copy_range_at(fd: int, offset: int, reader, src_offset: int, tensor: torch.Tensor, path: str = "") -> int:
+def copy_range_at(fd: int, offset: int, reader, src_offset: int, tensor: torch.Tensor, path: str = "",
+                  hasher=None) -> int:
     """Copy `tensor`'s bytes, which are bytes [src_offset, +nbytes) of `reader`'s open file, to `offset` of `fd`
     with copy_file_range (an in-kernel copy: no page faults on a user mapping, no user-space copy). Falls back to
-    writing the tensor's memory when the kernel refuses (another file system, an old kernel)."""
+    writing the tensor's memory when the kernel refuses (another file system, an old kernel). With `hasher`, the
+    copied bytes are hashed from the source file afterwards (pread through a small buffer, see hash_file_range)."""
     n = tensor.numel() * tensor.element_size()
     src = reader.fileno()
     if src is None or not hasattr(os, "copy_file_range"):
-        return write_tensor_at(fd, offset, tensor, path)
+        return write_tensor_at(fd, offset, tensor, path, hasher)
     done = 0
     try:
         while done < n:
@@ -452,7 +510,22 @@ def copy_range_at(fd: int, offset: int, reader, src_offset: int, tensor: torch.T
             done += k
     except OSError:
         if done:  # finish from memory: the same bytes
+            if hasher is not None:
+                hash_file_range(src, src_offset, done, hasher, path)
             flat = tensor.detach().reshape(-1).view(torch.uint8)[done:]
-            return done + _pwrite_all(fd, memoryview(flat.numpy()), offset + done, path)
-        return write_tensor_at(fd, offset, tensor, path)
+            return done + _pwrite_all(fd, memoryview(flat.numpy()), offset + done, path, hasher)
+        return write_tensor_at(fd, offset, tensor, path, hasher)
+    if hasher is not None:
+        hash_file_range(src, src_offset, n, hasher, path)
     return n
+
+
+def tensor_digest(t: torch.Tensor, algorithm: str) -> str:
+    """Hex digest of a CPU tensor's raw bytes in C order (what a safetensors file stores for it)."""
+    h = new_hasher(algorithm)
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()

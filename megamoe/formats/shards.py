@@ -4,7 +4,9 @@ JSON manifest. Loading re-shards to any other layout, lazily, tensor by tensor.
 Directory layout (T = tp, EP = ep, R = etp):
 
     manifest.json                          format version, model config, parallel layout, partition method,
-                                           source checksum, and for every tensor: full shape, dtype, rule, parts
+                                           source checksum, and for every tensor: full shape, dtype, rule, parts,
+                                           and a checksum of each stored part (`checksums`, one per part file;
+                                           the algorithm in `checksum.algorithm`: xxh3_128, or sha256)
     model-tp{t:02d}-of-{T:02d}.safetensors  non-expert tensors, TP slice t. Replicated tensors (norms, routers)
                                            are stored once, in the tp00 file.
     experts-ep{e:02d}-etp{r:02d}.safetensors  the experts owned by EP rank e (global expert names, experts
@@ -18,6 +20,12 @@ The trainer loads its rank's slice, whatever layout the checkpoint was written w
     full = load_shards(path)                                    # TP1/EP1 state dict (full tensors)
     mine = load_shards(path, tp=(rank_tp, TP), ep=(rank_ep, EP), etp=(rank_etp, ETP))
     ckpt = ShardedCheckpoint(path); ckpt.config; ckpt.get("layers.0.attn.q_proj.weight")
+
+Integrity: every read that yields a tensor (get, get_local, get_range, read_into, load_shards) first checks each
+part it reads from against the manifest's checksum (once per part and instance); a mismatch raises
+CheckpointError naming the file and the tensor. `verify()` checks every part (inspect). A manifest written before
+checksums existed loads unverified, with one log line saying so. `map_parts` does not verify (the converters'
+guard reads back the bytes they have just hashed while writing): call `verify()` first when that matters.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,10 +42,12 @@ import torch
 from tqdm import tqdm
 
 from megamoe.config import ConfigError, ModelConfig, ParallelConfig
+from megamoe.formats import checksum as checksums
 from megamoe.formats.buffers import Arena
 from megamoe.formats.layout import expected_names, expected_shape, slicing
-from megamoe.formats.safetensors_io import NAMES, CheckpointError, SafetensorsReader, StreamingWriter
+from megamoe.formats.safetensors_io import NAMES, CheckpointError, SafetensorsReader, StreamingWriter, tensor_digest
 
+log = logging.getLogger("megamoe.formats")
 FILE_SOURCE = "_megamoe_file_source"  # tensor attribute: (SafetensorsReader, byte offset) of its unmodified bytes
 FORMAT = "megamoe-shards"
 VERSION = 1
@@ -87,6 +98,9 @@ class ShardWriter:
 
     `dtypes` maps every name of `expected_names(cfg)` to a safetensors dtype string (e.g. "BF16").
     `info` goes into the manifest verbatim (partition method, source checksum, ...).
+    `checksum`: True (xxh3_128, or sha256 without the xxhash package), an algorithm name, or False (none). Each
+    part's bytes are hashed by the job that writes them, as they go out (on the writer threads when `threads` > 0),
+    and the manifest records the digests per tensor and part.
 
     Tensors may have any strides: a slice whose rows are contiguous (o_proj/down_proj column halves, an expert's
     column block) is written row by row with gathered writes, without a contiguous copy. With `threads` > 0 the
@@ -96,8 +110,9 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str, cfg: ModelConfig, par: ParallelConfig, dtypes: dict, info: dict | None = None,
-                 threads: int = 0):
+                 threads: int = 0, checksum: bool | str = True):
         par.validate(cfg)
+        self.checksum = checksums.resolve(None if checksum is True else checksum) if checksum else None
         self._pool, self._jobs, self.writers = None, collections.deque(), {}
         self.out_dir, self.cfg, self.par, self.info = out_dir, cfg, par, info or {}
         self.names = expected_names(cfg)
@@ -125,7 +140,8 @@ class ShardWriter:
         meta = {"format": "pt", "megamoe": FORMAT}
         try:
             for f, plan in plans.items():
-                self.writers[f] = StreamingWriter(os.path.join(out_dir, f), plan, metadata=meta)
+                self.writers[f] = StreamingWriter(os.path.join(out_dir, f), plan, metadata=meta,
+                                                  checksum=self.checksum)
         except BaseException:
             self.abort()
             raise
@@ -181,11 +197,17 @@ class ShardWriter:
         self._shutdown()
         for w in self.writers.values():
             w.close()
+        if self.checksum is not None:
+            for name, e in self.entries.items():
+                e["checksums"] = [self.writers[f].digests[name] for f in e["parts"]]
         manifest = {
             "format": FORMAT, "version": VERSION,
             "model": self.cfg.to_dict(),
             "parallel": {"tp": self.par.tp, "ep": self.par.ep, "etp": self.par.etp},
-            **self.info,
+            **{k: v for k, v in self.info.items() if k != "checksum"},
+            **({"checksum": {"algorithm": self.checksum, "of": "the stored bytes of each tensor part "
+                                                              "(tensors.<name>.checksums, one per part file)"}}
+               if self.checksum else {}),
             "files": sorted(self.writers),
             "tensors": self.entries,
         }
@@ -206,10 +228,14 @@ class ShardWriter:
             w.abort()
 
 
-class ShardedCheckpoint:
-    """A checkpoint directory in our format, opened lazily (only headers are read until a tensor is asked for)."""
+_UNVERIFIED_LOGGED: set = set()
 
-    def __init__(self, path: str):
+
+class ShardedCheckpoint:
+    """A checkpoint directory in our format, opened lazily (only headers are read until a tensor is asked for).
+    `verify` (default): every tensor read is checked against the manifest's checksums (module docstring)."""
+
+    def __init__(self, path: str, verify: bool = True):
         self.path = path
         mpath = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
@@ -247,6 +273,60 @@ class ShardedCheckpoint:
                 if r.shape(name) != want or r.dtype(name) != e["dtype"]:
                     raise CheckpointError(f"{os.path.join(path, f)}: {name} is {r.dtype(name)} {r.shape(name)}, "
                                           f"the manifest says {e['dtype']} {want}")
+        self._init_checksums(mpath, m, verify)
+
+    # ---- integrity ----
+    def _init_checksums(self, mpath: str, m: dict, verify: bool):
+        c = m.get("checksum")
+        self.algorithm = c.get("algorithm") if isinstance(c, dict) else None
+        self._ok = set()  # (file, name) parts verified by this instance
+        if self.algorithm is None:
+            self.verify_reads = False
+            if os.path.abspath(self.path) not in _UNVERIFIED_LOGGED:
+                _UNVERIFIED_LOGGED.add(os.path.abspath(self.path))
+                log.warning("%s: written without tensor checksums (an older megamoe): its tensors are read "
+                            "unverified", self.path)
+            return
+        if self.algorithm not in checksums.ALGORITHMS:
+            raise CheckpointError(f"{mpath}: checksum.algorithm {self.algorithm!r} is not one of "
+                                  f"{', '.join(checksums.ALGORITHMS)}")
+        if not checksums.available(self.algorithm):
+            raise CheckpointError(f"{mpath}: its tensors carry {self.algorithm} checksums, which need the `xxhash` "
+                                  "package to verify: pip install xxhash")
+        for name, e in self.tensors.items():
+            cs = e.get("checksums")
+            if not isinstance(cs, list) or len(cs) != len(e["parts"]) or not all(isinstance(x, str) for x in cs):
+                raise CheckpointError(f"{mpath}: tensor {name!r} has no valid checksums (expected one hex digest "
+                                      f"per part, {len(e['parts'])}), got {cs!r}")
+        self.verify_reads = bool(verify)
+
+    def _check(self, f: str, name: str, data: torch.Tensor | None = None):
+        """Compare part `f` of tensor `name` with its checksum: the bytes in `data` (the part as just read,
+        contiguous) or, without it, the bytes in the file. Raises CheckpointError naming the file and tensor."""
+        if not self.verify_reads or (f, name) in self._ok:
+            return
+        e = self.tensors[name]
+        want = e["checksums"][e["parts"].index(f)]
+        got = tensor_digest(data, self.algorithm) if data is not None else self.readers[f].digest(name, self.algorithm)
+        if got != want:
+            raise CheckpointError(f"{os.path.join(self.path, f)}: tensor {name!r} does not match its checksum "
+                                  f"({self.algorithm} {got}; {MANIFEST} says {want}): the file is corrupt (a "
+                                  "damaged disk or copy); copy or convert it again")
+        self._ok.add((f, name))
+
+    def verify(self, progress: bool = False) -> dict:
+        """Check every stored part of every tensor against the manifest. Returns {"status": "ok" or "unverified",
+        "algorithm", "parts"}; raises CheckpointError (file and tensor named) at the first mismatch."""
+        if self.algorithm is None:
+            return {"status": "unverified: written without checksums", "algorithm": None, "parts": 0}
+        pairs = [(f, n) for n, e in self.tensors.items() for f in e["parts"]]
+        saved, self.verify_reads = self.verify_reads, True
+        try:
+            for f, n in tqdm(pairs, desc="verify checksums", disable=not progress, unit="part"):
+                self._check(f, n)
+        finally:
+            self.verify_reads = saved
+        return {"status": "ok", "algorithm": self.algorithm, "parts": len(pairs)}
 
     @property
     def names(self) -> list[str]:
@@ -267,24 +347,34 @@ class ShardedCheckpoint:
         if e is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         if e["dim"] is None:
-            return self.readers[e["parts"][0]].get(name, out)
+            f = e["parts"][0]
+            t = self.readers[f].get(name, out)
+            self._check(f, name, t)
+            return t
         if out is None:
-            parts = [self.readers[f].get(name) for f in e["parts"]]
+            parts = []
+            for f in e["parts"]:
+                parts.append(self.readers[f].get(name))
+                self._check(f, name, parts[-1])
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e["dim"])
         dim, n = e["dim"], len(e["parts"])
         size = e["shape"][dim] // n
         for i, f in enumerate(e["parts"]):
             dst = out.narrow(dim, i * size, size)
             if dst.is_contiguous():
-                self.readers[f].get(name, dst)
+                self._check(f, name, self.readers[f].get(name, dst))
             else:
-                dst.copy_(self.readers[f].get(name, self._scratch.empty(str(list(dst.shape)), dst.shape, dst.dtype)))
+                part = self.readers[f].get(name, self._scratch.empty(str(list(dst.shape)), dst.shape, dst.dtype))
+                self._check(f, name, part)
+                dst.copy_(part)
         return out
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Assemble the full tensor into `out` (its shape; any dtype: converted on the fly) from memory-mapped parts,
         without an intermediate copy."""
         e = self.tensors[name]
+        for f in e["parts"]:
+            self._check(f, name)
         if e["dim"] is None:
             return out.copy_(self.readers[e["parts"][0]].map(name))
         dim, n = e["dim"], len(e["parts"])
@@ -295,7 +385,8 @@ class ShardedCheckpoint:
 
     def map_parts(self, name: str):
         """The stored parts of `name`, memory-mapped (copy-on-write, no read copy: see SafetensorsReader.map), and
-        the dim they split the full tensor along (None for a tensor stored whole)."""
+        the dim they split the full tensor along (None for a tensor stored whole). Not checked against the
+        checksums (see the module docstring)."""
         e = self.tensors.get(name)
         if e is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
@@ -315,9 +406,12 @@ class ShardedCheckpoint:
                 continue
             r = self.readers[f]
             if dim == 0:
+                self._check(f, name)  # the whole part, streamed through a small buffer; then only the rows
                 pieces.append(r.get_rows(name, lo - a, hi - a))
             else:
-                pieces.append(r.get(name).narrow(dim, lo - a, hi - lo).clone())
+                whole = r.get(name)
+                self._check(f, name, whole)
+                pieces.append(whole.narrow(dim, lo - a, hi - lo).clone())
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
     def get_local(self, name: str, tp=(0, 1), etp=(0, 1)) -> torch.Tensor:
@@ -445,7 +539,7 @@ def reshard(src: str, out_dir: str, par: ParallelConfig, info_update: dict | Non
     ck = ShardedCheckpoint(src)
     try:
         info = {k: v for k, v in ck.manifest.items()
-                if k not in ("format", "version", "model", "parallel", "files", "tensors")}
+                if k not in ("format", "version", "model", "parallel", "files", "tensors", "checksum")}
         info.update(info_update or {})
         dtypes = {n: ck.dtype(n) for n in ck.names}
         w = ShardWriter(out_dir, ck.config, par, dtypes, info)

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -29,20 +28,8 @@ from megamoe.formats.shards import MANIFEST, ShardedCheckpoint
 from megamoe.interchange.forward import Forward, SplitWeight, reference_logits, threads, usable_cores
 from megamoe.interchange.guard import GuardReport
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
 EMBEDDED_NAMES = ("smollm2", "embedded")
 TRANSFORMERS_CHECK_MAX_BYTES = 2 << 30
-
-
-def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
-    copied = []
-    for f in TOKENIZER_FILES:
-        p = os.path.join(src_dir, f)
-        if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(dst_dir, f))
-            copied.append(f)
-    return copied
 
 
 def resolve_source(src: str) -> str:

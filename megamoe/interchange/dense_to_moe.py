@@ -34,9 +34,10 @@ from megamoe.formats.hf_llama import config_from_hf
 from megamoe.formats.layout import expected_names, hf_llama_to_ours_name
 from megamoe.formats.safetensors_io import DTYPES
 from megamoe.formats.shards import FILE_SOURCE, ShardedCheckpoint, ShardWriter, check_output, staged_output
-from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, layer_names, no_gc, resolve_source,
-                                        shard_logits, source_info, source_kind, summary, torch_dtype_code,
-                                        torch_threads, update_manifest)
+from megamoe.formats.tokenizer_files import copy_tokenizer
+from megamoe.interchange.common import (check_tensors, check_vocab, layer_names, no_gc, resolve_source, shard_logits,
+                                        source_info, source_kind, summary, torch_dtype_code, torch_threads,
+                                        update_manifest)
 from megamoe.interchange.forward import Forward, threads, usable_cores
 from megamoe.interchange.guard import DEFAULT_TOLERANCE, GuardReport, Skipped, check, guard_ids
 from megamoe.interchange.import_moe import import_moe

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -16,7 +17,8 @@ from megamoe.formats.hf_writer import HFWriter, write_json
 from megamoe.formats.layout import expected_shape
 from megamoe.formats.safetensors_io import DTYPES
 from megamoe.formats.shards import ShardedCheckpoint, check_output, staged_output, write_tensors
-from megamoe.interchange.common import copy_tokenizer, dtype_word, mixtral_logits, shard_logits, summary
+from megamoe.formats.tokenizer_files import copy_tokenizer, special_token_ids
+from megamoe.interchange.common import dtype_word, mixtral_logits, shard_logits, summary
 from megamoe.interchange.guard import DEFAULT_TOLERANCE, GuardReport, check, guard_ids
 from megamoe.interchange.reference_v1 import v1_logits
 
@@ -54,7 +56,10 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
             write_tensors(w, ((h, mx.apply_scale(ck.get(o) if o else torch.zeros(shape, dtype=DTYPES[dt]), scale))
                               for (h, o, scale), (_, dt, shape) in zip(plan, hplan)),
                           w.total, f"moe-to-{fmt}", progress)
-            config = (mx.config_to_hf if fmt == "mixtral" else v1.config_to_hf)(cfg, dtype_word(ref_dt))
+            # the source's special token ids (checkpoints converted before they were carried: the tokenizer files)
+            special = {k: v for k, v in special_token_ids(src).items() if getattr(cfg, k) is None}
+            config = (mx.config_to_hf if fmt == "mixtral" else v1.config_to_hf)(replace(cfg, **special),
+                                                                                 dtype_word(ref_dt))
             write_json(os.path.join(tmp, "config.json"), config)
             copy_tokenizer(src, tmp)
             if fmt == "llama-moe-v1":
@@ -95,10 +100,22 @@ This directory uses the layout of the released LLaMA-MoE v1 models (`model_type:
 `mlp.calculator.experts.weight_{gate,up,down}.{j}` tensors, MLP gate `mlp.gate.gate_network.{0,2}.weight`).
 It loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` once you copy the two remote-code
 files named in `config.json`'s `auto_map` (`configuration_llama_moe.py`, `modeling_llama_moe_hf.py`) from a released
-LLaMA-MoE v1 Hub repository (the base models' revision, repo commit d7d0989, runs forward and generate correctly).
-megamoe does not redistribute that code.
+LLaMA-MoE v1 Hub repository (the base models' code, repo commit d7d0989). megamoe does not redistribute that code.
 
-transformers versions: use transformers <= 4.44, or >= 4.45 *without* `low_cpu_mem_usage=True` / `device_map`:
-since 4.45 meta-device loading renames every key containing `weight_g` (so `weight_gate.j`) and leaves those
-experts uninitialised without an error (llama-moe issue #74).
+What that code computes: RoPE with base 10000 whatever config.json says (megamoe refuses to export a model with
+another `rope_theta` or with llama3 RoPE scaling to this layout: use the Mixtral layout), head_dim =
+hidden_size / num_attention_heads, softmax over the k selected gate scores times `score_scale_factor`.
+
+transformers versions, as executed with this code (forward, and generate with the cache):
+
+| transformers | works? |
+|---|---|
+| <= 4.44.2 | yes (use this) |
+| 4.45.0 - 4.47.1 | the default load works but reports `weight_gate.*` missing; with `low_cpu_mem_usage=True` or a `device_map`, the experts' `weight_gate.*` are silently left uninitialised (keys containing `weight_g` are renamed; llama-moe issue #74) |
+| 4.48.x | the default load also leaves `weight_gate.*` uninitialised: do not use |
+| 4.49 - 4.53 | yes |
+| 4.54 - 4.57 | forward yes; `generate` crashes inside their modeling code |
+| 5.x | cannot build the model (`KeyError: 'type'` in their RoPE set-up) |
+
+The tokenizer files are written so that transformers 4.x reads them (merges as strings, PreTrainedTokenizerFast).
 """

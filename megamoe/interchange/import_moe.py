@@ -14,8 +14,9 @@ from megamoe.formats.hf_dir import HFDir
 from megamoe.formats.layout import expected_names, expected_shape
 from megamoe.formats.safetensors_io import DTYPES
 from megamoe.formats.shards import ShardedCheckpoint, ShardWriter, staged_output, write_tensors
-from megamoe.interchange.common import (check_tensors, check_vocab, copy_tokenizer, mixtral_logits, shard_logits,
-                                        source_info, summary, update_manifest)
+from megamoe.formats.tokenizer_files import copy_tokenizer
+from megamoe.interchange.common import (check_tensors, check_vocab, mixtral_logits, shard_logits, source_info, summary,
+                                        update_manifest)
 from megamoe.interchange.guard import GuardReport, check, guard_ids
 from megamoe.interchange.reference_v1 import v1_logits
 

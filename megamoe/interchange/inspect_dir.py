@@ -13,18 +13,27 @@ from megamoe.formats.shards import ShardedCheckpoint, is_shard_dir
 from megamoe.interchange.common import source_kind
 
 
-def inspect(path: str) -> dict:
-    """What a directory holds: our shards (manifest) or an HF checkpoint (config + tensors)."""
+def inspect(path: str, verify: bool = True) -> dict:
+    """What a directory holds: our shards (manifest) or an HF checkpoint (config + tensors). Shards are checked
+    against their checksums (`verify`; reads every byte once): "checksums" says "ok (<n> parts, <algorithm>)" or
+    that the manifest has none; a mismatch raises CheckpointError naming the file and the tensor."""
     if is_shard_dir(path):
         ck = ShardedCheckpoint(path)
         try:
             m = ck.manifest
             cfg = ck.config
+            if not verify:
+                status = "not checked"
+            else:
+                v = ck.verify()
+                status = (f"ok ({v['parts']} tensor parts, {v['algorithm']})" if v["status"] == "ok" else
+                          "none: written without checksums (an older megamoe), tensors unverified")
             d = {"kind": "megamoe shards", "path": path, "format_version": m["version"], "parallel": m["parallel"],
                  "files": {f: os.path.getsize(os.path.join(path, f)) for f in m["files"]},
                  "tensors": len(ck.names), "dtypes": sorted({ck.dtype(n) for n in ck.names}),
                  "bytes": ck.nbytes(), "partition": m.get("partition"), "source": m.get("source"),
-                 "guard": m.get("guard"), "params": cfg.param_counts(), "model": _cfg_line(cfg)}
+                 "guard": m.get("guard"), "checksums": status, "params": cfg.param_counts(),
+                 "model": _cfg_line(cfg)}
         finally:
             ck.close()
         return d

@@ -10,6 +10,12 @@ megamoe's model or with `forward.py`.
 Semantics (eval): LLaMA-2 decoder (RMSNorm in fp32, RoPE rotate_half, causal attention with GQA), then per MoE
 layer: g = W2 tanh(W1 x) (gate_network "mlp") or W x ("linear"); top-k of g; w = softmax over the k logits;
 y = sum_j (w_j * score_scale_factor) * Down_j(silu(Gate_j x) * Up_j x); residual add.
+
+What their code reads from config.json, as executed (transformers 4.44.2, /work research notes in
+docs/interchange.md): RoPE base 10000 ALWAYS (`rope_theta`/`rope_parameters` are never read); `rope_scaling` null
+or exactly {"type": "linear", "factor": float > 1} (t / factor; anything else fails to load: ValueError here too);
+head_dim = hidden_size / num_attention_heads (a `head_dim` field is ignored); rms_norm_eps default 1e-6; with
+`tie_word_embeddings` the embedding is the head even when the file holds an lm_head (theirs ignores it).
 """
 
 from __future__ import annotations
@@ -36,17 +42,22 @@ def v1_logits(config: dict, get, ids: torch.Tensor) -> torch.Tensor:
     H, L = c["hidden_size"], c["num_hidden_layers"]
     nh = c["num_attention_heads"]
     nkv = c.get("num_key_value_heads") or nh
-    hd = c.get("head_dim") or H // nh
+    hd = H // nh                          # their attention ignores a head_dim field
     eps = c.get("rms_norm_eps", 1e-6)
-    theta = c.get("rope_theta", 10000.0)
+    theta = 10000.0                       # their rotary embedding never reads rope_theta
     E, k = c["num_experts"], c["num_selects"]
     scale = c.get("score_scale_factor", 1.0)
     mlp_gate = c.get("gate_network", "mlp") == "mlp"
     b, s = ids.shape
 
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
-    if c.get("rope_scaling") and c["rope_scaling"].get("type", c["rope_scaling"].get("rope_type")) == "linear":
-        inv = inv / c["rope_scaling"]["factor"]
+    rs = c.get("rope_scaling")
+    if rs is not None:
+        if not (isinstance(rs, dict) and set(rs) == {"type", "factor"} and rs["type"] == "linear"
+                and isinstance(rs["factor"], float) and rs["factor"] > 1):
+            raise ValueError(f"rope_scaling {rs!r}: the released llama-moe v1 code refuses to load this (it takes "
+                             "null or {'type': 'linear' | 'dynamic', 'factor': float > 1})")
+        inv = inv / rs["factor"]
     t = torch.arange(s).float()
     freqs = torch.einsum("i,j->ij", t, inv)
     emb = torch.cat((freqs, freqs), dim=-1)

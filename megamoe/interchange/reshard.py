@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from megamoe.config import ParallelConfig
 from megamoe.formats.shards import ShardedCheckpoint, check_output, reshard, staged_output
-from megamoe.interchange.common import TOKENIZER_FILES, summary
+from megamoe.formats.tokenizer_files import TOKENIZER_FILES
+from megamoe.interchange.common import summary
 from megamoe.interchange.guard import GuardReport, check
 
 

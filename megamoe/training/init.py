@@ -25,7 +25,9 @@ log = logging.getLogger("megamoe.train")
 
 __all__ = ["resolve_model_config", "load_initial_weights"]
 
-RUNTIME_FIELDS = ("recompute", "attention_backend", "params_dtype", "init_std")  # may differ from the source's
+# may differ from the source's: runtime choices, and the special token ids (not architecture)
+RUNTIME_FIELDS = ("recompute", "attention_backend", "params_dtype", "init_std", "bos_token_id", "eos_token_id",
+                  "pad_token_id")
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
