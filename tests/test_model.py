@@ -160,12 +160,18 @@ def test_gradients_match_finite_differences():
     used = [e for e in range(4) if stats.tokens_per_expert[e] > 0]
     assert used, "no expert got a token"
     params = dict(m.named_parameters())
+    grads = {n: p.grad for n, p in params.items()}
+    ex = m.layers[0].mlp.experts   # stacked expert weights (moe/experts.py): checked per expert, through views
+    for i, e in enumerate(ex.local_ids):
+        for p, w, gw in zip(("gate", "up", "down"), ex.views(i), ex.views(i, ex.gate_up.grad, ex.down.grad)):
+            n = f"layers.0.mlp.experts.{e}.{p}_proj.weight"
+            params[n], grads[n] = w, gw
     names = ["layers.0.mlp.router.gate.0.weight", "layers.0.mlp.router.gate.2.weight"]
     names += [f"layers.0.mlp.experts.{e}.{p}_proj.weight" for e in used for p in ("gate", "up", "down")]
     g = torch.Generator().manual_seed(0)
     for n in names:
-        p = params[n]
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n}"
+        p, grad = params[n], grads[n]
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reached {n}"
         for _ in range(3):
             i = tuple(int(torch.randint(s, (1,), generator=g)) for s in p.shape)
             eps = 1e-6
@@ -176,7 +182,7 @@ def test_gradients_match_finite_differences():
                 down = loss().item()
                 p[i] += eps
             fd = (up - down) / (2 * eps)
-            assert abs(fd - p.grad[i].item()) < 1e-6 + 1e-4 * abs(fd), f"{n}{i}: autograd {p.grad[i]} vs fd {fd}"
+            assert abs(fd - grad[i].item()) < 1e-6 + 1e-4 * abs(fd), f"{n}{i}: autograd {grad[i]} vs fd {fd}"
 
 
 def test_attention_backend_choice_and_clear_errors():

@@ -1,9 +1,23 @@
 """Token dispatchers: bring each token to its experts and the results back.
 
-`dispatch(x, routing)` returns the expert inputs grouped by this rank's experts and a handle; `combine(y, handle)`
-returns [T, H], each token's expert outputs summed with the router weights. Both are built on the permute/unpermute
-ops (megamoe/ops/permute.py), so gradients flow to the expert weights through the GEMMs and the permute, and to the
-router through the combine weights.
+`dispatch(x, routing, probs_in_experts=False)` returns the expert inputs grouped by this rank's experts, the rows per
+local expert (a device tensor [E_local] for LocalDispatcher, a host list for AllToAllDispatcher) and a handle;
+`combine(y, handle)` returns [T, H], each token's expert outputs summed with the router weights. Both are built on the
+permute/unpermute ops (megamoe/ops/permute.py), so gradients flow to the expert weights through the GEMMs and the
+permute, and to the router through the combine weights.
+
+probs_in_experts ("memory-efficient permutation", megatron's moe_apply_probs_on_input path since MCore 0.13): the
+router weight of each row travels with it (`handle.row_probs` [N], permuted like the rows) and the experts apply it
+in their activation, y_e = down(silu(g) * u * p); the combine is then an unweighted sum, whose backward needs
+nothing saved, where the weighted unpermute keeps the expert output [N, H] for the weights' gradient.
+
+Host reads (device -> host copies) per layer:
+  LocalDispatcher      one (`totals`: the permuted row count and the input check); none with a capacity when
+                       `pad_to_capacity` (default on CUDA): every expert block is `capacity` rows, static shapes
+  AllToAllDispatcher   one: the index build's totals, the counts sent and the counts received (and, under expert-TP,
+                       the gathered counts) in a single copy, after the count exchange; the all-to-all splits need
+                       them on the host (as megatron's alltoall dispatcher)
+The per-expert counts stay on the device for the experts (grouped_mm takes device offsets).
 
 LocalDispatcher: every expert is on this rank (EP = 1).
 The all-to-all dispatcher for EP > 1 lives beside it (AllToAllDispatcher) once parallelism is set up.
@@ -12,6 +26,7 @@ The all-to-all dispatcher for EP > 1 lives beside it (AllToAllDispatcher) once p
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +36,8 @@ from megatron.core.tensor_parallel import mappings
 
 from megamoe.moe.router import Routing
 from megamoe.ops import _ext
-from megamoe.ops.permute import permute, unpermute
+from megamoe.ops.permute import (build_row_map, permute_probs, permute_rows, permute_to_capacity, permute_tokens,
+                                 unpermute)
 from megamoe.parallel.collectives import all_gather_uneven, exchange_counts
 
 
@@ -29,18 +45,37 @@ from megamoe.parallel.collectives import all_gather_uneven, exchange_counts
 class LocalHandle:
     row_map: torch.Tensor
     weights: torch.Tensor
+    row_probs: torch.Tensor | None = None    # [N]: the weights were applied in the experts (combine unweighted)
+
+
+def _pad_to_capacity_default(device: torch.device) -> bool:
+    env = os.environ.get("MEGAMOE_MOE_PAD_TO_CAPACITY", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cuda"      # no host read on a GPU; on a CPU the padding rows would cost FLOPs
 
 
 class LocalDispatcher:
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
+    """Every expert on this rank. With a capacity and `pad_to_capacity` (None: MEGAMOE_MOE_PAD_TO_CAPACITY=0|1, else
+    on for CUDA tensors), every expert block is padded with zero rows to the capacity: static shapes, no host read."""
 
-    def dispatch(self, x: torch.Tensor, routing: Routing):
-        permuted, row_map, tokens_per_expert = permute(x, routing.indices, self.num_experts, capacity=routing.capacity)
-        return permuted, tokens_per_expert.tolist(), LocalHandle(row_map, routing.weights)
+    def __init__(self, num_experts: int, pad_to_capacity: bool | None = None):
+        self.num_experts = num_experts
+        self.pad_to_capacity = pad_to_capacity
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, probs_in_experts: bool = False):
+        pad = self.pad_to_capacity if self.pad_to_capacity is not None else _pad_to_capacity_default(x.device)
+        if routing.capacity is not None and pad:
+            p = permute_to_capacity(x, routing.indices, self.num_experts, routing.capacity)
+            rows = p.padded_counts
+        else:
+            p = permute_tokens(x, routing.indices, self.num_experts, capacity=routing.capacity)
+            rows = p.tokens_per_expert
+        row_probs = permute_probs(routing.weights, p.row_map, p.permuted.shape[0]) if probs_in_experts else None
+        return p.permuted, rows, LocalHandle(p.row_map, routing.weights, row_probs)
 
     def combine(self, y: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
-        return unpermute(y, handle.row_map, handle.weights)
+        return unpermute(y, handle.row_map, None if handle.row_probs is not None else handle.weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,6 +89,7 @@ class AllToAllHandle:
     output_splits: list[int]         # rows received from each EP rank
     etp_sizes: list[int] | None      # rows held by each expert-TP rank before the all-gather (etp > 1)
     unsort: torch.Tensor | None      # inverse of the (source, expert) -> (expert, source) chunk sort
+    row_probs: torch.Tensor | None = None   # [rows here]: the weights, applied in the experts (combine unweighted)
 
 
 def _chunk_sort_index(counts: torch.Tensor) -> torch.Tensor:
@@ -101,32 +137,53 @@ class AllToAllDispatcher:
         _ext.log_backend_once(logging.getLogger(__name__), "MoE dispatch", "all-to-all",
                               f"an EP group of {self.ep} ranks, {self.num_local} experts each, expert-TP {self.etp}")
 
-    def dispatch(self, x: torch.Tensor, routing: Routing):
-        permuted, row_map, tokens_per_expert = permute(x, routing.indices, self.num_experts, capacity=routing.capacity)
-        send = tokens_per_expert.to(torch.long).view(self.ep, self.num_local)
-        recv = exchange_counts(send, self.ep_group)                      # [ep sources, local experts]
-        input_splits = send.sum(1).tolist()
-        output_splits = recv.sum(1).tolist()
-        if self.ep > 1:
-            y = mappings.all_to_all(self.ep_group, permuted, output_splits, input_splits)
-        else:
-            y = permuted
-        etp_sizes = None
-        counts = recv.cpu()
+    def dispatch(self, x: torch.Tensor, routing: Routing, probs_in_experts: bool = False):
+        rm = build_row_map(x, routing.indices, self.num_experts, capacity=routing.capacity)
+        send = rm.tokens_per_expert.to(torch.long).view(self.ep, self.num_local)
+        recv = exchange_counts(send, self.ep_group)                      # [ep sources, local experts], device
+        gathered = None
         if self.etp > 1:
-            etp_sizes_t = all_gather_uneven(recv.reshape(1, -1), self.etp_group, [1] * self.etp)   # [etp, ep*L]
-            counts = etp_sizes_t.view(self.etp * self.ep, self.num_local).cpu()
-            etp_sizes = etp_sizes_t.sum(1).tolist()
+            gathered = all_gather_uneven(recv.reshape(1, -1), self.etp_group, [1] * self.etp)   # [etp, ep*L]
+        # the one device-to-host copy of the layer: row count + input check, send and receive counts
+        host = torch.cat([rm.totals.to(torch.long), send.reshape(-1),
+                          (gathered if gathered is not None else recv).reshape(-1)]).tolist()
+        num_rows, num_kept, invalid = host[:3]
+        if invalid:
+            raise ValueError(f"expert index out of range [0, {self.num_experts}): {invalid} of "
+                             f"{routing.indices.numel()} entries")
+        send_h = torch.tensor(host[3:3 + send.numel()]).view(self.ep, self.num_local)
+        counts = torch.tensor(host[3 + send.numel():]).view(-1, self.num_local)   # [(etp x) ep sources, L]
+        permuted = permute_rows(x, rm, num_rows, num_rows > num_kept)
+        row_probs = permute_probs(routing.weights, rm.row_map, num_rows).unsqueeze(-1) if probs_in_experts else None
+        input_splits = send_h.sum(1).tolist()
+        recv_h = counts[:self.ep] if self.etp == 1 else counts.view(self.etp, self.ep, self.num_local)[
+            dist.get_rank(self.etp_group)]
+        output_splits = recv_h.sum(1).tolist()
+        y, p = permuted, row_probs
+        if self.ep > 1:
+            y = mappings.all_to_all(self.ep_group, y, output_splits, input_splits)
+            if p is not None:
+                p = mappings.all_to_all(self.ep_group, p, output_splits, input_splits)
+        etp_sizes = None
+        if self.etp > 1:
+            etp_sizes = counts.view(self.etp, -1).sum(1).tolist()
             y = mappings.gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=True,
                                                               group=self.etp_group, output_split_sizes=etp_sizes)
+            if p is not None:
+                p = mappings.gather_from_sequence_parallel_region(p, tensor_parallel_output_grad=True,
+                                                                  group=self.etp_group, output_split_sizes=etp_sizes)
         unsort = None
         if counts.shape[0] > 1 and self.num_local > 1:
             idx = _chunk_sort_index(counts).to(y.device)
             y = y.index_select(0, idx)
+            if p is not None:
+                p = p.index_select(0, idx)
             unsort = torch.empty_like(idx)
             unsort[idx] = torch.arange(idx.numel(), device=idx.device)
         per_expert = counts.sum(0).tolist()
-        return y, per_expert, AllToAllHandle(row_map, routing.weights, input_splits, output_splits, etp_sizes, unsort)
+        handle = AllToAllHandle(rm.row_map, routing.weights, input_splits, output_splits, etp_sizes, unsort,
+                                None if p is None else p.reshape(-1))
+        return y, per_expert, handle
 
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         if handle.unsort is not None:
@@ -136,4 +193,4 @@ class AllToAllDispatcher:
                                                                     input_split_sizes=handle.etp_sizes)
         if self.ep > 1:
             y = mappings.all_to_all(self.ep_group, y, handle.input_splits, handle.output_splits)
-        return unpermute(y, handle.row_map, handle.weights)
+        return unpermute(y, handle.row_map, None if handle.row_probs is not None else handle.weights)

@@ -4,10 +4,16 @@
 
 forward(x [S, B, H]) -> (y [S, B, H], RouterStats). A (token, expert) slot dropped by the capacity contributes 0
 (drop_policy "zero") or w * scale * x ("input": the expert acts as the identity for it).
+
+`probs_in_experts` (None: MEGAMOE_MOE_PROBS_IN_EXPERTS=0|1, else on for CUDA tensors): the router weights are
+applied in the experts' activation, y_e = down(silu(g) * u * w), and the combine sums unweighted, so the expert
+output [N, H] is not kept for the backward (megatron's "memory-efficient permutation"). Same values and gradients
+(router's included) to rounding; tests/test_grouped_experts.py.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -44,6 +50,17 @@ class MoELayer(nn.Module):
         self.router.stats_reducer = make_stats_reducer(mp_cfg.sequence_parallel)
         tp = ps.get_tensor_model_parallel_world_size()
         self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mp_cfg.sequence_parallel else None
+        self.probs_in_experts: bool | None = None
+
+    def _probs_in_experts(self, device: torch.device) -> bool:
+        if self.probs_in_experts is not None:
+            return self.probs_in_experts
+        env = os.environ.get("MEGAMOE_MOE_PROBS_IN_EXPERTS", "").strip()
+        return env == "1" if env in ("0", "1") else device.type == "cuda"
+
+    def _experts(self, x: torch.Tensor, routing) -> torch.Tensor:
+        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x, routing, self._probs_in_experts(x.device))
+        return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert, probs=handle.row_probs), handle)
 
     def _build_dispatcher(self, ep: int, etp: int, local: list[int]):
         if ep == 1 and etp == 1:
@@ -64,8 +81,7 @@ class MoELayer(nn.Module):
 
     def _routed(self, flat: torch.Tensor, routing) -> torch.Tensor:
         if self.tp_group is None:
-            expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(flat, routing)
-            return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), handle)
+            return self._experts(flat, routing)
         # TP without SP: tokens (and their routing) are replicated over TP; each TP rank takes its share, the
         # outputs are all-gathered back (backward: the matching split / all-gather)
         g = self.tp_group
@@ -73,7 +89,5 @@ class MoELayer(nn.Module):
         part = replace(routing, indices=split_tokens(routing.indices, g, sizes),
                        weights=split_tokens(routing.weights, g, sizes),
                        dropped=None if routing.dropped is None else split_tokens(routing.dropped, g, sizes))
-        x = split_tokens(flat, g, sizes)
-        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x, part)
-        y = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), handle)
+        y = self._experts(split_tokens(flat, g, sizes), part)
         return gather_tokens(y, g, sizes)

@@ -209,22 +209,69 @@ def _offsets(padded: torch.Tensor) -> torch.Tensor:
     return torch.cat([padded.new_zeros(1), torch.cumsum(padded, 0)])
 
 
-def permute_tokens(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
-                   pad_multiple: int = 1) -> Permuted:
-    """`permute` with the grouped-GEMM metadata (padded counts and offsets). See the module docstring."""
+@dataclass
+class RowMap:
+    """The index build alone (all on the input's device; nothing read back to the host)."""
+    row_map: torch.Tensor            # [T, k] int64, -1 = dropped
+    tokens_per_expert: torch.Tensor  # [E] int64, kept rows
+    padded_counts: torch.Tensor      # [E] int64
+    offsets: torch.Tensor            # [E + 1] int64
+    totals: torch.Tensor             # [3] int64: rows N (padding included), kept pairs, out-of-range expert ids
+    backend: str
+
+
+def build_row_map(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
+                  pad_multiple: int = 1) -> RowMap:
+    """The index build of `permute_tokens` on the backend that runs for `hidden`; `totals` is the one small tensor
+    a caller reads back to size the output (`permute_rows`) and to check the input."""
     _check_permute_args(hidden, indices, num_experts, capacity, pad_multiple)
     backend = select_backend(hidden.device)
     if backend == "torch" or (backend == "cuda" and int(num_experts) > CUDA_MAX_EXPERTS):
         row_map, kept, padded = make_row_map(indices, int(num_experts), capacity, int(pad_multiple))
-        num_rows = int(padded.sum())
-        return Permuted(permute_reference(hidden, row_map, num_rows), row_map, kept, padded, _offsets(padded))
+        totals = torch.stack([padded.sum(), kept.sum(), torch.zeros_like(kept.sum())])
+        return RowMap(row_map, kept, padded, _offsets(padded), totals, "torch")
     row_map, kept, padded, offsets, totals = torch.ops.megamoe.row_map(
         indices, int(num_experts), -1 if capacity is None else int(capacity), int(pad_multiple))
-    num_rows, num_kept, invalid = totals.tolist()  # the one device-to-host copy (output size, input check)
+    return RowMap(row_map, kept, padded, offsets, totals, backend)
+
+
+def permute_rows(hidden: torch.Tensor, rm: RowMap, num_rows: int, zero_fill: bool = True) -> torch.Tensor:
+    """out [num_rows, H]: out[row_map[t, j]] = hidden[t], other rows zero (if zero_fill); differentiable."""
+    if rm.backend == "torch":
+        return permute_reference(hidden, rm.row_map, num_rows)
+    return PermuteFunction.apply(hidden, rm.row_map, num_rows, zero_fill)
+
+
+def permute_tokens(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
+                   pad_multiple: int = 1) -> Permuted:
+    """`permute` with the grouped-GEMM metadata (padded counts and offsets). See the module docstring.
+    One device-to-host read: `totals` (the output's row count and the input check)."""
+    rm = build_row_map(hidden, indices, num_experts, capacity, pad_multiple)
+    num_rows, num_kept, invalid = rm.totals.tolist()  # the one device-to-host copy (output size, input check)
     if invalid:
         raise ValueError(f"expert index out of range [0, {int(num_experts)}): {invalid} of {indices.numel()} entries")
-    permuted = PermuteFunction.apply(hidden, row_map, num_rows, num_rows > num_kept)
-    return Permuted(permuted, row_map, kept, padded, offsets)
+    permuted = permute_rows(hidden, rm, num_rows, num_rows > num_kept)
+    return Permuted(permuted, rm.row_map, rm.tokens_per_expert, rm.padded_counts, rm.offsets)
+
+
+def permute_to_capacity(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int) -> Permuted:
+    """Static shapes: every expert's block is exactly `capacity` rows (its kept rows, then zero rows), so
+    N = E * capacity and offsets = [0, c, 2c, ...] are known without reading anything back from the device
+    (megatron's moe_pad_expert_input_to_capacity). Same row order within a block as `permute_tokens`.
+    Out-of-range expert ids: checked on CPU; on CUDA an asynchronous device assert."""
+    rm = build_row_map(hidden, indices, num_experts, capacity, 1)
+    E, cap = int(num_experts), int(capacity)
+    if hidden.device.type == "cuda":
+        torch._assert_async(rm.totals[2] == 0, "expert index out of range")
+    elif int(rm.totals[2]):
+        raise ValueError(f"expert index out of range [0, {E}): {int(rm.totals[2])} of {indices.numel()} entries")
+    idx = indices.long().clamp(0, E - 1)
+    # kept row r of expert e sits at offsets[e] + i in the packed layout; here at e * cap + i
+    static = torch.where(rm.row_map >= 0, rm.row_map - rm.offsets[idx] + idx * cap, rm.row_map)
+    srm = RowMap(static, rm.tokens_per_expert, torch.full_like(rm.padded_counts, cap),
+                 torch.arange(E + 1, device=static.device) * cap, rm.totals, rm.backend)
+    permuted = permute_rows(hidden, srm, E * cap, True)
+    return Permuted(permuted, srm.row_map, srm.tokens_per_expert, srm.padded_counts, srm.offsets)
 
 
 def permute(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capacity: int | None = None,
@@ -234,21 +281,52 @@ def permute(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, capac
     return p.permuted, p.row_map, p.tokens_per_expert
 
 
-def unpermute(permuted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """See module docstring."""
+def permute_probs(weights: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The router weights in permuted row order: p [num_rows], p[row_map[t, j]] = weights[t, j], 0 on padding
+    rows. Differentiable in `weights` (a gather back). For applying the weights in the experts' activation
+    ("memory-efficient permutation") instead of in `unpermute`."""
+    flat = row_map.reshape(-1)
+    idx = torch.where(flat >= 0, flat, num_rows)           # dropped slots write a scratch element, cut below
+    return weights.new_zeros(num_rows + 1).index_copy(0, idx, weights.reshape(-1))[:num_rows]
+
+
+class CombineFunction(torch.autograd.Function):
+    """out[t] = sum_j rows[row_map[t, j]] (no weights); backward: grad_rows[row_map[t, j]] = grad[t]. Nothing large
+    is saved for the backward (the weighted unpermute keeps `rows` for the weights' gradient)."""
+
+    @staticmethod
+    def forward(ctx, rows, row_map):
+        ctx.save_for_backward(row_map)
+        ctx.num_rows = rows.shape[0]
+        return torch.ops.megamoe.combine_rows(rows, row_map, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_map,) = ctx.saved_tensors
+        return torch.ops.megamoe.permute_rows(grad.contiguous(), row_map, None, ctx.num_rows, True), None
+
+
+def unpermute(permuted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """See module docstring. weights=None: the plain sum of each token's kept rows (the weights were applied
+    before, e.g. in the experts' activation)."""
     if not isinstance(permuted, torch.Tensor) or permuted.dim() != 2:
         raise ValueError(f"permuted must be a [N, H] tensor, got {getattr(permuted, 'shape', type(permuted))}")
     if not isinstance(row_map, torch.Tensor) or row_map.dim() != 2 or row_map.dtype != torch.int64:
         raise ValueError(f"row_map must be a [T, k] int64 tensor (from permute), got "
                          f"{getattr(row_map, 'shape', type(row_map))} {getattr(row_map, 'dtype', '')}")
-    if not isinstance(weights, torch.Tensor) or weights.shape != row_map.shape or not weights.is_floating_point():
+    if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != row_map.shape
+                                or not weights.is_floating_point()):
         raise ValueError(f"weights must be a floating [T, k] = {tuple(row_map.shape)} tensor, got "
                          f"{getattr(weights, 'shape', type(weights))} {getattr(weights, 'dtype', '')}")
-    if not (permuted.device == row_map.device == weights.device):
+    if permuted.device != row_map.device or (weights is not None and weights.device != permuted.device):
         raise ValueError(f"permuted, row_map and weights must share a device, got {permuted.device}, "
-                         f"{row_map.device}, {weights.device}")
+                         f"{row_map.device}, {None if weights is None else weights.device}")
     if select_backend(permuted.device) == "torch":
+        if weights is None:
+            weights = torch.ones(row_map.shape, dtype=torch.float32, device=permuted.device)
         return unpermute_reference(permuted, row_map, weights)
+    if weights is None:
+        return CombineFunction.apply(permuted, row_map)
     return UnpermuteFunction.apply(permuted, row_map, weights)
 
 

@@ -150,8 +150,11 @@ def model_sharded_state_dict(model) -> dict:
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     edp_rank = ps.get_expert_data_parallel_rank()
     out = {}
+    for prefix, sub in module.named_modules():     # stacked experts (moe/experts.py): per-expert keys via factories
+        if hasattr(sub, "sharded_factories"):
+            out.update(sub.sharded_factories(prefix + "." if prefix else ""))
     for name, t in module.state_dict(keep_vars=True).items():
-        if not torch.is_tensor(t):
+        if not torch.is_tensor(t) or getattr(t, "stacked_expert_view", False):
             continue
         if getattr(t, "allreduce", True) is False:                       # expert weight
             if etp > 1:

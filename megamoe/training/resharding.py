@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from megamoe.compat.megatron import distributed_optimizer_load_fix
 from megamoe.training.optim import unwrap
@@ -79,7 +80,7 @@ def _drop_main_params(sd):
     if isinstance(sd, dict):
         for k in list(sd):
             v = sd[k]
-            if isinstance(v, ShardedTensor) and ".state.param." in f".{v.key}":
+            if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and ".state.param." in f".{v.key}":
                 del sd[k]
             else:
                 _drop_main_params(v)
