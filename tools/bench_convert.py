@@ -4,6 +4,7 @@
     python tools/bench_convert.py                      # 8 layers (~3.7 GB fp16), 8 experts, TP2/EP2, random split
     python tools/bench_convert.py --layers 32          # the full 7B shape (~13.5 GB)
     python tools/bench_convert.py --no-guard           # also time the conversion without the logits guard
+    python tools/bench_convert.py --writer-checksum    # the shard writer alone, with and without tensor checksums
 
 The source (hidden 4096, FFN 11008, vocabulary 32000, 32 heads, fp16 random weights, sharded HF safetensors) is
 written once under --work and reused. Then, with the source in the page cache for both:
@@ -16,6 +17,12 @@ Reported: wall time of each (best of --repeat), the ratio convert / cp (goal <= 
 second thread, started before torch is imported) and the guard (dense vs MoE logits on 2 x 16 tokens, the written
 shards read back). With --no-guard the same runs are repeated with --guard-tokens 0 and both ratios are printed.
 Timings on a shared machine are noisy: the load average is printed before and after, with the CPU times.
+
+--writer-checksum times what the per-tensor checksums of the shard manifest cost: the dense source written through
+a `ShardWriter` (TP2, one background writer thread, the way hf-to-moe writes: uncast source tensors copied file to
+file, down_proj column halves row by row) with and without checksums, alternating, best of --repeat each. The
+digests are computed by the writer thread as the bytes go out (copied tensors: read back from the source through
+a small buffer), so on a machine with a free core the cost is that thread's extra CPU time, not wall time.
 
 Virtual machines that return free memory to the hypervisor (virtio-balloon free page reporting: freed pages are
 handed back within a second or two, and touching them again costs a host fault) make fresh page-cache pages up to
@@ -41,7 +48,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megamoe.config import ParallelConfig  # noqa: E402
+from megamoe.formats.hf_dir import HFDir  # noqa: E402
+from megamoe.formats.hf_llama import config_from_hf  # noqa: E402
 from megamoe.formats.hf_writer import HFWriter, write_json  # noqa: E402
+from megamoe.formats.layout import hf_llama_to_ours_name  # noqa: E402
+from megamoe.formats.shards import FILE_SOURCE, ShardWriter  # noqa: E402
 
 
 def make_source(path: str, layers: int, hidden=4096, ffn=11008, vocab=32000, heads=32, shard_gb=2.0):
@@ -123,6 +135,39 @@ def timed(cmd) -> tuple[float, int, int]:
     return wall, ru.ru_maxrss * 1024, p.returncode
 
 
+def bench_writer(src: str, out: str, repeat: int, tp: int = 2) -> dict:
+    """Seconds (best of `repeat`) to write the dense source `src` as TP-`tp` shards through a ShardWriter with one
+    writer thread, {"off": without checksums, "on": with them (the default algorithm)}."""
+    hf = HFDir(src)
+    cfg = config_from_hf(hf.config, os.path.join(src, "config.json"))
+    key_of = {hf_llama_to_ours_name(k): k for k in hf.keys()}
+    times = {"off": [], "on": []}
+    try:
+        for _ in range(repeat):
+            for mode in ("off", "on"):
+                shutil.rmtree(out, ignore_errors=True)
+                os.makedirs(out)
+                t0 = time.perf_counter()
+                w = ShardWriter(out, cfg, ParallelConfig(tp=tp), {n: hf.dtype(k) for n, k in key_of.items()},
+                                threads=1, checksum=mode == "on")
+                mark = w.mark()
+                for i, n in enumerate(w.names):
+                    t = hf.map(key_of[n])
+                    where = hf.file_source(key_of[n])
+                    if where is not None:
+                        setattr(t, FILE_SOURCE, where)
+                    w.write(n, t)
+                    if i % 8 == 7:  # bound what is in flight, as hf-to-moe does per layer
+                        w.wait(mark)
+                        mark = w.mark()
+                w.close()
+                times[mode].append(time.perf_counter() - t0)
+    finally:
+        hf.close()
+        shutil.rmtree(out, ignore_errors=True)
+    return {k: min(v) for k, v in times.items()} | {"runs": times}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the 7B-shaped source (default 8)")
@@ -133,6 +178,8 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "megamoe-bench-convert"),
                     help="scratch directory (the source is kept there for reuse)")
     ap.add_argument("--no-guard", action="store_true", help="also time hf-to-moe with --guard-tokens 0 (no guard)")
+    ap.add_argument("--writer-checksum", action="store_true",
+                    help="time only the shard writer, with and without per-tensor checksums (see above)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds to wait after each cleanup before the timed run (VM free page reporting, above)")
     args = ap.parse_args(argv)
@@ -140,6 +187,13 @@ def main(argv=None):
     src = os.path.join(args.work, f"llama7b-shape-{args.layers}l")
     make_source(src, args.layers)
     nbytes = du(src)
+    if args.writer_checksum:
+        warm(src)
+        r = bench_writer(src, os.path.join(args.work, "out"), args.repeat, tp=args.tp)
+        print(f"shard writer, {nbytes / 1e9:.2f} GB, TP{args.tp}, one writer thread: without checksums "
+              f"{r['off']:.2f} s, with {r['on']:.2f} s ({(r['on'] / r['off'] - 1) * 100:+.0f}%); runs {r['runs']}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        return 0
     tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_convert.py")
     dst = os.path.join(args.work, "out")
     conv = [sys.executable, tool, "hf-to-moe", "--src", src, "--out", dst, "--experts", str(args.experts),
