@@ -348,3 +348,94 @@ def test_profile_one_grouped_gemm_per_projection():
     y = ex(xg, counts)
     b = _op_counts(lambda: y.sum().backward())
     assert b.get("aten::_grouped_mm", 0) == 4 and b.get("aten::mm", 0) == 0, b
+
+
+# ---- the MoE layer: probabilities in the activation, static capacity, expert backends ----------------------------
+
+def _moe_layer(router, top_k, cf, policy="zero", dtype=torch.float64):
+    from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.moe.layer import MoELayer
+    from megamoe.parallel import megatron_config
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=64, num_layers=1, num_heads=2,
+                      moe=MoEConfig(num_experts=8, top_k=top_k, router=router, gate_network="mlp", noise=False,
+                                    capacity_factor=cf, drop_policy=policy, score_scale=1.5, gate_init_std=0.5,
+                                    expert_sizes=[8, 8, 4, 12, 8, 8, 8, 8], z_loss_weight=1e-3))
+    torch.manual_seed(0)
+    return MoELayer(cfg, megatron_config(cfg), 0).to(dtype).train()
+
+
+def _layer_run(layer, x0, probs_in_experts, pad_to_capacity, backend):
+    layer.probs_in_experts = probs_in_experts
+    layer.dispatcher.pad_to_capacity = pad_to_capacity
+    layer.experts.backend = backend
+    layer.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    y, stats = layer(x)
+    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 10 * stats.balance_loss
+    loss.backward()
+    return [y.detach(), x.grad, stats.balance_loss.detach()] + [p.grad for p in layer.parameters()
+                                                                 if p.grad is not None]
+
+
+@pytest.mark.usefixtures("world")
+@pytest.mark.parametrize("router,top_k,cf,policy", [
+    ("mixtral", 2, None, "zero"),
+    ("switch", 1, 1.0, "zero"),          # capacity, tokens dropped
+    ("topk_noisy", 2, 0.75, "input"),    # capacity, dropped slots pass the input through
+])
+def test_layer_probs_in_experts_and_static_capacity_equal_the_default(router, top_k, cf, policy):
+    """Router weights applied in the experts' activation (and the unweighted combine), experts padded to the
+    capacity (static shapes) and the grouped_mm / loop / reference backends: the same output, balance loss, input
+    gradient and gradients of every parameter (the router's included) as the default path, fp64 (grouped_mm: fp32
+    against the fp64 default)."""
+    layer = _moe_layer(router, top_k, cf, policy)
+    torch.manual_seed(1)
+    x0 = torch.randn(5, 7, 16, dtype=torch.float64)
+    ref = _layer_run(layer, x0, False, False, "loop")
+    assert len(ref) >= 3 + 4                  # router gate (2 linears), gate_up, down
+    for probs_in, pad in ((True, False), (False, True), (True, True)):
+        got = _layer_run(layer, x0, probs_in, pad, "loop")
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    layer32 = _moe_layer(router, top_k, cf, policy, torch.float32)
+    for probs_in, pad in ((False, False), (True, True)):
+        got = _layer_run(layer32, x0.float(), probs_in, pad, "grouped_mm")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+class _HostReads:
+    """Counts Python-level reads of tensor values to the host (what costs a device sync on a GPU)."""
+    NAMES = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, **k):
+                self.n += 1
+                return _real(t, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.usefixtures("world")
+def test_host_reads_per_layer(monkeypatch):
+    """Dispatch + grouped experts + combine: one host read (the permuted row count) without a capacity, none when
+    the experts are padded to a capacity (static shapes)."""
+    from megamoe.moe.router import Routing
+    layer = _moe_layer("mixtral", 2, 1.5, dtype=torch.float32)
+    layer.experts.backend = "grouped_mm"
+    x = torch.randn(24, 16)
+    idx = torch.randint(0, 8, (24, 2))
+    w = torch.rand(24, 2)
+    for capacity, pad, probs_in, want in ((None, False, False, 1), (None, False, True, 1), (5, True, True, 0),
+                                          (5, True, False, 0)):
+        layer.dispatcher.pad_to_capacity = pad
+        with monkeypatch.context() as m:
+            reads = _HostReads(m)
+            e_in, rows, h = layer.dispatcher.dispatch(x, Routing(idx, w, capacity, None, None), probs_in)
+            y = layer.dispatcher.combine(layer.experts(e_in, rows, probs=h.row_probs), h)
+        assert reads.n == want, (capacity, pad, probs_in, reads.n)
+        assert y.shape == x.shape

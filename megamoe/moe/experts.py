@@ -228,6 +228,10 @@ class Experts(nn.Module):
         """{stacked parameter name: ShardedTensorFactory} for megatron dist-checkpointing (model and optimizer
         states): each factory writes/reads the per-expert tensors under their global names with the same sharding
         as per-expert parameters had (expert-TP: gate/up on dim 0, down on dim 1; replicas over expert-DP)."""
+        # megatron is imported here, not at the top: the computation needs none of it, and importing it pulls in
+        # triton, which must be imported after TRITON_INTERPRET is set in the gating tests (tests/triton_import.py)
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
         etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
         edp_rank = ps.get_expert_data_parallel_rank()
         replica = edp_rank if etp > 1 else (etp_rank, edp_rank)
@@ -376,13 +380,14 @@ def _activation(gu: torch.Tensor, fm: int, probs):
 
 
 def _activation_backward(gu: torch.Tensor, fm: int, dh: torch.Tensor, probs, dgu: torch.Tensor):
-    """Given dL/dh, write dL/d[g | u] into dgu [n, 2 Fm]; return dL/dp [n] (fp32) or None.
+    """Given dL/dh, write dL/d[g | u] into dgu [n, 2 Fm]; return dL/dp [n] (at least fp32) or None.
     h = silu(g) u p: du = dh p silu(g), dg = dh p u silu'(g), dp = <silu(g) u, dh>."""
     g, u = gu[:, :fm], gu[:, fm:]
     sg = F.silu(g)
     dp = None
     if probs is not None:
-        dp = (sg * u).float().mul_(dh.float()).sum(1)
+        acc = torch.promote_types(dh.dtype, torch.float32)       # fp32 sums for half precision
+        dp = (sg * u).to(acc).mul_(dh.to(acc)).sum(1)
         dh = dh * probs.unsqueeze(-1).to(dh.dtype)
     torch.mul(dh, sg, out=dgu[:, fm:])
     torch.ops.aten.silu_backward.grad_input(dh * u, g, grad_input=dgu[:, :fm])
