@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from megamoe.console import setup_logging
-from megamoe.errors import ConfigError
+from megamoe.cli.exit import run_command
 from megamoe.training.config import load_train_config
 from megamoe.training.trainer import run
 
@@ -59,15 +59,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
+
+    def go():
         cfg = load_train_config(args.config, args.overrides)
         if args.resume:
             cfg.checkpoint.resume = True
         run(cfg)
-    except ConfigError as e:
-        print(f"megamoe-train: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # bad config or data: one line naming the field / file, exit 2 (megamoe/errors.py); a bug keeps its traceback
+    return run_command("megamoe-train", go)
 
 
 if __name__ == "__main__":

@@ -157,12 +157,16 @@ class DomainMixture:
         eod: the end-of-document id (only hashed into megatron's cache key); default 0 when unknown.
         vocab_size: the tokenizer's vocabulary size (optional; hashed into megatron's cache key).
         rank, world_size: this process's data-parallel rank and the data-parallel size (see the module docstring).
+        model_vocab_size: the vocabulary of the model the samples feed; every sample is checked against it (a
+            DataError naming the domain, its dataset and the id, instead of an IndexError in the embedding when the
+            data was tokenized with another tokenizer).
     """
 
     def __init__(self, prefixes: Mapping[str, str], weights: Union[None, str, Mapping[str, float]] = None,
                  seq_len: int = 256, seed: int = 1234, split: Optional[str] = None, cache_dir: Optional[str] = None,
                  valid_prefixes: Optional[Mapping[str, str]] = None, eod: Optional[int] = None,
-                 vocab_size: Optional[int] = None, tokenizer=None, rank: int = 0, world_size: int = 1):
+                 vocab_size: Optional[int] = None, tokenizer=None, rank: int = 0, world_size: int = 1,
+                 model_vocab_size: Optional[int] = None):
         if not prefixes:
             raise DataError("DomainMixture needs at least one domain prefix")
         if seq_len < 1:
@@ -179,6 +183,10 @@ class DomainMixture:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} must be in [0, world_size={world_size})")
         self.rank, self.world_size = int(rank), int(world_size)
+        self.model_vocab_size = model_vocab_size
+        if model_vocab_size is not None and vocab_size is not None and vocab_size > model_vocab_size:
+            logger.warning("the data's tokenizer has %d tokens, the model %d: a sample with a larger id stops "
+                           "training", vocab_size, model_vocab_size)
         self.cache_dir = cache_dir
         self._weights = resolve_weights(weights, self.domains)
         self.initial_weights = dict(self._weights)
@@ -300,6 +308,7 @@ class DomainMixture:
         out = np.empty((per, self.seq_len + 1), dtype=np.int64)
         for r, (d, cur) in enumerate(picks[lo:lo + per]):
             out[r] = _sample_tokens(self.train[d], self._index(d, cur))
+            self._check_ids(out[r], d, self.prefixes[d])
         counts = np.bincount(dom, minlength=len(self.domains))
         self.last_domain_counts = {d: int(counts[i]) for i, d in enumerate(self.domains)}
         self.step += 1
@@ -329,7 +338,15 @@ class DomainMixture:
             n = min(n, max_batches * batch_size)
         for lo in range(0, n, batch_size):
             rows = [_sample_tokens(ds, i) for i in range(lo, min(lo + batch_size, n))]
-            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+            batch = np.stack(rows).astype(np.int64)
+            self._check_ids(batch, domain, self.valid_prefixes.get(domain, self.prefixes[domain]))
+            yield torch.from_numpy(batch)
+
+    def _check_ids(self, tokens: np.ndarray, domain: str, prefix: str) -> None:
+        if self.model_vocab_size is not None and tokens.size and int(tokens.max()) >= self.model_vocab_size:
+            raise DataError(f"{prefix}.bin (domain {domain!r}): token id {int(tokens.max())} is outside the model's "
+                            f"vocabulary (vocab_size {self.model_vocab_size}): the data was tokenized with another "
+                            "tokenizer; re-run tools/preprocess_data.py with the model's tokenizer")
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -30,6 +30,8 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
+from megamoe.errors import DataError, InputError
+
 __all__ = ["IndexedWriter", "IndexedReader", "DTYPE_CODES", "dataset_exists", "read_sizes", "read_index",
            "INDEX_HEADER"]
 
@@ -50,17 +52,17 @@ def read_sizes(prefix: str) -> tuple:
     with open(path, "rb") as f:
         head = f.read(9 + 8 + 1 + 8 + 8)
         if len(head) < 34 or head[:9] != INDEX_HEADER:
-            raise ValueError(f"{path}: not a megatron indexed-dataset index (bad header)")
+            raise DataError(f"{path}: not a megatron indexed-dataset index (bad header)")
         (version,) = struct.unpack("<Q", head[9:17])
         if version != 1:
-            raise ValueError(f"{path}: unsupported index version {version} (expected 1)")
+            raise DataError(f"{path}: unsupported index version {version} (expected 1)")
         code = head[17]
         if code not in _CODE_DTYPES:
-            raise ValueError(f"{path}: unknown dtype code {code}")
+            raise DataError(f"{path}: unknown dtype code {code}")
         n, _ = struct.unpack("<QQ", head[18:34])
         sizes = np.fromfile(f, dtype=np.int32, count=n)
     if len(sizes) != n:
-        raise ValueError(f"{path}: truncated index ({len(sizes)} of {n} sizes)")
+        raise DataError(f"{path}: truncated index ({len(sizes)} of {n} sizes)")
     return _CODE_DTYPES[code], sizes
 
 
@@ -81,17 +83,17 @@ def read_index(prefix: str) -> tuple:
         doc_idx = np.fromfile(f, dtype=np.int64, count=d)
         rest = f.read(1)
     if len(pointers) != n or len(doc_idx) != d:
-        raise ValueError(f"{path}: truncated index ({len(pointers)} of {n} pointers, {len(doc_idx)} of {d} "
+        raise DataError(f"{path}: truncated index ({len(pointers)} of {n} pointers, {len(doc_idx)} of {d} "
                          f"document indices)")
     if rest:
-        raise ValueError(f"{path}: trailing bytes after the index arrays (not written by a megatron-style writer)")
+        raise DataError(f"{path}: trailing bytes after the index arrays (not written by a megatron-style writer)")
     if (sizes < 0).any():
-        raise ValueError(f"{path}: negative document sizes")
+        raise DataError(f"{path}: negative document sizes")
     expect = np.zeros(n, dtype=np.int64)
     if n > 1:
         np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=expect[1:])
     if not np.array_equal(pointers, expect):
-        raise ValueError(f"{path}: byte pointers do not follow the sizes (documents not back to back)")
+        raise DataError(f"{path}: byte pointers do not follow the sizes (documents not back to back)")
     return dtype, sizes, pointers
 
 
@@ -110,7 +112,7 @@ class IndexedReader:
         got = os.path.getsize(prefix + ".bin")
         want = self.num_tokens * self.dtype.itemsize
         if got != want:
-            raise ValueError(f"{prefix}.bin: {got} bytes, but its index ({prefix}.idx) describes {len(self.sizes)} "
+            raise DataError(f"{prefix}.bin: {got} bytes, but its index ({prefix}.idx) describes {len(self.sizes)} "
                              f"documents of {self.num_tokens} {self.dtype.name} tokens = {want} bytes "
                              f"({'truncated' if got < want else 'too long'}; rewrite the dataset)")
         self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
@@ -147,7 +149,7 @@ class IndexedWriter:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype not in DTYPE_CODES:
-            raise ValueError(f"unsupported token dtype {self.dtype} (expected one of megatron's DType codes)")
+            raise InputError(f"unsupported token dtype {self.dtype} (expected one of megatron's DType codes)")
         if not overwrite and (os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")):
             raise FileExistsError(f"{prefix}.bin/.idx already exist; pass overwrite=True (--overwrite) to replace them")
         self.overwrite = overwrite
@@ -176,7 +178,7 @@ class IndexedWriter:
         tokens = np.asarray(tokens, dtype=self.dtype)
         sizes = np.asarray(sizes, dtype=np.int32)
         if int(sizes.sum()) != tokens.size:
-            raise ValueError(f"sizes sum to {int(sizes.sum())} but {tokens.size} tokens were given")
+            raise DataError(f"sizes sum to {int(sizes.sum())} but {tokens.size} tokens were given")
         self._flush_pending()
         self._bin.write(tokens.tobytes(order="C"))
         self._sizes.append(sizes)
@@ -188,7 +190,7 @@ class IndexedWriter:
         expect = int(sizes.sum()) * self.dtype.itemsize
         got = os.path.getsize(path)
         if got != expect:
-            raise ValueError(f"{path}: {got} bytes, but its {len(sizes)} documents need {expect}")
+            raise DataError(f"{path}: {got} bytes, but its {len(sizes)} documents need {expect}")
         self._flush_pending()
         with open(path, "rb") as src:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
