@@ -379,8 +379,8 @@ def _activation(gu: torch.Tensor, fm: int, probs):
     return h if probs is None else h * probs.unsqueeze(-1).to(h.dtype)
 
 
-def _activation_backward(gu: torch.Tensor, fm: int, dh: torch.Tensor, probs, dgu: torch.Tensor):
-    """Given dL/dh, write dL/d[g | u] into dgu [n, 2 Fm]; return dL/dp [n] (at least fp32) or None.
+def _activation_backward(gu: torch.Tensor, fm: int, dh: torch.Tensor, probs):
+    """Given dL/dh, return (dL/d[g | u] [n, 2 Fm], dL/dp [n] (at least fp32) or None).
     h = silu(g) u p: du = dh p silu(g), dg = dh p u silu'(g), dp = <silu(g) u, dh>."""
     g, u = gu[:, :fm], gu[:, fm:]
     sg = F.silu(g)
@@ -389,9 +389,12 @@ def _activation_backward(gu: torch.Tensor, fm: int, dh: torch.Tensor, probs, dgu
         acc = torch.promote_types(dh.dtype, torch.float32)       # fp32 sums for half precision
         dp = (sg * u).to(acc).mul_(dh.to(acc)).sum(1)
         dh = dh * probs.unsqueeze(-1).to(dh.dtype)
+    if torch.compiler.is_compiling():       # dynamo takes no out= into a strided view; the copy is fused away
+        return torch.cat([torch.ops.aten.silu_backward(dh * u, g), dh * sg], dim=1), dp
+    dgu = torch.empty_like(gu)              # eager: written in place, no concatenation copy
     torch.mul(dh, sg, out=dgu[:, fm:])
     torch.ops.aten.silu_backward.grad_input(dh * u, g, grad_input=dgu[:, :fm])
-    return dp
+    return dgu, dp
 
 
 def _probs_grad(dp, probs):
@@ -422,8 +425,7 @@ class _GroupedMMSwiGLU(torch.autograd.Function):
         dy = dy.contiguous()
         dh = gmm(dy, w_d, offs=offs)                                # [N, Fm]
         d_wd = gmm(dy.t(), h, offs=offs)                            # [E, H, Fm]
-        dgu = torch.empty_like(gu)
-        dp = _activation_backward(gu, fm, dh, probs, dgu)
+        dgu, dp = _activation_backward(gu, fm, dh, probs)
         dx = gmm(dgu, w_gu, offs=offs) if ctx.needs_input_grad[0] else None
         d_wgu = gmm(dgu.t(), x, offs=offs)                          # [E, 2 Fm, H]
         return dx, None, d_wgu, d_wd, _probs_grad(dp, probs)
@@ -470,8 +472,8 @@ class _LoopSwiGLU(torch.autograd.Function):
             xe, dye, gu, h = x[s:s + n], dy[s:s + n], gus[e], hs[e]
             dh = torch.mm(dye, w_d[e, :, :f])                                 # [n, f]
             torch.mm(dye.t(), h, out=d_wd[e, :, :f])                          # [H, f]
-            dgu = torch.empty_like(gu)
-            dps.append(_activation_backward(gu, f, dh, None if pp is None else pp[s:s + n], dgu))
+            dgu, dp = _activation_backward(gu, f, dh, None if pp is None else pp[s:s + n])
+            dps.append(dp)
             torch.mm(dgu, _gate_up(w_gu, e, f, fm), out=dx[s:s + n])
             d = torch.mm(dgu.t(), xe)                                         # [2f, H]
             d_wgu[e, :f], d_wgu[e, fm:fm + f] = d[:f], d[f:]

@@ -7,6 +7,11 @@ with `torch.ops.load_library` from the file next to `megamoe/__init__.py` (built
 
 `log_backend_once` writes one INFO line per (op, backend) per process: the first call tells which path runs, later
 calls stay silent.
+
+Loading `_C` also registers fake (meta) implementations of the `torch.ops.megamoe` operators
+(`torch.library.register_fake`): output shapes and dtypes from the inputs alone, so torch.compile (dynamo, AOTAutograd,
+inductor) traces through them instead of breaking the graph. Every output shape is fixed by the inputs (the permuted
+row count is an argument), so no data-dependent sizes arise inside the ops.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def _package_dir() -> str:
 
 def load_library(name: str) -> bool:
     """Load `megamoe.<name>` (e.g. "_C", "_C_cuda") once; return whether its ops are registered."""
+    if name in _loaded:          # after the first call: no lock (torch.compile cannot trace one)
+        return _loaded[name] is not None
     with _lock:
         if name in _loaded:
             return _loaded[name] is not None
@@ -47,7 +54,32 @@ def load_library(name: str) -> bool:
             _loaded[name] = candidates[0]
         except (OSError, RuntimeError) as exc:  # e.g. built against another torch
             _errors[name] = f"loading {candidates[0]} failed: {exc}"
+        if name == "_C" and _loaded[name] is not None and hasattr(torch.ops.megamoe, "row_map"):
+            _register_fakes()
         return _loaded[name] is not None
+
+
+def _register_fakes() -> None:
+    """Fake implementations of the operators declared in csrc/permute.cpp (shapes as documented there)."""
+    lib = torch.library
+
+    @lib.register_fake("megamoe::row_map")
+    def _row_map(indices, num_experts, capacity, pad_multiple):
+        long = dict(dtype=torch.int64, device=indices.device)
+        return (indices.new_empty(indices.shape, dtype=torch.int64), torch.empty(num_experts, **long),
+                torch.empty(num_experts, **long), torch.empty(num_experts + 1, **long), torch.empty(3, **long))
+
+    @lib.register_fake("megamoe::permute_rows")
+    def _permute_rows(src, row_map, weights, num_rows, zero_fill):
+        return src.new_empty((num_rows, src.shape[1]))
+
+    @lib.register_fake("megamoe::combine_rows")
+    def _combine_rows(rows, row_map, weights):
+        return rows.new_empty((row_map.shape[0], rows.shape[1]))
+
+    @lib.register_fake("megamoe::unpermute_backward")
+    def _unpermute_backward(grad_out, permuted, row_map, weights):
+        return permuted.new_empty(permuted.shape), weights.new_empty(weights.shape)
 
 
 def load_error(name: str) -> str:
@@ -64,7 +96,7 @@ def cuda_available() -> bool:
 
 def log_backend_once(logger: logging.Logger, op: str, backend: str, detail: str) -> None:
     key = (op, backend)
-    if key in _announced:
+    if key in _announced or torch.compiler.is_compiling():   # a traced graph logs nothing (a graph break)
         return
     _announced.add(key)
     logger.info("%s: %s backend (%s)", op, backend, detail)

@@ -79,7 +79,9 @@ def topk_gating_reference(logits: torch.Tensor, k: int, order: str = "topk_softm
         if renormalize:
             w = w / w.sum(-1, keepdim=True)
     importance = torch.zeros(E, dtype=w.dtype, device=logits.device).index_add(0, idx.reshape(-1), w.reshape(-1))
-    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    # not bincount: its output size depends on the data (a host sync on CUDA, a graph break under torch.compile)
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).index_add_(
+        0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=logits.device))
     positions = dropped = None
     if capacity is not None:
         flat = idx.reshape(-1)

@@ -356,3 +356,7 @@ def permute_routing_map(hidden: torch.Tensor, routing_map: torch.Tensor, capacit
     """`permute_tokens` from a [T, E] boolean routing map. Returns (Permuted, weights [T, k] or None)."""
     indices, weights = indices_from_routing_map(routing_map, probs)
     return permute_tokens(hidden, indices, routing_map.shape[1], capacity, pad_multiple), weights
+
+
+# load the C++ library (and register its fake kernels) at import: torch.compile cannot trace the first load
+_ext.load_library("_C")
