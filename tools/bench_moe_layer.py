@@ -1,15 +1,30 @@
 """Forward+backward time of one MoE layer: megamoe's MoELayer against megatron-core's MoELayer (alltoall dispatcher,
-SequentialMLP experts, the same config and the same weights), measured in the same run.
+the same config and the same weights), measured in the same run.
 
     python tools/bench_moe_layer.py                              # one device: GPU bf16 defaults, CPU a smaller fp32
+    python tools/bench_moe_layer.py --shape mixtral-proxy        # megatron's Mixtral proxy layer shape
     torchrun --nproc-per-node=8 tools/bench_moe_layer.py         # expert parallel over all ranks (EP = world)
     python tools/bench_moe_layer.py --hidden 1024 --ffn 352 --experts 8 --top-k 2 --tokens 2048 --dtype fp32
 
-Defaults: hidden 4096, 8 experts of 1376, top-2, 4096 tokens per rank, bf16 on GPU; on CPU hidden 512, experts of
-176, 1024 tokens, fp32. Routing is the Mixtral rule (softmax, top-k, renormalise), which is megatron's default
-(top-k then softmax). Before timing, both layers get the same weights and their outputs are compared. The
-benchmark prints tokens/s for both layers and their ratio (megamoe / megatron); on a GPU it also prints TFLOP/s and
-MFU against --peak-tflops (default: H100/H200 dense bf16, 989.4).
+Shapes (`--shape`; the flags below override single fields):
+  llama-moe-3.5b   H 4096, 8 experts of 1376 (LLaMA-MoE-3.5B 2/8: 11008 / 8), top-2, 4096 tokens per rank
+  mixtral-proxy    H 4096, 8 experts of 14336, top-2, 4096 tokens: megatron-core's moe_perf Mixtral proxy layer
+                   (its published 4.33 ms fwd / 7.68 ms bwd on H100 are with a non-gated GELU and EP8; both layers
+                   here are SwiGLU, so the FLOPs are 1.5x those of that proxy)
+  cpu              H 512, 8 experts of 176, 1024 tokens (the CPU default)
+Defaults: llama-moe-3.5b in bf16 on a GPU, cpu in fp32 on a CPU. `--device cpu` forces the CPU (a dry run of the
+script on a GPU machine, or tiny shapes anywhere).
+
+megatron-core's experts (`--megatron-experts`): auto = TEGroupedMLP (transformer-engine's grouped GEMM,
+moe_grouped_gemm=True, megatron's recommended path) when transformer_engine imports, else SequentialMLP (one GEMM
+chain per expert); the line printed names the one that ran. Ours: `--experts-backend` (default: the fastest for the
+device and dtype, megamoe/moe/experts.py), the router weights applied in the experts' activation on a GPU (as
+megatron's fused path) and padding to the capacity when one is set.
+
+Routing is the Mixtral rule (softmax, top-k, renormalise), which is megatron's default (top-k then softmax). Before
+timing, both layers get the same weights and their outputs are compared. The benchmark prints tokens/s, TFLOP/s and,
+where the device's peak is known (megamoe.training.metrics.peak_flops_for_device, or --peak-tflops), MFU for both
+layers and their ratio (megamoe / megatron).
 FLOPs counted: 3 (fwd + 2 bwd) x top_k x 3 GEMMs x 2 H F per token, the router GEMM included (2 H E x 3).
 Times are medians over --iters calls, the two layers alternating. Results also go to --json.
 """
@@ -26,34 +41,74 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from megamoe.training.metrics import peak_flops_for_device
+
 warnings.filterwarnings("ignore")
 
 
+SHAPES = {"llama-moe-3.5b": dict(hidden=4096, ffn=1376, experts=8, top_k=2, tokens=4096),
+          "mixtral-proxy": dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=4096),
+          "cpu": dict(hidden=512, ffn=176, experts=8, top_k=2, tokens=1024)}
+
+
 def parse(argv=None):
-    gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=4096 if gpu else 512)
-    p.add_argument("--ffn", type=int, default=1376 if gpu else 176, help="intermediate size of each expert")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096 if gpu else 1024, help="tokens per rank")
-    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16" if gpu else "fp32")
-    p.add_argument("--iters", type=int, default=20 if gpu else 5)
-    p.add_argument("--warmup", type=int, default=5 if gpu else 2)
-    p.add_argument("--peak-tflops", type=float, default=989.4, help="per-device dense peak for MFU (GPU)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="layer shape preset (default: llama-moe-3.5b on a GPU, cpu on a CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=None, help="intermediate size of each expert")
+    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None, help="tokens per rank")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None, help="default: bf16 GPU, fp32 CPU")
+    p.add_argument("--iters", type=int, default=None, help="default: 20 GPU, 5 CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default: 5 GPU, 2 CPU")
+    p.add_argument("--experts-backend", choices=("auto", "grouped_mm", "loop", "te"), default="auto")
+    p.add_argument("--megatron-experts", choices=("auto", "te-grouped", "sequential"), default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device dense peak for MFU (default: by device name, metrics.peak_flops_for_device)")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     p.add_argument("--no-check", action="store_true", help="skip the output comparison")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    gpu = torch.cuda.is_available() and a.device != "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    a.device = "cuda" if gpu else "cpu"
+    shape = SHAPES[a.shape or ("llama-moe-3.5b" if gpu else "cpu")]
+    for k, v in shape.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.dtype = a.dtype or ("bf16" if gpu else "fp32")
+    a.iters = a.iters if a.iters is not None else (20 if gpu else 5)
+    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 2)
+    return a
+
+
+def te_available() -> bool:
+    try:  # optional dependency
+        import transformer_engine.pytorch  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - ImportError or a broken install
+        return False
 
 
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def build_megatron(args, dtype, device):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    """megatron-core's MoELayer: TEGroupedMLP (grouped GEMM) or SequentialMLP experts. Returns (layer, kind)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.moe_layer import MoELayer
     ep = torch.distributed.get_world_size()
+    kind = args.megatron_experts
+    if kind == "auto":
+        kind = "te-grouped" if device.type == "cuda" and te_available() else "sequential"
+    if kind == "te-grouped" and not (device.type == "cuda" and te_available()):
+        raise SystemExit("--megatron-experts te-grouped needs transformer_engine and a GPU")
+    grouped = kind == "te-grouped"
     cfg = TransformerConfig(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=8, ffn_hidden_size=args.ffn * args.experts,
         num_moe_experts=args.experts, moe_ffn_hidden_size=args.ffn, moe_router_topk=args.top_k,
@@ -61,10 +116,13 @@ def build_megatron(args, dtype, device):
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
         expert_model_parallel_size=ep, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, use_cpu_initialization=True, gradient_accumulation_fusion=False,
-        moe_grouped_gemm=False)
-    spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
+        moe_grouped_gemm=grouped)
+    if grouped:
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=args.experts, moe_grouped_gemm=True)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
     layer = MoELayer(cfg, submodules=spec.submodules.mlp.submodules, layer_number=1)
-    return layer.to(device=device, dtype=dtype)
+    return layer.to(device=device, dtype=dtype), ("TEGroupedMLP" if grouped else "SequentialMLP")
 
 
 def build_ours(args, dtype, device):
@@ -77,20 +135,26 @@ def build_ours(args, dtype, device):
                       moe=MoEConfig(num_experts=args.experts, top_k=args.top_k, router="mixtral",
                                     gate_network="linear", balance_loss_weight=0.01))
     layer = MoELayer(cfg, megatron_config(cfg), 0)
+    if args.experts_backend != "auto":
+        layer.experts.backend = args.experts_backend
     return layer.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def copy_weights(ours, theirs):
-    """megatron -> ours: router weight; SequentialMLP local expert i = global expert ep_rank * E_local + i, with
-    linear_fc1 = [gate; up] and linear_fc2 = down."""
+    """megatron -> ours: router weight; local expert i = global expert ep_rank * E_local + i, with fc1 = [gate; up]
+    and fc2 = down (SequentialMLP: local_experts[i].linear_fc{1,2}.weight; TEGroupedMLP: linear_fc{1,2}.weight{i})."""
     ours.router.gate.weight.copy_(theirs.router.weight)
     for i, e in enumerate(ours.experts.local_ids):
-        mlp = theirs.experts.local_experts[i]
-        gate, up = mlp.linear_fc1.weight.chunk(2, dim=0)
+        if hasattr(theirs.experts, "local_experts"):
+            mlp = theirs.experts.local_experts[i]
+            fc1, fc2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+        else:
+            fc1, fc2 = getattr(theirs.experts.linear_fc1, f"weight{i}"), getattr(theirs.experts.linear_fc2, f"weight{i}")
+        gate, up = fc1.chunk(2, dim=0)
         ours.experts[e].gate_proj.weight.copy_(gate)
         ours.experts[e].up_proj.weight.copy_(up)
-        ours.experts[e].down_proj.weight.copy_(mlp.linear_fc2.weight)
+        ours.experts[e].down_proj.weight.copy_(fc2)
 
 
 def step_ours(layer, x, g):
@@ -137,10 +201,10 @@ def main(argv=None):
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the number of ranks (EP = world = {world})")
     parallel.initialize(ParallelConfig(ep=world))
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     dtype = DT[args.dtype]
     torch.manual_seed(1234)
-    theirs = build_megatron(args, dtype, device)
+    theirs, their_kind = build_megatron(args, dtype, device)
     ours = build_ours(args, dtype, device)
     copy_weights(ours, theirs)
     torch.manual_seed(1 + rank)
@@ -161,25 +225,29 @@ def main(argv=None):
     t_ours, t_theirs = timeit([lambda: run(ours, step_ours), lambda: run(theirs, step_theirs)], args, device)
     H, Fh, E, k, T = args.hidden, args.ffn, args.experts, args.top_k, args.tokens
     flops = 3 * (k * 3 * 2 * H * Fh + 2 * H * E) * T          # per rank per fwd+bwd
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for_device(device, args.dtype)
+    import megamoe.ops.permute as perm
+    backend = ours.experts.select_backend(x.view(-1, H))
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world, "ep": world,
            "dtype": args.dtype, "hidden": H, "ffn": Fh, "experts": E, "top_k": k, "tokens_per_rank": T,
+           "megamoe_experts_backend": backend, "permute_backend": perm.select_backend(device),
+           "megatron_experts": their_kind,
            "megamoe_ms": t_ours * 1e3, "megatron_ms": t_theirs * 1e3,
            "megamoe_tokens_per_s": T * world / t_ours, "megatron_tokens_per_s": T * world / t_theirs,
-           "speedup_vs_megatron": t_theirs / t_ours, "max_rel_output_diff": err}
-    if device.type == "cuda":
-        for name, t in (("megamoe", t_ours), ("megatron", t_theirs)):
-            res[f"{name}_tflops_per_device"] = flops / t / 1e12
-            res[f"{name}_mfu"] = flops / t / (args.peak_tflops * 1e12)
+           "speedup_vs_megatron": t_theirs / t_ours, "max_rel_output_diff": err, "peak_flops": peak}
+    for name, t in (("megamoe", t_ours), ("megatron", t_theirs)):
+        res[f"{name}_tflops_per_device"] = flops / t / 1e12
+        res[f"{name}_mfu"] = flops / t / peak if peak else None
     if rank == 0:
-        import megamoe.ops.permute as perm
         print(f"MoE layer fwd+bwd | {res['device']} x{world} (EP {world}) | {args.dtype} | H {H}, {E} experts of "
-              f"{Fh}, top-{k}, {T} tokens/rank | permute backend: {perm.select_backend(device)}")
+              f"{Fh}, top-{k}, {T} tokens/rank | megamoe: experts {backend}, permute {res['permute_backend']} | "
+              f"megatron-core: {their_kind}")
         for name in ("megamoe", "megatron"):
-            line = (f"  {name:9s} {res[name + '_ms']:9.2f} ms   {res[name + '_tokens_per_s']:12,.0f} tokens/s")
-            if device.type == "cuda":
-                line += f"   {res[name + '_tflops_per_device']:7.1f} TFLOP/s/device   MFU {res[name + '_mfu']:.1%}"
-            print(line)
-        print(f"  megamoe / megatron-core throughput: {res['speedup_vs_megatron']:.2f}x"
+            mfu = res[name + "_mfu"]
+            print(f"  {name:9s} {res[name + '_ms']:9.2f} ms   {res[name + '_tokens_per_s']:12,.0f} tokens/s   "
+                  f"{res[name + '_tflops_per_device']:8.3g} TFLOP/s/device   "
+                  + (f"MFU {mfu:.1%}" if mfu is not None else "MFU n/a (unknown peak)"))
+        print(f"  megamoe / megatron-core ({their_kind}) throughput: {res['speedup_vs_megatron']:.2f}x"
               + (f"   (outputs agree to {err:.1e} relative)" if err is not None else ""))
         if args.json:
             with open(args.json, "w") as f:
