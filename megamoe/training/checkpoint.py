@@ -11,27 +11,39 @@ Layout of `<root>` (checkpoint.dir):
         rank_00000.json         per-rank state: data-loader state, python/numpy RNG
         rank_00000_rng.safetensors   per-rank torch CPU/CUDA RNG and megatron's RNG-tracker states
         COMPLETE                written last
-    step_00000120.tmp/          a save in progress (or one killed midway): never read, removed by the next save
+    step_00000120.tmp/          a save in progress (or one killed midway): never read. Its OWNER file names the
+                                saving process (`pid@host`); the next save removes it once that process is gone,
+                                and leaves it alone while it lives (another run saving into the same directory)
 
 Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 writes COMPLETE, renames the directory to
 `step_N` (a single rename) and only then rewrites `latest`. A crash at any point leaves the previous checkpoint
-and `latest` untouched. `find_latest` also skips a `latest` that names a missing/incomplete directory and falls back
-to the newest complete one.
+and `latest` untouched.
+
+Resume (`find_latest`): the checkpoint `latest` names, then the other complete ones newest first; the first that
+passes `validate_checkpoint` (train_state.json, every rank's state, megatron's metadata and common state, every
+.distcp file as long as the tensor index says) is used. A bad one is named in a warning with the file and what is
+wrong with it; when none passes, a CheckpointError lists them all.
 
 Resharding: model tensors are saved as ShardedTensors with their GLOBAL shapes (TP-split parameters carry their
 partition axis; experts their global names), optimizer state in megatron's fully reshardable format
-(megamoe/training/resharding.py), so a checkpoint loads into another TP/EP/DP layout. Trust: dist_checkpointing writes its metadata (and its "common" state) with pickle, so load
-only checkpoints your own runs wrote. Everything of ours is JSON or safetensors.
+(megamoe/training/resharding.py), so a checkpoint loads into another TP/EP/DP layout.
+
+Trust: dist_checkpointing writes its tensor index (`.metadata`) and its "common" state with pickle. They are read
+back through megamoe.training.safe_load (an allowlist unpickler, torch.load(weights_only=True)), so a crafted
+checkpoint cannot run code: it is refused with the file and the forbidden global named. Everything of ours is JSON
+or safetensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -41,18 +53,25 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing import ShardedTensor
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from megamoe.compat.cpu import cuda_to_cpu
 from megamoe.errors import CheckpointError
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, owner_alive, owner_tag, parse_owner
+from megamoe.formats.safetensors_io import SafetensorsReader
+from megamoe.training import safe_load
 from megamoe.training.optim import unwrap
 from megamoe.training.resharding import load_optimizer_state, optimizer_sharded_state_dict
 
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["CheckpointManager", "model_sharded_state_dict", "capture_rng", "restore_rng"]
+__all__ = ["CheckpointManager", "model_sharded_state_dict", "capture_rng", "restore_rng", "validate_checkpoint"]
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+RANK_RE = re.compile(r"^rank_(\d{5})\.json$")
+OWNER = "OWNER"          # in a step_N.tmp directory: `pid@host` of the process saving into it
+STALE_UNOWNED_S = 60     # a .tmp directory without OWNER older than this is a leftover (OWNER is written at once)
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -86,7 +105,10 @@ def from_jsonable(x):
         if "__ndarray__" in x:
             return np.asarray(x["__ndarray__"], dtype=x["dtype"])
         if "__tensor__" in x:
-            return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
+            dt = getattr(torch, str(x["dtype"]), None)
+            if not isinstance(dt, torch.dtype):
+                raise ValueError(f"{x['dtype']!r} is not a torch dtype")
+            return torch.tensor(x["__tensor__"], dtype=dt)
         if "__tuple__" in x:
             return tuple(from_jsonable(v) for v in x["__tuple__"])
         return {k: from_jsonable(v) for k, v in x.items()}
@@ -187,6 +209,68 @@ def _init_empty_optimizer_state(opt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# validation (before a resume trusts a checkpoint)
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def validate_checkpoint(path: str) -> dict:
+    """Check that checkpoint directory `path` is whole before a resume loads it: COMPLETE; train_state.json (its
+    step matching the directory's name); every saved rank's rank_NNNNN.json and _rng.safetensors; megatron's
+    metadata.json (torch_dist), `.metadata` (through the restricted unpickler) and common.pt (weights only); every
+    .distcp file at least as long as the tensor index says. Returns the train state; raises CheckpointError naming
+    the first bad file and what is wrong with it. Reads only metadata and small files, never the tensors."""
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
+    ts_path = os.path.join(path, "train_state.json")
+    ts = _read_json(ts_path)
+    m = STEP_RE.match(os.path.basename(path.rstrip("/")))
+    if not isinstance(ts, dict) or not isinstance(ts.get("step"), int) or not isinstance(ts.get("tokens"), int):
+        raise CheckpointError(f"{ts_path}: lacks the integer fields step and tokens")
+    if m and int(m.group(1)) != ts["step"]:
+        raise CheckpointError(f"{ts_path}: says step {ts['step']}, the directory is {os.path.basename(path)}")
+    names = os.listdir(path)
+    ranks = sorted(int(r.group(1)) for r in map(RANK_RE.match, names) if r)
+    world = ts.get("world_size")
+    if not isinstance(world, int) or world < 1:  # written before world_size was recorded: the rank files found
+        world = (ranks[-1] + 1) if ranks else 0
+    for r in range(world):
+        rj = os.path.join(path, f"rank_{r:05d}.json")
+        st = _read_json(rj)
+        if not isinstance(st, dict) or "rng" not in st:
+            raise CheckpointError(f"{rj}: lacks the rank's RNG state")
+        SafetensorsReader(os.path.join(path, f"rank_{r:05d}_rng.safetensors")).close()
+    cfg = _read_json(os.path.join(path, "metadata.json"))
+    if not isinstance(cfg, dict) or cfg.get("sharded_backend") != "torch_dist" or cfg.get("common_backend") != "torch":
+        raise CheckpointError(f"{os.path.join(path, 'metadata.json')}: backend {cfg!r}; megamoe writes and reads "
+                              "torch_dist checkpoints only")
+    md = safe_load.read_metadata(os.path.join(path, ".metadata"))
+    need = {}
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel:
+            raise CheckpointError(f"{os.path.join(path, '.metadata')}: names a data file {rel!r} outside the "
+                                  "checkpoint directory")
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{f}: missing (the tensor index of {path} lists it)")
+        size = os.path.getsize(f)
+        if size < end:
+            raise CheckpointError(f"{f}: truncated: {size} bytes, the tensor index needs {end}")
+    safe_load.load_common(path)
+    return ts
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 class CheckpointManager:
     def __init__(self, root: str, keep_last: int = 3):
@@ -202,15 +286,35 @@ class CheckpointManager:
         return [os.path.join(self.root, n) for n in names]
 
     def find_latest(self) -> str | None:
+        """The checkpoint to resume from: the one `latest` names, else the newest complete one, skipping any that
+        fails `validate_checkpoint` (each named in a warning). None when there is no checkpoint at all;
+        CheckpointError listing every bad one when none is whole."""
+        order = []
         p = os.path.join(self.root, "latest")
         if os.path.isfile(p):
             name = open(p).read().strip()
             cand = os.path.join(self.root, name)
             if STEP_RE.match(name) and os.path.isfile(os.path.join(cand, "COMPLETE")):
-                return cand
-            log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", p, name)
-        done = self.complete_checkpoints()
-        return done[-1] if done else None
+                order.append(cand)
+            elif _rank() == 0:
+                log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", p, name)
+        order += [c for c in reversed(self.complete_checkpoints()) if c not in order]
+        bad = []
+        for cand in order:
+            try:
+                validate_checkpoint(cand)
+            except CheckpointError as e:
+                bad.append(str(e))
+                if _rank() == 0:
+                    log.warning("--resume: skipping %s: %s", os.path.basename(cand), e)
+                continue
+            if bad and _rank() == 0:
+                log.warning("--resume: falling back to %s (%d newer checkpoint%s unusable, named above)",
+                            os.path.basename(cand), len(bad), "s" if len(bad) > 1 else "")
+            return cand
+        if bad:
+            raise CheckpointError(f"{self.root}: no checkpoint can be resumed from: " + "; ".join(bad))
+        return None
 
     # ---- save ----
     def save(self, step: int, model, optimizer, train_state: dict, rank_state: dict | None = None) -> str:
@@ -220,10 +324,14 @@ class CheckpointManager:
         rank = _rank()
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            for n in os.listdir(self.root):           # leftovers of a save that was killed
-                if n.endswith(".tmp") and os.path.isdir(os.path.join(self.root, n)):
-                    shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
-            os.makedirs(tmp)
+            self._remove_stale_tmp()
+            try:
+                os.makedirs(tmp)
+            except FileExistsError:
+                raise CheckpointError(f"{tmp}: another live run is saving step {step} into {self.root} "
+                                      f"({self._tmp_owner(tmp)}); two runs must not share checkpoint.dir") from None
+            with open(os.path.join(tmp, OWNER), "w") as f:
+                f.write(owner_tag() + "\n")
         _barrier()
         model_sd = model_sharded_state_dict(model)
         with cuda_to_cpu():
@@ -235,15 +343,51 @@ class CheckpointManager:
         with open(os.path.join(tmp, f"rank_{rank:05d}.json"), "w") as f:
             json.dump({"rng": rng_j, **to_jsonable(rank_state or {})}, f)
         if rank == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                json.dump(to_jsonable({"step": step, **train_state}), f, indent=1)
+                json.dump(to_jsonable({"step": step, **train_state, "world_size": world}), f, indent=1)
         _barrier()
         if rank == 0:
             self._finalize(tmp, final, name)
         _barrier()
         return final
 
+    @staticmethod
+    def _tmp_owner(tmp: str) -> str:
+        try:
+            with open(os.path.join(tmp, OWNER)) as f:
+                return f"saved by {f.read().strip()}"
+        except OSError:
+            return "owner unknown"
+
+    def _remove_stale_tmp(self):
+        """Remove the step_N.tmp directories of saves whose process is gone (a killed run); leave those whose OWNER
+        process is alive (another run saving here) or on another host, and unowned ones younger than
+        STALE_UNOWNED_S (a save that has not written its OWNER file yet)."""
+        for n in os.listdir(self.root):
+            d = os.path.join(self.root, n)
+            if not (n.endswith(".tmp") and STEP_RE.match(n[:-4]) and os.path.isdir(d)):
+                continue
+            try:
+                with open(os.path.join(d, OWNER)) as f:
+                    owner = parse_owner(f.read())
+            except OSError:
+                owner = None
+            if owner is not None and owner_alive(*owner):
+                log.warning("%s: left alone, its save is still running (pid %d on %s)", d, *owner)
+                continue
+            if owner is None:
+                try:
+                    if time.time() - os.path.getmtime(d) < STALE_UNOWNED_S:
+                        continue
+                except OSError:
+                    continue
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed %s, a save killed midway", d)
+
     def _finalize(self, tmp: str, final: str, name: str):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(tmp, OWNER))
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write(name + "\n")
         old = None
@@ -264,9 +408,9 @@ class CheckpointManager:
 
     # ---- load ----
     def load(self, path: str, model, optimizer) -> tuple[dict, dict]:
-        """Load model and optimizer in place; restore this rank's RNG. Returns (train_state, rank_state)."""
-        if not os.path.isfile(os.path.join(path, "COMPLETE")):
-            raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
+        """Load model and optimizer in place; restore this rank's RNG. Returns (train_state, rank_state).
+        Nothing in the directory is executed (safe_load); CheckpointError names a bad file."""
+        validate_checkpoint(path)
         rank = _rank()
         model_sd = model_sharded_state_dict(model)
         with cuda_to_cpu():
@@ -274,19 +418,33 @@ class CheckpointManager:
             if optimizer is not None:
                 _init_empty_optimizer_state(optimizer)
                 sd["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
-            loaded = dist_checkpointing.load(sd, path)
+            try:
+                loaded = safe_load.load(sd, path)
+            except CheckpointError:
+                raise
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - megatron/torch about the files' content
+                raise CheckpointError(f"{path}: the model/optimizer state does not load ({type(e).__name__}: "
+                                      f"{str(e)[:300]})") from e
             with torch.no_grad():
                 unwrap(model).load_state_dict(loaded["model"], strict=False)
                 if optimizer is not None:
                     load_optimizer_state(optimizer, loaded["optimizer"])  # one `step` per parameter
-        with open(os.path.join(path, "train_state.json")) as f:
-            train_state = from_jsonable(json.load(f))
+        ts_path = os.path.join(path, "train_state.json")
+        try:
+            train_state = from_jsonable(_read_json(ts_path))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{ts_path}: {e}") from None
         rank_json = os.path.join(path, f"rank_{rank:05d}.json")
         rank_state = {}
         if os.path.isfile(rank_json):          # same world size: restore this rank's RNG and data state
-            with open(rank_json) as f:
-                rank_state = from_jsonable(json.load(f))
-            restore_rng(load_file(os.path.join(path, f"rank_{rank:05d}_rng.safetensors")), rank_state.pop("rng"))
+            try:
+                rank_state = from_jsonable(_read_json(rank_json))
+                restore_rng(load_file(os.path.join(path, f"rank_{rank:05d}_rng.safetensors")), rank_state.pop("rng"))
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged rank state
+                raise CheckpointError(f"{rank_json}: this rank's state does not restore ({type(e).__name__}: "
+                                      f"{e})") from None
         else:
             log.warning("%s has no state for rank %d (another world size): RNG and data order start fresh", path, rank)
         return train_state, rank_state
