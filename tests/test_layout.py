@@ -25,6 +25,7 @@ LAYERS = [
     ["layers"],
     ["moe"],
     ["model", "interchange"],
+    ["eval"],
     ["training"],
     ["train", "quickstart", "cli"],
 ]
