@@ -48,7 +48,9 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16.1",
         "numpy",
+        "scipy",  # construct/partition.py (eigsh), construct/pipeline.py (linear_sum_assignment)
         "sentencepiece",
+        "tokenizers",
         "pybind11",
         "triton; platform_system == 'Linux'",
         "safetensors",
@@ -63,6 +65,11 @@ setup(
         "test": ["pytest", "hypothesis"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # optional accelerators and integrations: used when installed, one log line says which path runs
+        "flash-attn": ["flash-attn"],
+        "te": ["transformer-engine"],
+        "zstd": ["zstandard"],            # .jsonl.zst inputs
+        "lm-eval": ["lm-eval"],           # the lm-evaluation-harness backend (megamoe.eval)
     },
     entry_points={"console_scripts": [
         "megamoe-train=megamoe.train:main",
