@@ -125,6 +125,8 @@ def test_layouts_match_single_process(two_node_layouts):
     assert rcs == [0, 0], "\n-----\n".join(o[-3000:] for o in outs)
     for case in ("rank 1 experts get no tokens", "rank 1 sends no tokens", "uneven"):
         assert f"dispatcher ({case}): input and weight grads" in text
+    for layout in ("ep2", "tp2etp2sp"):  # router weights applied in the experts, carried through all-to-all / all-gather
+        assert f"OK dispatcher probs in experts ({layout}): input and router-weight grads" in text
     for layout in LAYOUTS_2:
         for m in ("mixtral", "llamamoe"):
             assert f"OK {layout}/{m} gradients of all" in text, f"{layout}/{m}: gradient check did not run"

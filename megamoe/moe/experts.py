@@ -275,6 +275,23 @@ class Experts(nn.Module):
         return merge
 
 
+def per_expert_items(model: nn.Module, values: dict) -> dict:
+    """{parameter name: tensor shaped like the parameter} (e.g. gradients, optimizer moments) -> the same keyed by
+    state-dict names: each stacked expert tensor becomes per-expert views `{prefix}{e}.{gate,up,down}_proj.weight`
+    (what a per-expert reference, `local_slice` or a checkpoint compares against); other entries unchanged."""
+    out = dict(values)
+    for prefix, sub in model.named_modules():
+        if isinstance(sub, Experts):
+            pre = prefix + "." if prefix else ""
+            gu, dn = out.pop(pre + "gate_up", None), out.pop(pre + "down", None)
+            if gu is None or dn is None:
+                continue
+            for i, e in enumerate(sub.local_ids):
+                for proj, view in zip(PROJ, sub.views(i, gu, dn)):
+                    out[f"{pre}{e}.{proj}.weight"] = view
+    return out
+
+
 class ExpertView:
     """`experts[e]`: expert e's weights as views of the stacked parameters (`.gate_proj.weight` [F, H],
     `.up_proj.weight`, `.down_proj.weight` [H, F]; in-place writes under no_grad reach the parameters) and its

@@ -110,6 +110,7 @@ def train_step(ddp, opt, batch, collect_grads=False):
     from megatron.core.distributed import finalize_model_grads
 
     from megamoe.compat.cpu import cuda_to_cpu
+    from megamoe.moe.experts import per_expert_items
     from megamoe.training.optim import guarded_step
     ddp.zero_grad_buffer()
     opt.zero_grad()
@@ -120,7 +121,9 @@ def train_step(ddp, opt, batch, collect_grads=False):
         finalize_model_grads([ddp])
         grads = None
         if collect_grads:
-            grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+            # stacked expert gradients as per-expert views: comparable across EP/ETP layouts by name
+            grads = per_expert_items(ddp.module, {n: p.main_grad.detach().clone()
+                                                  for n, p in ddp.module.named_parameters()})
         ok, gn = guarded_step(opt)
     assert ok
     t = torch.tensor([float(out.loss), float(out.lm_loss), float(out.aux_loss)], dtype=torch.float64)
@@ -221,7 +224,7 @@ def run_layout(chk, ref, layout, model_names, distopt=True):
             chk.close(f"{tag} step {i + 1} grad norm", gn, r["norms"][i])
             if want_grads:
                 check_same_over_world(chk, f"{tag} loss identical on all ranks", loss)
-                local = dict(model.named_parameters())
+                local = model.state_dict(keep_vars=True)     # per-expert views carry the sharding attributes
                 bad = []
                 for n, g in grads.items():
                     want = local_slice(n, local[n], r["grads"][n])
@@ -280,6 +283,54 @@ def dispatcher_edge_cases(chk):
                   torch.cat([x2.grad.flatten(), w2.grad.flatten()]), rtol=1e-12, atol=1e-12)
 
 
+def dispatcher_probs_in_experts(chk):
+    """The router weights applied in the experts ("memory-efficient permutation": they travel with the rows through
+    the all-to-all, the expert-TP all-gather and the chunk sort) against the weighted combine of LocalDispatcher,
+    under EP2 and under expert-TP 2 (each expert-TP rank computes half of each expert's output). Experts here are
+    linear, y = x W_e, so where the weight is applied does not change the value."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megamoe.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
+    from megamoe.moe.router import Routing
+    E, H, k = 4, 8, 2
+    for layout in ("ep2", "tp2etp2sp"):
+        set_layout(layout)
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        etp = ps.get_expert_tensor_parallel_world_size()
+        local_ids = list(range(ep_rank * E // ep, (ep_rank + 1) * E // ep))
+        torch.manual_seed(3)
+        W = torch.randn(E, H, H, dtype=torch.float64)
+        g = torch.Generator().manual_seed(21 + dist.get_rank())
+        T = 7 + 2 * dist.get_rank()
+        x = torch.randn(T, H, generator=g, dtype=torch.float64, requires_grad=True)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g, dtype=torch.float64, requires_grad=True)
+        d = AllToAllDispatcher(E, local_ids)
+        y_in, counts, h = d.dispatch(x, Routing(idx, w, None, None, None), probs_in_experts=True)
+        assert h.row_probs is not None and h.row_probs.shape == (y_in.shape[0],)
+        outs, start = [], 0
+        for e, n in zip(local_ids, counts):
+            rows = slice(start, start + n)
+            outs.append((y_in[rows] @ W[e]) * h.row_probs[rows, None] / etp)
+            start += n
+        y = d.combine(torch.cat(outs), h)
+        (y * torch.arange(1, H + 1, dtype=torch.float64)).sum().backward()
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        ld = LocalDispatcher(E)
+        yi, c2, h2 = ld.dispatch(x2, Routing(idx, w2, None, None, None))
+        outs, start = [], 0
+        for e, n in enumerate(c2.tolist()):
+            outs.append(yi[start:start + n] @ W[e])
+            start += n
+        y2 = ld.combine(torch.cat(outs), h2)
+        (y2 * torch.arange(1, H + 1, dtype=torch.float64)).sum().backward()
+        chk.close(f"dispatcher probs in experts ({layout}): output", y.detach(), y2.detach(), rtol=1e-12, atol=1e-12)
+        chk.close(f"dispatcher probs in experts ({layout}): input and router-weight grads",
+                  torch.cat([x.grad.flatten(), w.grad.flatten()]), torch.cat([x2.grad.flatten(), w2.grad.flatten()]),
+                  rtol=1e-12, atol=1e-12)
+
+
 def layouts(out_dir, names):
     from megamoe.parallel import init_distributed
     init_distributed()
@@ -289,6 +340,7 @@ def layouts(out_dir, names):
         layout, _, only = item.partition(":")
         if layout == "dispatcher":
             dispatcher_edge_cases(chk)
+            dispatcher_probs_in_experts(chk)
             continue
         run_layout(chk, ref, layout, [only] if only else list(ref), distopt=not only)
     return chk.failed
