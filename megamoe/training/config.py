@@ -8,8 +8,11 @@ Sections (all optional; see configs/*.yaml and docs/training.md):
   model       ModelConfig (megamoe.config); None: taken from `init` (our shard manifest or the HF config.json)
   init        where the weights come from: random | megamoe (our shards) | hf (a dense HF LLaMA directory)
   parallel    ParallelConfig (tp, ep, etp, sequence_parallel, distributed_optimizer)
-  data        the domain mixture (dataset prefixes per domain, weights or a preset, sequence length, dynamic weights)
+  data        the domain mixture (dataset prefixes per domain, weights or a preset, sequence length, dynamic weights);
+              `format: chat` for SFT (a chat manifest: response-only loss, packing or padding)
   optim       AdamW + warmup/cosine schedule + clipping (the llama-moe CPT recipe by default)
+  stages      optional list of training stages (SFT's two-stage recipe, or CPT phases): each with its data mixture,
+              steps or tokens, lr schedule (overrides of `optim`), frozen routers; see `StageConfig`
   train       steps, global batch in tokens, micro-batch size, precision, activation checkpointing, NaN guard
   eval        validation every N steps (loss and perplexity per domain)
   checkpoint  directory, interval, keep-last-K, resume
@@ -19,6 +22,8 @@ Sections (all optional; see configs/*.yaml and docs/training.md):
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -28,12 +33,15 @@ import yaml
 from megamoe.config import ModelConfig, ParallelConfig, apply_overrides, from_dict, read_yaml
 from megamoe.errors import ConfigError
 from megamoe.fileio import atomic_write_text
+from megamoe.training.schedule import LRSchedule
 
-__all__ = ["TrainConfig", "InitConfig", "DataConfig", "OptimConfig", "LoopConfig", "EvalConfig",
-           "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config"]
+__all__ = ["TrainConfig", "InitConfig", "DataConfig", "EmbeddedChatConfig", "OptimConfig", "StageConfig", "Stage",
+           "LoopConfig", "EvalConfig", "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config",
+           "build_schedule", "warmup_steps_of"]
 
 INIT_SOURCES = ("random", "megamoe", "hf")
 DECAY_STYLES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("text", "chat")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # a resolved precision -> ModelConfig.params_dtype
 
@@ -67,8 +75,21 @@ class InitConfig:
 
 
 @dataclass
+class EmbeddedChatConfig:
+    """`data.build_embedded_chat`: when `data.manifest` does not exist yet, build the embedded chat set
+    (megamoe.data.chat_corpus: Python docstrings and man pages as `general`, worked arithmetic as `math`) into
+    `<manifest dir>/jsonl/` and tokenize it (tools/preprocess_data.py --format chat --per-domain) into the manifest's
+    directory. Deterministic; rank 0 builds, the others wait."""
+    tokenizer: str = "smollm2"        # "smollm2": the embedded SmolLM2-135M-Instruct (its chat template); or an HF dir
+    general: int = 400                # training conversations per domain
+    math: int = 400
+    seed: int = 1234
+    workers: int = 1
+
+
+@dataclass
 class DataConfig:
-    """The multi-domain corpus (megamoe.data.DomainMixture).
+    """The multi-domain corpus (megamoe.data.DomainMixture), or chat data for SFT (megamoe.data.SFTMixture).
 
     `prefixes`: domain -> megatron dataset prefix (path without .bin/.idx) of the training split.
     `valid_prefixes`: domain -> prefix of the validation split (None: no evaluation).
@@ -76,7 +97,13 @@ class DataConfig:
     `manifest`: instead of prefixes, the manifest.json of `tools/preprocess_data.py --per-domain` (train and
     held-out valid prefixes of every domain).
     `dynamic`: update the domain weights at every evaluation (Sheared-LLaMA rule; needs `reference_losses`:
-    a dict domain -> loss, or "llama2_7b")."""
+    a dict domain -> loss, or "llama2_7b").
+    `format`: "text" (pre-training documents, every token trained) or "chat" (the manifest of
+    `tools/preprocess_data.py --format chat`: loss on assistant tokens only; `pack` conversations into rows with
+    attention kept inside each, or one conversation per row, padded)."""
+    format: str = "text"
+    pack: bool = True
+    build_embedded_chat: EmbeddedChatConfig | None = None
     manifest: str | None = None
     prefixes: dict | None = None
     valid_prefixes: dict | None = None
@@ -96,13 +123,66 @@ class OptimConfig:
     lr: float = 2e-4
     min_lr_ratio: float = 0.1          # the floor, as a fraction of lr
     warmup_steps: int = 100
-    decay_steps: int | None = None     # None: train.steps
+    warmup_ratio: float | None = None  # a fraction of the (stage's) steps, rounded up; wins over warmup_steps when set
+    decay_steps: int | None = None     # None: train.steps (a stage's own steps within a stage)
     decay_style: str = "cosine"        # cosine | linear | constant
     weight_decay: float = 0.1          # not applied to norms and biases (1-D parameters)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0             # 0: no clipping
+
+
+@dataclass
+class StageConfig:
+    """One training stage (top-level `stages:` list). Stages run in order, each for `steps` optimizer steps (or
+    `tokens` / train.global_batch_tokens, rounded up); train.steps becomes their sum.
+
+    `mixture`: dataset -> weight over the domains of data.manifest (or data.prefixes), e.g. {math: 0.7, general:
+    0.3}; domains left out get weight 0; None keeps data.weights. Weights are >= 0 with a positive sum (normalised).
+    `optim`: overrides of the optim section for this stage (lr, warmup_steps or warmup_ratio, decay_style,
+    min_lr_ratio, weight_decay, ...); the schedule restarts at the stage's first step and decays over its steps.
+    `freeze_routers`: every router's parameters (names containing ".router.") get no update in this stage
+    (LLaMA-MoE v2's freeze_gate): they leave megatron's gradient buffers and the optimizer, so they stay
+    bit-identical. `reset_optimizer`: start the stage with fresh AdamW moments, as a separate run from the previous
+    stage's weights does (v2's recipe); false keeps them (only when freeze_routers equals the previous stage's)."""
+    name: str | None = None
+    mixture: dict | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    optim: dict | None = None
+    freeze_routers: bool = False
+    reset_optimizer: bool = True
+
+
+@dataclass
+class Stage:
+    """A resolved stage: global steps [start, end), its optimizer settings and data weights."""
+    index: int
+    name: str
+    start: int
+    end: int
+    optim: OptimConfig
+    weights: dict | None
+    freeze_routers: bool
+    reset_optimizer: bool
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+def warmup_steps_of(optim: OptimConfig, steps: int) -> int:
+    """optim.warmup_ratio * steps rounded up when a ratio is set (as HF's get_warmup_steps), else warmup_steps."""
+    if optim.warmup_ratio is not None:
+        return int(math.ceil(optim.warmup_ratio * steps))
+    return optim.warmup_steps
+
+
+def build_schedule(optim: OptimConfig, steps: int) -> LRSchedule:
+    """The LR schedule of `steps` optimizer steps (a run without stages, or one stage) under `optim`."""
+    return LRSchedule(optim.lr, warmup_steps_of(optim, steps), optim.decay_steps or steps, optim.min_lr_ratio,
+                      optim.decay_style, optim.weight_decay)
 
 
 @dataclass
@@ -125,6 +205,8 @@ class EvalConfig:
     at_end: bool = True
     at_start: bool = False             # evaluate before the first step (not on resume): the "before" numbers
     plots: bool = True                 # routing heat-maps at each evaluation (matplotlib)
+    sample_tokens: int = 48            # chat data: greedy reply to the first held-out prompt(s) of each domain at the
+    samples_per_domain: int = 1        #   end of every stage (0 tokens: none), in metrics.jsonl and on the console
 
 
 @dataclass
@@ -157,6 +239,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    stages: list | None = None         # list of StageConfig (see there); None: one stage of train.steps
 
     @property
     def checkpoint_dir(self) -> str:
@@ -167,7 +250,86 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return from_dict(cls, d)
+        d = dict(d) if isinstance(d, dict) else d
+        stages = d.pop("stages", None) if isinstance(d, dict) else None
+        cfg = from_dict(cls, d)
+        if stages is not None:
+            if not isinstance(stages, list) or not stages:
+                raise ConfigError("stages: expected a non-empty list of stages (name, mixture, steps or tokens, "
+                                  "optim, freeze_routers)")
+            cfg.stages = [from_dict(StageConfig, s, f"stages[{i}]") for i, s in enumerate(stages)]
+        return cfg
+
+    # ---- stages ----
+    def stage_plan(self) -> list[Stage]:
+        """The resolved stages (one implicit stage "main" of train.steps without a `stages:` list). Sets
+        train.steps to the sum of the stages' steps. Raises ConfigError naming the field."""
+        if not self.stages:
+            return [Stage(0, "main", 0, self.train.steps, self.optim,
+                          self.data.weights if isinstance(self.data.weights, dict) else None, False, True)]
+        plan, start, names = [], 0, set()
+        base = dataclasses.asdict(self.optim)
+        for i, st in enumerate(self.stages):
+            where = f"stages[{i}]"
+            name = st.name or f"stage{i + 1}"
+            if name in names:
+                raise ConfigError(f"{where}.name: {name!r} names two stages")
+            names.add(name)
+            if (st.steps is None) == (st.tokens is None):
+                raise ConfigError(f"{where}: give exactly one of steps or tokens")
+            if st.steps is not None and st.steps < 1:
+                raise ConfigError(f"{where}.steps: {st.steps} must be >= 1")
+            if st.tokens is not None and st.tokens < 1:
+                raise ConfigError(f"{where}.tokens: {st.tokens} must be >= 1")
+            steps = st.steps if st.steps is not None else -(-st.tokens // max(1, self.train.global_batch_tokens))
+            if st.optim is not None and not isinstance(st.optim, dict):
+                raise ConfigError(f"{where}.optim: expected a mapping of optim fields")
+            optim = from_dict(OptimConfig, {**base, **(st.optim or {})}, f"{where}.optim")
+            _validate_optim(optim, f"{where}.optim")
+            weights = None
+            if st.mixture is not None:
+                if not isinstance(st.mixture, dict) or not st.mixture:
+                    raise ConfigError(f"{where}.mixture: expected a mapping dataset -> weight, e.g. "
+                                      "{math: 0.7, general: 0.3}")
+                for k, v in st.mixture.items():
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                        raise ConfigError(f"{where}.mixture.{k}: {v!r} must be a number >= 0")
+                if sum(st.mixture.values()) <= 0:
+                    raise ConfigError(f"{where}.mixture: the weights {st.mixture} do not sum to a positive number")
+                weights = {str(k): float(v) for k, v in st.mixture.items()}
+            if st.freeze_routers and self.model is not None and self.model.moe is None:
+                raise ConfigError(f"{where}.freeze_routers: the model has no routers (a dense model: model.moe is "
+                                  "null)")
+            if not st.reset_optimizer and i > 0 and st.freeze_routers != self.stages[i - 1].freeze_routers:
+                raise ConfigError(f"{where}.reset_optimizer: false needs the same freeze_routers as the stage before "
+                                  "(the optimizer's parameters change)")
+            plan.append(Stage(i, name, start, start + steps, optim, weights, st.freeze_routers, st.reset_optimizer))
+            start += steps
+        self.train.steps = start
+        return plan
+
+    def data_domains(self) -> list[str] | None:
+        """The domains of the configured data (manifest or prefixes), None when not known without the data."""
+        if self.data.prefixes:
+            return sorted(self.data.prefixes)
+        if self.data.manifest and os.path.isfile(self.data.manifest):
+            try:
+                with open(self.data.manifest) as f:
+                    return sorted(json.load(f).get("domains", {}))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.manifest: {self.data.manifest} is not a readable manifest ({e})") from None
+        return None
+
+    def validate_stage_data(self) -> None:
+        """Stage mixtures name datasets of the data (once the manifest exists)."""
+        domains = self.data_domains()
+        if domains is None or not self.stages:
+            return
+        for i, st in enumerate(self.stages):
+            for k in st.mixture or {}:
+                if k not in domains:
+                    raise ConfigError(f"stages[{i}].mixture.{k}: no dataset {k!r} in "
+                                      f"{self.data.manifest or 'data.prefixes'} (datasets: {', '.join(domains)})")
 
     def validate(self) -> "TrainConfig":
         def pos(path, v, allow_zero=False):
@@ -185,11 +347,29 @@ class TrainConfig:
             except ConfigError as e:
                 raise ConfigError(f"model.{e}") from None
         pos("data.seq_len", self.data.seq_len)
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format: {self.data.format!r} is not one of {DATA_FORMATS}")
+        ec = self.data.build_embedded_chat
+        if ec is not None:
+            if self.data.format != "chat":
+                raise ConfigError("data.build_embedded_chat: builds chat data; set data.format: chat")
+            if not self.data.manifest or os.path.basename(self.data.manifest) != "manifest.json":
+                raise ConfigError("data.manifest: data.build_embedded_chat writes <dir>/manifest.json; name the "
+                                  "manifest path it should create (e.g. runs/sft/chat_tok/manifest.json)")
+            pos("data.build_embedded_chat.general", ec.general)
+            pos("data.build_embedded_chat.math", ec.math)
+            pos("data.build_embedded_chat.workers", ec.workers)
+        if self.data.format == "chat":
+            if not self.data.manifest:
+                raise ConfigError("data.manifest: chat data (data.format: chat) is read from the manifest of "
+                                  "tools/preprocess_data.py --format chat --per-domain")
+            if self.data.dynamic:
+                raise ConfigError("data.dynamic: dynamic domain weights are for text data (data.format: text)")
         if self.data.prefixes is not None and not isinstance(self.data.prefixes, dict):
             raise ConfigError("data.prefixes: expected a mapping domain -> dataset prefix")
         if self.data.prefixes and self.data.manifest:
             raise ConfigError("data.manifest: give either data.manifest or data.prefixes, not both")
-        if self.data.manifest and not os.path.isfile(self.data.manifest):
+        if self.data.manifest and not os.path.isfile(self.data.manifest) and ec is None:
             raise ConfigError(f"data.manifest: {self.data.manifest} does not exist "
                               "(tools/preprocess_data.py --per-domain writes it)")
         if self.data.prefixes is not None and not self.data.prefixes:
@@ -200,19 +380,7 @@ class TrainConfig:
                 raise ConfigError(f"data.weights: no weight for domain {missing[0]!r}")
         if self.data.dynamic and not self.data.reference_losses:
             raise ConfigError("data.reference_losses: dynamic domain weights need a reference loss per domain")
-        o = self.optim
-        pos("optim.lr", o.lr)
-        if not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio: {o.min_lr_ratio} must be in [0, 1]")
-        pos("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-        if o.decay_style not in DECAY_STYLES:
-            raise ConfigError(f"optim.decay_style: {o.decay_style!r} is not one of {DECAY_STYLES}")
-        pos("optim.weight_decay", o.weight_decay, allow_zero=True)
-        for n in ("beta1", "beta2"):
-            if not 0 <= getattr(o, n) < 1:
-                raise ConfigError(f"optim.{n}: {getattr(o, n)} must be in [0, 1)")
-        pos("optim.eps", o.eps)
-        pos("optim.clip_grad", o.clip_grad, allow_zero=True)
+        _validate_optim(self.optim, "optim")
         t = self.train
         pos("train.steps", t.steps)
         pos("train.global_batch_tokens", t.global_batch_tokens)
@@ -229,6 +397,8 @@ class TrainConfig:
         pos("eval.interval", self.eval.interval, allow_zero=True)
         pos("eval.batches", self.eval.batches)
         pos("eval.batch_size", self.eval.batch_size)
+        pos("eval.sample_tokens", self.eval.sample_tokens, allow_zero=True)
+        pos("eval.samples_per_domain", self.eval.samples_per_domain, allow_zero=True)
         pos("checkpoint.interval", self.checkpoint.interval, allow_zero=True)
         pos("checkpoint.keep_last", self.checkpoint.keep_last)
         pos("log.interval", self.log.interval)
@@ -236,6 +406,8 @@ class TrainConfig:
         if self.log.peak_flops is not None:
             pos("log.peak_flops", self.log.peak_flops)
         self.parallel.validate(self.model)
+        self.stage_plan()
+        self.validate_stage_data()
         return self
 
     def micro_batches_per_step(self, dp_size: int) -> int:
@@ -245,6 +417,26 @@ class TrainConfig:
             raise ConfigError(f"train.global_batch_tokens: {self.train.global_batch_tokens} is not a multiple of "
                               f"micro_batch_size * seq_len * data-parallel size = {per_step}")
         return self.train.global_batch_tokens // per_step
+
+
+def _validate_optim(o: OptimConfig, where: str) -> None:
+    def pos(name, v, allow_zero=False):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{where}.{name}: {v!r} must be {'>= 0' if allow_zero else '> 0'}")
+    pos("lr", o.lr)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"{where}.min_lr_ratio: {o.min_lr_ratio} must be in [0, 1]")
+    pos("warmup_steps", o.warmup_steps, allow_zero=True)
+    if o.warmup_ratio is not None and not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"{where}.warmup_ratio: {o.warmup_ratio} must be in [0, 1)")
+    if o.decay_style not in DECAY_STYLES:
+        raise ConfigError(f"{where}.decay_style: {o.decay_style!r} is not one of {DECAY_STYLES}")
+    pos("weight_decay", o.weight_decay, allow_zero=True)
+    for n in ("beta1", "beta2"):
+        if not 0 <= getattr(o, n) < 1:
+            raise ConfigError(f"{where}.{n}: {getattr(o, n)} must be in [0, 1)")
+    pos("eps", o.eps)
+    pos("clip_grad", o.clip_grad, allow_zero=True)
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -9,6 +9,18 @@ One step (`train_step`): zero the grad buffers; forward/backward every micro-bat
 grads (data-parallel reduction); average the losses over data-parallel ranks; clip and update unless the loss or the
 gradient norm is non-finite (then the update is skipped and counted by the NaN guard).
 
+Chat data (SFT, `data.format: chat`): the loss is the global token-weighted mean over the trained (assistant) tokens
+of the whole global batch, sum(CE * mask) / N with N counted over all micro-batches and data-parallel ranks (one
+all-reduce of a scalar per step, before the forwards): each micro-batch's forward divides by N / dp, DDP averages
+over dp, so a batch split into micro-batches or over ranks gives the gradient of the same single batch (megatron's
+per-token loss). Mean over micro-batch means instead would weight a token by 1 / (trained tokens of its micro-batch).
+
+Stages (`stages:` in the config, megamoe/training/config.py StageConfig): the loop moves to the next stage at its
+first step by itself -- new data weights, the stage's LR schedule (restarting), and, when it resets the optimizer or
+changes which routers are frozen, a new megatron DDP and optimizer (megamoe/training/stages.py). At the end of each
+stage: an evaluation and, for chat data, generation samples. Checkpoints record the stage and the step in it; a
+resume rebuilds the layout of the stage the checkpoint was written in, then continues exactly.
+
 Writes under `out_dir`: config.yaml (the config in force; also beside the checkpoints), metrics.jsonl,
 tensorboard/ (when installed), plots/ (at each evaluation), checkpoints/ (step_N, latest), final_model/ (our shard
 format), summary.json. SIGTERM saves a checkpoint at the next step boundary and exits; `--resume` continues from
@@ -17,6 +29,7 @@ checkpoints/latest and reproduces the uninterrupted run's losses. See docs/train
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -30,15 +43,16 @@ from megatron.core.distributed import finalize_model_grads
 
 from megamoe import parallel
 from megamoe.compat.cpu import cuda_to_cpu
-from megamoe.data import update_domain_weights
+from megamoe.data import SFTBatch, update_domain_weights
+from megamoe.errors import ConfigError
 from megamoe.fileio import atomic_write_text
 from megamoe.model import LlamaMoEModel
 from megamoe.parallel.collectives import stats_group
 from megamoe.training.checkpoint import CheckpointManager
-from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, cpu_has_native_bf16, resolve_precision,
-                                     save_train_config)
-from megamoe.training.data import build_data
-from megamoe.training.evaluate import evaluate
+from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, build_schedule, cpu_has_native_bf16,
+                                     resolve_precision, save_train_config)
+from megamoe.training.data import build_data, chat_manifest, full_weights, prepare_embedded_chat
+from megamoe.training.evaluate import chat_samples, evaluate
 from megamoe.training.export import export_final_model
 from megamoe.training.init import load_initial_weights, resolve_model_config
 from megamoe.training.metrics import (RouterStatsAccumulator, ThroughputMeter, flops_per_token, mfu,
@@ -47,8 +61,8 @@ from megamoe.training.monitor import Monitor
 from megamoe.training.nan_guard import NonFiniteGuard
 from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_model
 from megamoe.training.plots import plot_run
-from megamoe.training.schedule import LRSchedule
 from megamoe.training.signals import StopSignal
+from megamoe.training.stages import fresh_parameters, set_router_freeze, stage_index
 
 log = logging.getLogger("megamoe.train")
 
@@ -65,6 +79,8 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     cfg.model = model_cfg
     cfg.validate()
     parallel.initialize(cfg.parallel, model_cfg, seed=cfg.train.seed)
+    prepare_embedded_chat(cfg.data)          # data.build_embedded_chat: the chat set, when not built yet
+    cfg.validate_stage_data()                # stage mixtures name datasets of the (now existing) manifest
     return Trainer(cfg, precision, callbacks).fit()
 
 
@@ -90,24 +106,55 @@ def _dp_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _dp_sum(value: float, device) -> float:
+    group = ps.get_data_parallel_group()
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return float(t[0])
+
+
+def _sft_forward(ddp, b: SFTBatch, device, denominator: float):
+    if device is not None:
+        b = SFTBatch(*(t.to(device, non_blocking=True) for t in (b.tokens, b.loss_mask, b.position_ids,
+                                                                  b.segment_ids, b.domain_ids)))
+    out = ddp(b.inputs, labels=b.labels, loss_mask=b.loss_mask, return_logits=False, position_ids=b.position_ids,
+              segment_ids=b.segment_ids, loss_denominator=denominator)
+    return out, b.tokens
+
+
 def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True) -> StepResult:
     """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
-    forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro;
-    finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the data-parallel group;
-    then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient norm skips the update)."""
+    forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro
+    (or an SFTBatch: all micro-batches are drawn first, and the loss is the global token-weighted mean, see the
+    module docstring); finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the
+    data-parallel group; then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient
+    norm skips the update)."""
     ddp.zero_grad_buffer()
     opt.zero_grad()
     lm_sum = aux_sum = 0.0
     stats, batch = [], None
-    for _ in range(n_micro):
-        batch = next_batch()
-        if device is not None:
-            batch = batch.to(device, non_blocking=True)
-        out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-        (out.loss / n_micro).backward()
-        lm_sum += float(out.lm_loss.detach()) / n_micro
-        aux_sum += float(out.aux_loss.detach()) / n_micro
-        stats.append(out.router_stats)
+    first = next_batch()
+    if isinstance(first, SFTBatch):
+        micro = [first] + [next_batch() for _ in range(n_micro - 1)]
+        trained = _dp_sum(sum(float(b.loss_mask.sum()) for b in micro), device or first.tokens.device)
+        denominator = max(trained, 1.0) / ps.get_data_parallel_world_size()
+        for b in micro:
+            out, batch = _sft_forward(ddp, b, device, denominator)
+            (out.lm_loss + out.aux_loss / n_micro).backward()
+            lm_sum += float(out.lm_loss.detach())
+            aux_sum += float(out.aux_loss.detach()) / n_micro
+            stats.append(out.router_stats)
+    else:
+        for i in range(n_micro):
+            batch = first if i == 0 else next_batch()
+            if device is not None:
+                batch = batch.to(device, non_blocking=True)
+            out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+            (out.loss / n_micro).backward()
+            lm_sum += float(out.lm_loss.detach()) / n_micro
+            aux_sum += float(out.aux_loss.detach()) / n_micro
+            stats.append(out.router_stats)
     with cuda_to_cpu():
         finalize_model_grads([ddp])
         lm_loss, aux_loss = _dp_mean([lm_sum, aux_sum], batch.device)
@@ -139,14 +186,21 @@ class Trainer:
             log.info("this CPU computes bf16 natively: train.precision=bf16 trains faster (docs/training.md, "
                      "Precision)")
 
-        # ---- model, optimizer, schedule ----
+        # ---- model, optimizer, schedule (of the stage the run starts or resumes in) ----
+        self.plan = cfg.stage_plan()
+        self.chat = cfg.data.format == "chat"
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        resume_path = self.ckpt.find_latest() if cfg.checkpoint.resume else None
+        resume_step = self._checkpoint_step(resume_path) if resume_path else 0
+        self.stage_idx = stage_index(self.plan, max(resume_step - 1, 0))   # the stage that wrote the checkpoint
+        stage = self.plan[self.stage_idx]
         torch.manual_seed(cfg.train.seed)                           # identical initial weights on every rank
         model = LlamaMoEModel(model_cfg)
         load_initial_weights(cfg, model)
         model.to(self.device)
-        self.ddp = wrap_model(model, model_cfg, cfg.parallel, precision)
-        self.opt = build_optimizer(self.ddp, cfg.optim, cfg.parallel, precision)
-        self.sched = LRSchedule.from_config(cfg.optim, cfg.train.steps)
+        self.model, self.ddp, self.opt = model, None, None
+        self._wrap(stage)
+        self.sched = build_schedule(stage.optim, stage.steps)
         torch.manual_seed(cfg.train.seed + 100_003 * self.dp_rank)  # router noise differs across data-parallel ranks
         self.counts = model_cfg.param_counts()
         self.fpt = flops_per_token(model_cfg, cfg.data.seq_len)
@@ -160,12 +214,13 @@ class Trainer:
 
         # ---- data, state, resume ----
         self.data = build_data(cfg.data, model_cfg.vocab_size, self.dp_rank, dp_size)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        if stage.weights is not None and resume_path is None and cfg.stages:
+            self.data.set_weights(full_weights(stage.weights, self.data.domains))
         self.guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
         self.start_step, self.tokens_seen = 0, 0
         self.last_saved = None
         if cfg.checkpoint.resume:
-            self.resume()
+            self.resume(resume_path)
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             save_train_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
@@ -175,23 +230,98 @@ class Trainer:
         self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
         self.router_acc = RouterStatsAccumulator()
         self.losses: dict[int, float] = {}
-        self.eval_results, self.eval_history = None, []
+        self.eval_results, self.eval_history, self.samples = None, [], []
+        if len(self.plan) > 1:
+            log.info("stages: %s", "; ".join(f"{s.name} steps {s.start + 1}-{s.end}" for s in self.plan))
+
+    # ---- stages ----
+    @property
+    def stage(self):
+        return self.plan[self.stage_idx]
+
+    def _checkpoint_step(self, path: str) -> int:
+        with open(os.path.join(path, "train_state.json")) as f:
+            return int(json.load(f)["step"])
+
+    def _wrap(self, stage):
+        """megatron DDP + optimizer around self.model with this stage's frozen routers and optimizer settings (a
+        second call replaces both: megamoe/training/stages.py)."""
+        cfg = self.cfg
+        if self.ddp is not None:
+            fresh_parameters(self.model)
+            self.ddp = self.opt = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        frozen = set_router_freeze(self.model, stage.freeze_routers)
+        if frozen:
+            log.info("stage %s: %d router parameter tensors frozen", stage.name, frozen)
+        self.ddp = wrap_model(self.model, self.model_cfg, cfg.parallel, self.precision)
+        self.opt = build_optimizer(self.ddp, stage.optim, cfg.parallel, self.precision)
+
+    def enter_stage(self, i: int, step: int):
+        """Move to stage i before its first step `step` (0-based)."""
+        prev, st = self.stage, self.plan[i]
+        if st.reset_optimizer or st.freeze_routers != prev.freeze_routers:
+            self._wrap(st)
+        self.sched = build_schedule(st.optim, st.steps)
+        if st.weights is not None:
+            self.data.set_weights(full_weights(st.weights, self.data.domains))
+        self.stage_idx = i
+        rec = {"kind": "stage", "stage": st.name, "stage_index": i, "step": step, "steps": st.steps,
+               "lr": st.optim.lr, "freeze_routers": st.freeze_routers, "reset_optimizer": st.reset_optimizer,
+               "domain_weights": dict(self.data.weights)}
+        self.monitor.write(rec)
+        self.monitor.message(f"stage {i + 1}/{len(self.plan)} '{st.name}': steps {st.start + 1}-{st.end}, lr "
+                             f"{st.optim.lr:g}, weights " + ", ".join(f"{d} {w:.2f}" for d, w in
+                                                                      self.data.weights.items() if w)
+                             + (", routers frozen" if st.freeze_routers else ""))
+
+    def end_of_stage(self, done: int):
+        """After the last step of a stage that is not the run's last: evaluation and chat samples."""
+        cfg = self.cfg
+        if cfg.eval.at_end or cfg.eval.interval:
+            self.evaluate(done)
+        self.sample(done)
+
+    def sample(self, done: int):
+        """Chat data: greedy replies to held-out prompts (metrics.jsonl rows of kind "sample" and the console)."""
+        cfg = self.cfg
+        if not self.chat or not cfg.eval.sample_tokens or not cfg.eval.samples_per_domain:
+            return
+        if cfg.parallel.sequence_parallel:
+            log.info("chat samples skipped: generation needs sequence_parallel off")
+            return
+        tok = chat_manifest(cfg.data.manifest).get("tokenizer", {}).get("path")
+        samples = chat_samples(self.ddp, self.data, tok, cfg.eval.sample_tokens, cfg.eval.samples_per_domain,
+                               self.device)
+        for smp in samples:
+            rec = {"kind": "sample", "step": done, "stage": self.stage.name, **smp}
+            self.samples.append(rec)
+            self.monitor.write(rec)
+            self.monitor.message(f"sample ({self.stage.name}, {smp['domain']}, step {done}): "
+                                 f"{smp['prompt'][-80:]!r} -> {smp['completion']!r}")
 
     # ---- resume ----
-    def resume(self):
-        path = self.ckpt.find_latest()
+    def resume(self, path: str | None):
         if path is None:
             log.info("--resume: no checkpoint in %s yet; starting from step 0", self.ckpt.root)
             return
         ts, rs = self.ckpt.load(path, self.ddp, self.opt)
         self.start_step, self.tokens_seen = int(ts["step"]), int(ts["tokens"])
+        if "stage" in ts and (int(ts["stage"]) != self.stage_idx or ts.get("stage_name") != self.stage.name):
+            raise ConfigError(f"stages: {path} was written in stage {int(ts['stage']) + 1} "
+                              f"({ts.get('stage_name')!r}) at step {self.start_step}; this config puts that step in "
+                              f"stage {self.stage_idx + 1} ({self.stage.name!r}). Resume with the stages of that run")
         self.guard.load_state_dict(ts.get("nan_guard", {}))
         if "data" in rs:
             self.data.load_state_dict(rs["data"])
         elif ts.get("domain_weights"):
             self.data.set_weights(ts["domain_weights"])
         self.last_saved = self.start_step or None
-        log.info("resumed from %s at step %d (%d tokens)", path, self.start_step, self.tokens_seen)
+        log.info("resumed from %s at step %d (%d tokens)%s", path, self.start_step, self.tokens_seen,
+                 f", stage '{self.stage.name}' step {self.start_step - self.stage.start}" if len(self.plan) > 1
+                 else "")
 
     # ---- the loop ----
     def fit(self) -> dict:
@@ -207,6 +337,8 @@ class Trainer:
                 r = self.step(step)
                 if self.logs_at(done):
                     self.log(done, r)
+                if done == self.stage.end and done != cfg.train.steps:
+                    self.end_of_stage(done)
                 if cfg.eval.interval and done % cfg.eval.interval == 0 and done != cfg.train.steps:
                     self.evaluate(done)
                 if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done != cfg.train.steps:
@@ -224,6 +356,8 @@ class Trainer:
                 done = cfg.train.steps if cfg.train.steps > self.start_step else self.start_step
                 if cfg.eval.at_end or cfg.eval.interval:
                     self.evaluate(done)
+                if cfg.train.steps > self.start_step:
+                    self.sample(done)
                 if cfg.checkpoint.save_at_end and self.last_saved != done:
                     self.save(done)
         finally:
@@ -238,12 +372,16 @@ class Trainer:
     # ---- step ----
     def step(self, step: int) -> StepResult:
         cfg = self.cfg
+        want = stage_index(self.plan, step)
+        if want != self.stage_idx:
+            self.enter_stage(want, step)
         if "step_start" in self.callbacks:
             self.callbacks["step_start"](step, unwrap(self.ddp))
         self.meter.start()
-        self.lr = self.sched.apply(self.opt, step)
-        r = train_step(self.ddp, self.opt, lambda: self.data.next_batch(cfg.train.micro_batch_size)[0], self.n_micro,
-                       device=self.device, finite=self.guard.finite)
+        self.lr = self.sched.apply(self.opt, step - self.stage.start)
+        B = cfg.train.micro_batch_size
+        next_batch = (lambda: self.data.next_batch(B)) if self.chat else (lambda: self.data.next_batch(B)[0])
+        r = train_step(self.ddp, self.opt, next_batch, self.n_micro, device=self.device, finite=self.guard.finite)
         done = step + 1
         if self.logs_at(done):
             for micro_stats in r.router_stats:
@@ -264,7 +402,8 @@ class Trainer:
         rs = self.router_acc.summary()
         self.router_acc.reset()
         tgs = self.meter.tgs
-        rec = {"kind": "train", "step": done, "loss": r.lm_loss + r.aux_loss, "lm_loss": r.lm_loss,
+        rec = {"kind": "train", "step": done, "stage": self.stage.name, "loss": r.lm_loss + r.aux_loss,
+               "lm_loss": r.lm_loss,
                "balance_loss": r.aux_loss, "lr": self.lr, "grad_norm": r.grad_norm, "tokens": self.tokens_seen,
                "step_time": self.step_time, "tgs": tgs, "flops_per_s": tgs * self.fpt,
                "mfu": mfu(tgs, self.fpt, self.peak), "skipped_steps": self.guard.skipped,
@@ -281,8 +420,9 @@ class Trainer:
         cfg = self.cfg
         res, routing = evaluate(self.ddp, self.data, cfg.eval.batch_size, cfg.eval.batches, self.device)
         self.eval_results = res
-        self.eval_history.append({"step": step, "results": res, "routing": routing})
-        rec = {"kind": "eval", "step": step, "tokens": self.tokens_seen, "routing_by_domain": routing}
+        self.eval_history.append({"step": step, "stage": self.stage.name, "results": res, "routing": routing})
+        rec = {"kind": "eval", "step": step, "stage": self.stage.name, "tokens": self.tokens_seen,
+               "routing_by_domain": routing}
         for d, r in res.items():
             rec[f"eval/{d}/loss"], rec[f"eval/{d}/ppl"] = r["loss"], r["ppl"]
         if cfg.data.dynamic:  # Sheared-LLaMA dynamic batch loading (docs/data.md)
@@ -292,7 +432,7 @@ class Trainer:
             self.data.set_weights(new_w)
             rec["domain_weights"] = new_w
         self.monitor.write(rec)
-        self.monitor.message("eval step %d: " % step + ", ".join(f"{d} loss {r['loss']:.3f} ppl {r['ppl']:.2f}"
+        self.monitor.message(f"eval step {step} ({self.stage.name}): " + ", ".join(f"{d} loss {r['loss']:.3f} ppl {r['ppl']:.2f}"
                                                                for d, r in res.items()))
         if self.is_main and cfg.eval.plots:
             try:
@@ -304,7 +444,9 @@ class Trainer:
     def save(self, step: int):
         t0 = time.perf_counter()
         train_state = {"tokens": self.tokens_seen, "nan_guard": self.guard.state_dict(),
-                       "domain_weights": dict(self.data.weights), "config": self.cfg.to_dict()}
+                       "domain_weights": dict(self.data.weights), "config": self.cfg.to_dict(),
+                       "stage": self.stage_idx, "stage_name": self.stage.name,
+                       "stage_step": step - self.stage.start}
         path = self.ckpt.save(step, self.ddp, self.opt, train_state, {"data": self.data.state_dict()})
         self.last_saved = step
         log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
@@ -320,7 +462,8 @@ class Trainer:
                    "eval": self.eval_results, "eval_history": self.eval_history, "params": self.counts,
                    "out_dir": os.path.abspath(cfg.out_dir), "checkpoint_dir": self.ckpt.root,
                    "metrics": os.path.abspath(self.monitor.jsonl_path), "final_model": final_dir,
-                   "tgs": self.meter.tgs, "flops_per_token": self.fpt}
+                   "tgs": self.meter.tgs, "flops_per_token": self.fpt, "samples": self.samples,
+                   "stages": [{"name": s.name, "start": s.start, "end": s.end} for s in self.plan]}
         if self.is_main:
             atomic_write_text(os.path.join(cfg.out_dir, "summary.json"),
                               json.dumps({k: v for k, v in summary.items() if k not in ("losses", "eval_history")},
