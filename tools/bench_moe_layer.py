@@ -150,7 +150,8 @@ def copy_weights(ours, theirs):
             mlp = theirs.experts.local_experts[i]
             fc1, fc2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
         else:
-            fc1, fc2 = getattr(theirs.experts.linear_fc1, f"weight{i}"), getattr(theirs.experts.linear_fc2, f"weight{i}")
+            fc1 = getattr(theirs.experts.linear_fc1, f"weight{i}")
+            fc2 = getattr(theirs.experts.linear_fc2, f"weight{i}")
         gate, up = fc1.chunk(2, dim=0)
         ours.experts[e].gate_proj.weight.copy_(gate)
         ours.experts[e].up_proj.weight.copy_(up)

@@ -19,6 +19,11 @@ the faster choice, `--precision bf16`). Against bf16 on a CPU the reference
 runs twice, under torch.autocast(bf16) over fp32 weights (transformers' mixed precision) and in plain fp32; the
 ratio counted is against the faster of the two.
 
+Expert compute (`--experts-backend`, megamoe/moe/experts.py): auto (the fastest for the device and dtype), grouped_mm,
+loop or te; a comma list (e.g. `loop,grouped_mm`) trains one model per backend from the same weights on the same
+batches, their steps interleaved round by round, and prints each backend's tokens/s, its ratio to the first and
+whether the losses agree (the A/B of docs/benchmarks.md). `--device cpu` runs on the CPU on a GPU machine too.
+
 On a GPU (`--shape llama-moe-3.5b`): the LLaMA-MoE-3.5B (2/8) layer shape (H 4096, 8 experts of 1376 = 11008/8,
 top-2, 32 heads, vocab 32000) truncated to `--layers` decoder layers to fit one device; bf16, reports TGS and
 MFU = TGS * (6 * activated matmul params + causal attention FLOPs) / peak (metrics.py), peak by device name or
@@ -48,7 +53,7 @@ SHAPES = {
 }
 
 
-def our_setup(mcfg, precision, device, lr=1e-4):
+def our_setup(mcfg, precision, device, lr=1e-4, experts_backend=None, init=True):
     from megamoe import parallel
     from megamoe.config import ParallelConfig
     from megamoe.model import LlamaMoEModel
@@ -56,9 +61,14 @@ def our_setup(mcfg, precision, device, lr=1e-4):
     from megamoe.training.optim import build_optimizer, wrap_model
     from megamoe.training.schedule import LRSchedule
     pcfg = ParallelConfig()
-    parallel.initialize(pcfg, mcfg)
+    if init:
+        parallel.initialize(pcfg, mcfg)
     torch.manual_seed(0)
     model = LlamaMoEModel(mcfg).to(device)
+    if experts_backend and experts_backend != "auto":
+        for layer in model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts.backend = experts_backend
     ddp = wrap_model(model, mcfg, pcfg, precision)
     ocfg = OptimConfig(lr=lr, warmup_steps=0, weight_decay=0.1, clip_grad=1.0)
     opt = build_optimizer(ddp, ocfg, pcfg, precision)
@@ -153,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: what the trainer's train.precision=auto picks (bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--experts-backend", default="auto",
+                   help="auto|grouped_mm|loop|te, or a comma list to compare (interleaved, same weights and batches)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     from megamoe.console import quiet_library_warnings as _quiet_library_warnings
@@ -162,8 +175,14 @@ def main(argv=None) -> int:
     from megamoe.config import DTYPES
     from megamoe.training.config import PARAMS_DTYPES, resolve_precision
     from megamoe.training.metrics import flops_per_token, peak_flops_for_device
-    cuda = torch.cuda.is_available()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    cuda = torch.cuda.is_available() and a.device != "cpu"
     device = torch.device("cuda") if cuda else torch.device("cpu")
+    backends = [b.strip() for b in a.experts_backend.split(",") if b.strip()] or ["auto"]
+    for b in backends:
+        if b not in ("auto", "grouped_mm", "loop", "te"):
+            p.error(f"--experts-backend: {b!r} is not one of auto, grouped_mm, loop, te")
     precision = resolve_precision(a.precision, cuda)
     shape = dict(SHAPES[a.shape])
     if a.layers:
@@ -179,7 +198,10 @@ def main(argv=None) -> int:
     print(f"device {device} ({torch.cuda.get_device_name(0) if cuda else f'{torch.get_num_threads()} threads'}), "
           f"{precision}; {a.shape} shape, {mcfg.num_layers} layers, H {mcfg.hidden_size}, 8 experts top-2, "
           f"batch {a.batch} x {a.seq_len} = {tokens} tokens/step")
-    model, ddp, opt, sched = our_setup(mcfg, precision, device)
+    ours = {}      # backend -> (model, ddp, opt, sched): the same seed, so the same weights
+    for i, b in enumerate(backends):
+        ours[b] = our_setup(mcfg, precision, device, experts_backend=b, init=i == 0)
+    model, ddp, opt, sched = ours[backends[0]]
     # the references: transformers at our precision (bf16: torch.autocast, its mixed precision, over fp32 weights;
     # on a GPU bf16 weights), and on a CPU in bf16 also plain fp32, which may be faster there: the ratio counted is
     # against the fastest
@@ -203,15 +225,20 @@ def main(argv=None) -> int:
                 tol = (1e-3 if precision == "fp32" and cast is None else 2e-2) * max(1.0, abs(l_ref))
                 if abs(l_ours - l_ref) > tol:
                     print("WARNING: the two models differ; the comparison is not like for like")
-    t_ours, t_ref = [], {name: [] for name in refs}
+    t_by, losses_by = {bk: [] for bk in ours}, {bk: [] for bk in ours}
+    t_ref = {name: [] for name in refs}
     for i, b in enumerate(batches):
-        dt = timed(lambda: our_step(ddp, opt, sched, b, i), device)
-        if i >= a.warmup:
-            t_ours.append(dt)
+        for bk, (_, d, o, sc) in ours.items():
+            box = []
+            dt = timed(lambda: box.append(our_step(d, o, sc, b, i)), device)
+            losses_by[bk].append(float(box[0]))
+            if i >= a.warmup:
+                t_by[bk].append(dt)
         for name, (m, o, cast) in refs.items():
             dt = timed(lambda: hf_step(m, o, b, cast), device)
             if i >= a.warmup:
                 t_ref[name].append(dt)
+    t_ours = t_by[backends[0]]
     ours_tps = tokens / statistics.median(t_ours)
     fpt = flops_per_token(mcfg, a.seq_len)
     peak = a.peak_flops or peak_flops_for_device(device, precision)
@@ -219,8 +246,22 @@ def main(argv=None) -> int:
            "batch": a.batch, "precision": precision, "megamoe_tokens_per_s": ours_tps,
            "megamoe_step_s": statistics.median(t_ours), "flops_per_token": fpt,
            "achieved_flops": ours_tps * fpt, "peak_flops": peak, "mfu": ours_tps * fpt / peak if peak else None}
-    print(f"megamoe {precision:<20} {ours_tps:10,.0f} tokens/s  (median step {res['megamoe_step_s'] * 1e3:.0f} ms, "
+    res["experts_backend"] = model.layers[0].mlp.experts.select_backend(
+        torch.empty(1, mcfg.hidden_size, device=device, dtype=DTYPES[mcfg.params_dtype]))
+    res["losses"] = losses_by[backends[0]]
+    print(f"megamoe {precision:<6} {res['experts_backend']:<13} {ours_tps:10,.0f} tokens/s  "
+          f"(median step {res['megamoe_step_s'] * 1e3:.0f} ms, "
           f"{ours_tps * fpt / 1e9:.1f} GFLOP/s model FLOPs)")
+    if len(backends) > 1:
+        base = tokens / statistics.median(t_by[backends[0]])
+        res["experts_ab"] = {}
+        for bk in backends:
+            tps = tokens / statistics.median(t_by[bk])
+            diff = max(abs(x - y) for x, y in zip(losses_by[bk], losses_by[backends[0]]))
+            res["experts_ab"][bk] = {"tokens_per_s": tps, "median_step_s": statistics.median(t_by[bk]),
+                                     "ratio_to_first": tps / base, "losses": losses_by[bk], "max_loss_diff": diff}
+            print(f"experts {bk:<12} {tps:10,.0f} tokens/s  (median step {statistics.median(t_by[bk]) * 1e3:.0f} ms;"
+                  f" {tps / base:.3f}x {backends[0]}; losses differ by at most {diff:.2e})")
     if refs:
         ref_tps = {name: tokens / statistics.median(ts) for name, ts in t_ref.items()}
         for name, tps in ref_tps.items():
