@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megamoe.console import setup_logging
 from megamoe.cli.exit import run_command
+from megamoe.console import setup_logging
+from megamoe.parallel import collective_errors
 from megamoe.training.config import load_train_config
 from megamoe.training.trainer import run
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
         cfg = load_train_config(args.config, args.overrides)
         if args.resume:
             cfg.checkpoint.resume = True
-        run(cfg)
+        with collective_errors():  # a peer hung past MEGAMOE_DIST_TIMEOUT or died: DistributedError, exit 4
+            run(cfg)
     # bad config or data: one line naming the field / file, exit 2 (megamoe/errors.py); a bug keeps its traceback
     return run_command("megamoe-train", go)
 

@@ -9,6 +9,8 @@
     parallel.initialize(ParallelConfig(tp=2, ep=2), model_cfg)   # under torchrun --nproc_per_node=4
 """
 
-from megamoe.parallel.groups import current, destroy, init_distributed, initialize, megatron_config, require
+from megamoe.parallel.groups import (as_distributed_error, collective_errors, current, destroy, init_distributed,
+                                     initialize, megatron_config, require, timeout_seconds)
 
-__all__ = ["initialize", "destroy", "current", "require", "init_distributed", "megatron_config"]
+__all__ = ["initialize", "destroy", "current", "require", "init_distributed", "megatron_config", "timeout_seconds",
+           "collective_errors", "as_distributed_error"]

@@ -4,6 +4,11 @@ never do (a model is built under the layout in force and refuses to be built wit
 Under `torchrun` the world comes from the environment (NCCL on GPUs, gloo on CPUs). Outside it -- a notebook, a test,
 `megamoe-convert` -- `initialize()` makes a world of one, so the same model code runs everywhere.
 
+Timeout: every process group -- the world and each of megatron's groups (tensor, data, expert, ..., and their gloo
+twins) -- gets `MEGAMOE_DIST_TIMEOUT` seconds (default 600): a collective that a peer never joins (a rank stopped,
+deadlocked or stuck in I/O) raises on the waiting ranks after that long. `collective_errors()` turns that, and a
+peer's dropped connection, into a DistributedError (exit 4) that says so.
+
     from megamoe import parallel
     parallel.initialize(ParallelConfig(tp=2, ep=2), model_cfg)   # under torchrun --nproc_per_node=4
     model = LlamaMoEModel(model_cfg)                              # built for that layout
@@ -11,9 +16,11 @@ Under `torchrun` the world comes from the environment (NCCL on GPUs, gloo on CPU
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import re
 import socket
 
 import torch
@@ -24,6 +31,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megamoe.compat import cpu
 from megamoe.config import DTYPES, ModelConfig, ParallelConfig
+from megamoe.errors import ConfigError, DistributedError
 
 log = logging.getLogger(__name__)
 _config: ParallelConfig | None = None
@@ -35,12 +43,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "MEGAMOE_DIST_TIMEOUT", 600.0
+
+
+def timeout_seconds() -> float:
+    """The collective timeout: `MEGAMOE_DIST_TIMEOUT` (seconds, > 0), default 600."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        t = float(raw)
+    except ValueError:
+        t = float("nan")
+    if not t > 0 or t == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}: {raw!r} is not a positive number of seconds")
+    return t
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
     """Initialise torch.distributed: from torchrun's environment, or a single-process world of one."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MEGAMOE_DIST_TIMEOUT", 600)))
+    timeout = datetime.timedelta(seconds=timeout_s or timeout_seconds())
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -75,8 +100,12 @@ def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = N
             raise RuntimeError(f"parallel state already initialised as {_config}; call megamoe.parallel.destroy() first")
         _config = pcfg
         return pcfg
+    # megatron's groups get the same timeout as the world (its default is 30 minutes); it passes it to every
+    # new_group, the gloo twins included
     ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tp, expert_model_parallel_size=pcfg.ep,
-                                 expert_tensor_parallel_size=pcfg.etp)
+                                 expert_tensor_parallel_size=pcfg.etp,
+                                 distributed_timeout_minutes=timeout_seconds() / 60)
+    _timeout_on_every_group(datetime.timedelta(seconds=timeout_seconds()))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _config = pcfg
     if dist.get_rank() == 0:
@@ -84,6 +113,57 @@ def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = N
                  dist.get_world_size(), pcfg.tp, ps.get_data_parallel_world_size(), pcfg.ep, pcfg.etp,
                  ps.get_expert_data_parallel_world_size(), pcfg.sequence_parallel)
     return pcfg
+
+
+_TIMEOUT_RE = re.compile(r"timed out|timeout", re.I)
+_PEER_RE = re.compile(r"connection (closed|reset) by peer|broken pipe|connectfullmesh|ProcessGroupNCCL|NCCL error|"
+                      r"third_party/gloo", re.I)
+
+
+def as_distributed_error(exc: BaseException) -> DistributedError | None:
+    """A DistributedError for an exception raised by a collective whose peer hung past the timeout or went away
+    (gloo / NCCL / c10d store errors); None for anything else."""
+    if isinstance(exc, DistributedError):
+        return exc
+    msg = str(exc)
+    is_dist = isinstance(exc, getattr(dist, "DistError", ())) or (
+        isinstance(exc, RuntimeError) and (_PEER_RE.search(msg) or "[c10d]" in msg))
+    if not is_dist:
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    if _TIMEOUT_RE.search(msg):
+        return DistributedError(
+            f"rank {rank}: a collective got no answer from a peer rank within {TIMEOUT_ENV}={timeout_seconds():g} s: "
+            f"a rank hung (stopped, deadlocked or stuck in I/O); stopping the job ({first})")
+    return DistributedError(f"rank {rank}: a peer rank died or dropped its connection during a collective; "
+                            f"stopping the job ({first})")
+
+
+@contextlib.contextmanager
+def collective_errors():
+    """Re-raise a hung or lost peer (see as_distributed_error) as a DistributedError (exit 4); other exceptions
+    pass unchanged."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only distributed failures are converted
+        d = as_distributed_error(e)
+        if d is None or d is e:
+            raise
+        raise d from e
+
+
+def _timeout_on_every_group(timeout: datetime.timedelta) -> None:
+    """Give every process group of this rank `timeout`: megatron-core 0.16.1 creates one group (the expert
+    data-parallel gloo group) without passing its timeout, so it would keep gloo's 30-minute default."""
+    c10d = dist.distributed_c10d
+    if not hasattr(c10d, "_set_pg_timeout"):  # pragma: no cover - older torch: megatron's own timeouts only
+        return
+    for pg in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timeout, pg)
+        except (ValueError, RuntimeError, AssertionError) as e:  # pragma: no cover - a backend without timeouts
+            log.warning("could not set the collective timeout on process group %s: %s", pg, e)
 
 
 def current() -> ParallelConfig | None:
