@@ -10,6 +10,7 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ext_modules, cmdclass = [], {}
 try:
@@ -35,6 +36,26 @@ if torch is not None and os.environ.get("MEGAMOE_SKIP_EXT") != "1":
                                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}))
     if ext_modules:
         cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
+
+
+class build_py_with_pth(build_py):
+    """Also puts megamoe-lm-eval.pth at the top of the installed tree (site-packages): one import hook that lets plain
+    `lm_eval --model megamoe` find our backend (megamoe/eval/lm_eval_hook.py). Regular installs only: an editable
+    install does not carry extra top-level files (there, `megamoe-lm-eval` does the same)."""
+
+    PTH = "megamoe-lm-eval.pth"
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            self.copy_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), self.PTH),
+                           os.path.join(self.build_lib, self.PTH), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, self.PTH)]
+
+
+cmdclass["build_py"] = build_py_with_pth
 
 setup(
     name="megamoe",
@@ -69,12 +90,17 @@ setup(
         "flash-attn": ["flash-attn"],
         "te": ["transformer-engine"],
         "zstd": ["zstandard"],            # .jsonl.zst inputs
-        "lm-eval": ["lm-eval"],           # the lm-evaluation-harness backend (megamoe.eval)
+        "lm-eval": ["lm-eval>=0.4.13"],   # the lm-evaluation-harness backend (megamoe.eval; tested with 0.4.13)
     },
     entry_points={"console_scripts": [
         "megamoe-train=megamoe.train:main",
         "megamoe-quickstart=megamoe.quickstart:main",
+        "megamoe-eval=megamoe.eval.cli:eval_main",
+        "megamoe-generate=megamoe.eval.cli:generate_main",
+        "megamoe-lm-eval=megamoe.eval.cli:lm_eval_main",
+        "megamoe-eval-tasks=megamoe.eval.cli:tasks_main",
     ]},
+    package_data={"megamoe.eval.tasks": ["suites/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

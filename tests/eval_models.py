@@ -11,14 +11,19 @@ import os
 import shutil
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megamoe import interchange as convert
+from megamoe import parallel
+from megamoe.eval.sampling import Sampler
+from megamoe.eval.scorer import Scorer
+from megamoe.eval.textgen import TextGenerator
+from megamoe.formats.embedded import materialize_smollm2
 
 VOCAB = 49152  # SmolLM2's tokenizer
 
 
 def tiny_dense(path: str, seed: int = 0, **kw) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megamoe.formats.embedded import materialize_smollm2
     tok_dir = materialize_smollm2()
     torch.manual_seed(seed)
     c = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -42,7 +47,6 @@ def tiny_dense(path: str, seed: int = 0, **kw) -> str:
 def tiny_models(root: str) -> dict:
     """{"dense": HF LLaMA dir, "shards": our shards (TP1), "shards_tp2ep2": the same model at TP2xEP2,
     "mixtral": the Mixtral export}: 4 experts, top-2, softmax-top-k router, score scale 2 (folded into the export)."""
-    from megamoe import interchange as convert
     out = {"dense": tiny_dense(os.path.join(root, "dense"))}
     out["shards"] = os.path.join(root, "shards")
     convert.hf_to_moe(out["dense"], out["shards"], num_experts=4, top_k=2, router="mixtral", gate_network="linear",
@@ -56,7 +60,6 @@ def tiny_models(root: str) -> dict:
 
 def ensure_world():
     """The parallel layout in force, else a world of one (module-scoped fixtures run before the `world` fixture)."""
-    from megamoe import parallel
     return parallel.current() or parallel.initialize()
 
 
@@ -71,3 +74,15 @@ def cached_tiny_models(tmp_path_factory) -> dict:
         tiny_models(str(root))
         done.write_text("ok")
     return {k: str(root / k) for k in ("dense", "shards", "shards_tp2ep2", "mixtral")}
+
+
+ENGINE_PAIRS = [("The capital of France is", " Paris"), ("def add(a, b):\n    return", " a + b"),
+                ("", "An empty context.")]
+
+
+def engine_requests(lm):
+    """The lm-eval engine on a few requests: (Scorer.score of ENGINE_PAIRS, 8 greedy tokens after a prompt)."""
+    sc = Scorer(lm, batch_size=2)
+    scores = sc.score([sc.encode_pair(c, x) for c, x in ENGINE_PAIRS])
+    gen = TextGenerator(lm, Sampler()).generate_ids(lm.tokenizer.encode("Once upon a time"), 8)
+    return scores, gen

@@ -106,8 +106,8 @@ class MegamoeLM(TemplateLM):
                 raise InputError("--model_args: path=DIR is required (our shards or a Hugging Face directory)")
             if parallel.current() is None:
                 parallel.initialize(ParallelConfig(tp=int(tp), ep=int(ep), etp=int(etp)))
-            if device in (None, "auto"):
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
             model = load_model(path, dtype=dtype, device=device, tokenizer=tokenizer)
         if model.tokenizer is None:
             raise InputError(f"{model.path}: no tokenizer in the model directory: pass tokenizer=DIR in --model_args")
