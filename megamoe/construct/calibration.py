@@ -46,6 +46,7 @@ import torch
 from megamoe.construct.balanced import balanced_kmeans
 from megamoe.construct.calib_data import CalibrationData
 from megamoe.construct.layer_stream import LayerStream
+from megamoe.fileio import owner_tag, remove_stale_temps
 
 log = logging.getLogger("megamoe.construct")
 
@@ -231,7 +232,8 @@ class _Store:
         self._tmp = None
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
-            self._tmp = tempfile.mkdtemp(prefix="megamoe-calib-", dir=directory)
+            remove_stale_temps(directory, "megamoe-calib-")  # spills of killed runs (their owner is gone)
+            self._tmp = tempfile.mkdtemp(prefix="megamoe-calib-", suffix=f".{owner_tag()}.tmp", dir=directory)
 
     def put(self, i, t):
         t = t.detach().to(self.dtype).contiguous()

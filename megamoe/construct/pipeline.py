@@ -44,7 +44,7 @@ from megamoe.construct.layer_stream import LayerStream
 from megamoe.construct.partition import (METHODS, Partition, PartitionError, split_clustering, split_coactivation,
                                          split_gradient, split_random, split_sharing_inner, split_sharing_inter,
                                          write_partitions)
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, temp_path
 
 __all__ = ["ConstructionSpec", "ConstructionResult", "construct", "write_construction", "match_centroids"]
 
@@ -262,7 +262,7 @@ def write_construction(out_dir: str, result: ConstructionResult, spec: Construct
     if result.centroids:
         from safetensors.numpy import save_file
         p = os.path.join(d, "centroids.safetensors")
-        tmp = p + f".{os.getpid()}.tmp"
+        tmp = temp_path(p)
         save_file({f"layers.{i}": np.ascontiguousarray(c, np.float32) for i, c in result.centroids.items()}, tmp)
         os.replace(tmp, p)
         paths.append(p)

@@ -42,7 +42,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from megamoe.data.chat import dumps_record
 from megamoe.data.corpus import _stdlib_files, _strip_troff
 from megamoe.errors import InputError
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, remove_stale_temps, temp_path
 
 __all__ = ["build_chat_corpus", "CHAT_DOMAINS", "python_items", "man_items", "math_problem"]
 
@@ -346,7 +346,8 @@ def _math_candidates(seed: int) -> Iterator[Candidate]:
 
 
 def _write_jsonl(path: str, domain: str, convs: Sequence[Tuple[str, Messages]]) -> int:
-    tmp = path + f".{os.getpid()}.tmp"
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".")
+    tmp = temp_path(path)
     n = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:

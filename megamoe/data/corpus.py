@@ -37,7 +37,7 @@ import sysconfig
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megamoe.errors import InputError
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, remove_stale_temps, temp_path
 
 __all__ = ["build_local_corpus", "DOMAIN_SOURCES", "GUARANTEED_DOMAINS"]
 
@@ -199,14 +199,20 @@ def _goes_to_valid(seed: int, doc_id: str, fraction: float) -> bool:
 
 
 def _write_jsonl(path: str, domain: str, docs: Sequence[Doc]) -> int:
-    tmp = path + f".{os.getpid()}.tmp"
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".")
+    tmp = temp_path(path)
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc_id, text in docs:
-            line = json.dumps({"text": text, "id": doc_id, "domain": domain}, ensure_ascii=False)
-            f.write(line + "\n")
-            n += len(line.encode("utf-8")) + 1
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc_id, text in docs:
+                line = json.dumps({"text": text, "id": doc_id, "domain": domain}, ensure_ascii=False)
+                f.write(line + "\n")
+                n += len(line.encode("utf-8")) + 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return n
 
 

@@ -9,7 +9,8 @@ Format (megatron-core `indexed_dataset.py`, also read by Megatron-LM and fairseq
 One sequence per document here, so `document_indices = [0, 1, ..., N]` (D = N + 1). The dtype codes are megatron's
 `DType` enum (uint16 = 8, int32 = 4, ...).
 
-`IndexedWriter` writes both files under temporary names (`<prefix>.bin.<pid>.tmp`, ...) and `publish()` renames them
+`IndexedWriter` writes both files under temporary names owned by the process (`<prefix>.bin.<random>.<pid>@<host>.tmp`,
+megamoe.fileio: the next writer of that prefix removes those of a killed run) and `publish()` renames them
 into place only when everything is written, `.idx` last: a dataset "looks whole" to a reader only when its `.idx`
 exists, and an interrupted run leaves at most `*.tmp` files. When an older dataset of the same prefix exists and
 `overwrite=True`, its `.idx` is removed *before* the new `.bin` replaces the old one, so no moment pairs an old index
@@ -31,6 +32,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from megamoe.errors import DataError, InputError
+from megamoe.fileio import remove_stale_temps, temp_path
 
 __all__ = ["IndexedWriter", "IndexedReader", "DTYPE_CODES", "dataset_exists", "read_sizes", "read_index",
            "INDEX_HEADER"]
@@ -155,9 +157,10 @@ class IndexedWriter:
         self.overwrite = overwrite
         d = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(d, exist_ok=True)
-        tag = f".{os.getpid()}.tmp"
-        self.tmp_bin = prefix + ".bin" + tag
-        self.tmp_idx = prefix + ".idx" + tag
+        name = os.path.basename(prefix)
+        remove_stale_temps(d, name + ".")  # what a killed run writing this dataset left
+        self.tmp_bin = temp_path(prefix + ".bin")
+        self.tmp_idx = temp_path(prefix + ".idx")
         self._bin = open(self.tmp_bin, "wb")
         self._sizes: List[np.ndarray] = []
         self._pending: List[int] = []

@@ -22,8 +22,10 @@ How it works
    appends each part to the output with a file copy and updates the progress bar (bytes, ETA, documents/s,
    tokens/s). Merging is a file copy, so N workers (N processes in all) give close to N times one worker's speed.
 4. Output goes to temporary names and is renamed into place when complete (`indexed.IndexedWriter`): an
-   interrupted or failed run never leaves a dataset that looks whole. Part files live in a `*.parts.<pid>.tmp`
-   directory that is removed in every case.
+   interrupted or failed run never leaves a dataset that looks whole. Part files live in a
+   `<prefix>.parts.<random>.<pid>@<host>.tmp` directory that is removed in every case but a kill -9; the next run
+   writing into the same directory removes the temporaries whose owner process is gone (megamoe.fileio), and the
+   input scans (`expand_inputs`, the `--per-domain` domain list) never read hidden or temporary names.
 
 Memory is bounded by (workers + prefetched tasks) x `chunk_bytes`, whatever the input size.
 
@@ -72,7 +74,7 @@ from megamoe.data.indexed import IndexedWriter
 from megamoe.data.jsonl import parse_json_object
 from megamoe.data.tokenizers import TextTokenizer, load_tokenizer, token_dtype
 from megamoe.errors import DataError
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, is_temp_name, remove_stale_temps, temp_path
 
 __all__ = ["PreprocessConfig", "PreprocessSummary", "PreprocessError", "preprocess", "preprocess_domains",
            "expand_inputs", "plan_chunks", "BAD_INPUT_REASONS", "is_validation_file", "FORMATS",
@@ -205,15 +207,22 @@ def is_validation_file(name: str) -> bool:
     return bool(_VALID_RE.search(base))
 
 
+def _is_data_name(name: str) -> bool:
+    """False for hidden and temporary names (a killed run's leftovers, megamoe.fileio.is_temp_name): never data."""
+    return not name.startswith(".") and not is_temp_name(name)
+
+
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """Files as given; directories expanded (recursively, sorted) to their `.jsonl/.json(.gz)` files."""
+    """Files as given; directories expanded (recursively, sorted) to their `.jsonl/.json(.gz)` files, skipping
+    hidden and temporary files and directories."""
     files: List[str] = []
     for p in inputs:
         if os.path.isdir(p):
             found = []
             for root, dirs, names in os.walk(p):
-                dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names) if n.endswith(_INPUT_SUFFIXES)]
+                dirs[:] = sorted(d for d in dirs if _is_data_name(d))
+                found += [os.path.join(root, n) for n in sorted(names)
+                          if n.endswith(_INPUT_SUFFIXES) and _is_data_name(n)]
             if not found:
                 raise PreprocessError(f"{p}: directory holds no {'/'.join(_INPUT_SUFFIXES)} files")
             files += found
@@ -528,7 +537,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, cfg: Option
     # about 16 chunks per process for small inputs (load balance at the tail), never above cfg.chunk_bytes
     chunk_bytes = max(1, min(cfg.chunk_bytes, max(64 << 10, total // (procs * 16) + 1)))
     chunks = plan_chunks(files, chunk_bytes)
-    parts_dir = output_prefix + f".parts.{os.getpid()}.tmp"
+    remove_stale_temps(os.path.dirname(os.path.abspath(output_prefix)))  # what killed runs left here
+    parts_dir = temp_path(output_prefix + ".parts")
     tasks = [(ci, fi, path, s, e, parts_dir) for ci, (fi, path, s, e) in enumerate(chunks)]
     summary = PreprocessSummary(output_prefix=output_prefix, files=list(files), dtype=dtype.name,
                                 data_format=cfg.format, layout=(f"{procs} processes" if procs > 1 else
@@ -644,7 +654,7 @@ def preprocess_domains(root: str, output_dir: str, tokenizer, cfg: Optional[Prep
         chat_desc = ChatEncoder(tok, cfg.chat_template, cfg.chat_template_source).describe()
     if not os.path.isdir(root):
         raise PreprocessError(f"{root}: not a directory (expected one subdirectory per domain)")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and _is_data_name(d))
     if domains is not None:
         missing = [d for d in domains if d not in names]
         if missing:

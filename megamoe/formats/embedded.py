@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 
-from megamoe.fileio import atomic_write_text
+from megamoe.fileio import atomic_write_text, owner_tag, remove_stale_temps
 from megamoe.formats.tokenizer_files import normalize_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def materialize_smollm2(out_dir: str | None = None, dtype: str = "float32") -> s
         state.pop("lm_head.weight", None)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=parent)
+    remove_stale_temps(parent, ".tmp-smollm2-")  # a materialization that was killed (its owner is gone)
+    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", suffix=f".{owner_tag()}.tmp", dir=parent)
     os.chmod(tmp, 0o755)
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

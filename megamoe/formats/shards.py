@@ -35,13 +35,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 
 import torch
 from tqdm import tqdm
 
 from megamoe.config import ConfigError, ModelConfig, ParallelConfig
+from megamoe.fileio import remove_stale_temps, temp_path
 from megamoe.formats import checksum as checksums
 from megamoe.formats.buffers import Arena
 from megamoe.formats.layout import expected_names, expected_shape, slicing
@@ -481,14 +482,26 @@ def check_output(out: str):
                                   "new output directory or remove this one yourself")
 
 
+_OLD_TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]{8}$")  # tempfile.mkdtemp names of megamoe before owned temporaries
+
+
 @contextlib.contextmanager
 def staged_output(out: str):
-    """Yield a temporary directory next to `out`; on success rename it to `out`, on any error delete it."""
+    """Yield a temporary directory next to `out` (`.<name>.<random>.<pid>@<host>.tmp`, see megamoe.fileio); on
+    success rename it to `out`, on any error delete it. First removes the temporaries of runs that were killed
+    (their owner process is gone) from `out`'s parent directory."""
     out = os.path.abspath(out)
     check_output(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    remove_stale_temps(parent)
+    old = sorted(n for n in os.listdir(parent) if _OLD_TEMP.match(n) and os.path.isdir(os.path.join(parent, n)))
+    if old:
+        log.warning("%s holds temporary directories of an older megamoe that a killed run left (%s): their owner is "
+                    "unknown, so they are left; remove them yourself when no conversion is running", parent,
+                    ", ".join(old[:4]) + (", ..." if len(old) > 4 else ""))
+    tmp = temp_path(out, hidden=True)
+    os.mkdir(tmp, 0o700)
     try:
         yield tmp
         os.chmod(tmp, 0o755)
