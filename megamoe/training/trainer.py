@@ -330,6 +330,7 @@ class Trainer:
         step, stopped_by = self.start_step, None
         if cfg.eval.at_start and self.start_step == 0:
             self.evaluate(0)
+            self.sample(0)                   # chat data: the replies before training
         t_loop = time.perf_counter()
         try:
             for step in range(self.start_step, cfg.train.steps):
@@ -338,8 +339,8 @@ class Trainer:
                 if self.logs_at(done):
                     self.log(done, r)
                 if done == self.stage.end and done != cfg.train.steps:
-                    self.end_of_stage(done)
-                if cfg.eval.interval and done % cfg.eval.interval == 0 and done != cfg.train.steps:
+                    self.end_of_stage(done)          # evaluation (and chat samples) at the end of a stage
+                elif cfg.eval.interval and done % cfg.eval.interval == 0 and done != cfg.train.steps:
                     self.evaluate(done)
                 if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done != cfg.train.steps:
                     self.save(done)
