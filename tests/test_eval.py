@@ -4,6 +4,7 @@ preprocessed manifest; every layout loads to the same logits; bad input ends in 
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,3 +167,25 @@ def test_bad_input_one_line_exit_2(models, jsonl, manifest, tmp_path, capsys):
     assert top >= 1000
     _bad(capsys, ["--model", small, "--data", manifest, "--seq-len", "16", "--domains", "code"],
          "code/valid_text_document", f"token id {top}", "another tokenizer")
+
+
+def test_packed_masked_batches_score_only_the_masked_labels(models):
+    """A packed row of two documents (position ids restarting, segment ids 1 and 2, as megamoe.data.SFTBatch) with a
+    loss mask: the sum of -log p over the masked labels, from the model's own logits under the same positions and
+    segments, over the mask's count."""
+    lm = load_model(models["shards"])
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 49152, (2, 13), generator=g)
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    seg = torch.tensor([[1] * 5 + [2] * 7, [1] * 12], dtype=torch.int32)
+    mask = (torch.rand(2, 12, generator=g) < 0.5).float()
+    mask[0, 4] = 0  # the label across the document boundary is never trained
+    batch = SimpleNamespace(tokens=tokens, loss_mask=mask, position_ids=pos, segment_ids=seg)
+    res, routing = domain_perplexity(lm.model, {"chat": [batch]})
+    with torch.no_grad():
+        logp = F.log_softmax(lm.model(tokens[:, :-1], position_ids=pos, segment_ids=seg).logits.float(), -1)
+    nll = -logp.gather(2, tokens[:, 1:, None])[..., 0]
+    want = float((nll * mask).sum() / mask.sum())
+    assert res["chat"]["tokens"] == int(mask.sum())
+    assert res["chat"]["loss"] == pytest.approx(want, rel=1e-5)
+    assert all(abs(sum(r) - 1) < 1e-6 for r in routing["chat"])

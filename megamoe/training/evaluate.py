@@ -9,7 +9,8 @@ Text data: perplexity = exp(mean next-token cross entropy over all validation to
 (SFTBatch, megamoe.data.SFTMixture): the loss on responses only, sum(CE * loss_mask) / sum(loss_mask) over the
 domain's held-out conversations, packed (or padded) like training rows with their position and segment ids;
 "tokens" counts the trained (assistant) tokens. The balance loss is excluded. Every rank evaluates the same batches
-(the numbers are identical across ranks).
+(the numbers are identical across ranks). The computation is megamoe.eval.perplexity.domain_perplexity, shared with
+megamoe-eval and the quickstart.
 
 `chat_samples`: for the first held-out conversation(s) of each domain, the prompt is its tokens up to the first
 assistant token (the rendered system/user turns and the assistant header, exactly as the chat template wrote them),
@@ -20,15 +21,13 @@ reply's end-of-turn token or the tokenizer's EOS.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
 
-from megamoe.data import SFTBatch
 from megamoe.data.tokenizers import load_tokenizer
+from megamoe.eval.perplexity import domain_perplexity
 from megamoe.model.generate import generate
-from megamoe.training.metrics import RouterStatsAccumulator
 from megamoe.training.optim import unwrap
 
 log = logging.getLogger("megamoe.train")
@@ -45,37 +44,10 @@ def _eval_domains(data, domains):
     return list(data.domains)
 
 
-@torch.no_grad()
 def evaluate(model, data, batch_size: int, batches: int, device=None, domains=None):
-    m = unwrap(model)
-    was_training = m.training
-    m.eval()
-    device = device or next(m.parameters()).device
-    results, routing = {}, {}
-    try:
-        for d in _eval_domains(data, domains):
-            tot, ntok = 0.0, 0
-            acc = RouterStatsAccumulator()
-            for b in data.validation_batches(d, batch_size, batches):
-                if isinstance(b, SFTBatch):
-                    mask = b.loss_mask.to(device)
-                    n = int(mask.sum())
-                    out = m(b.inputs.to(device), labels=b.labels.to(device), loss_mask=mask, return_logits=False,
-                            position_ids=b.position_ids.to(device), segment_ids=b.segment_ids.to(device))
-                else:
-                    b = b.to(device)
-                    out = m(b[:, :-1], labels=b[:, 1:], return_logits=False)
-                    n = b[:, 1:].numel()
-                tot += float(out.lm_loss) * n
-                ntok += n
-                acc.add(out.router_stats)
-            loss = tot / max(1, ntok)
-            results[d] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": ntok}
-            s = acc.summary()
-            routing[d] = s["expert_load"] if s else None
-    finally:
-        m.train(was_training)
-    return results, routing
+    """Per-domain loss/perplexity and routing: megamoe.eval.perplexity.domain_perplexity on the validation batches."""
+    batches_of = {d: data.validation_batches(d, batch_size, batches) for d in _eval_domains(data, domains)}
+    return domain_perplexity(model, batches_of, device=device)
 
 
 def _first_run(mask: np.ndarray) -> tuple[int, int] | None:
