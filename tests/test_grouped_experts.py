@@ -371,7 +371,8 @@ def _layer_run(layer, x0, probs_in_experts, pad_to_capacity, backend):
     layer.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_()
     y, stats = layer(x)
-    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 10 * stats.balance_loss
+    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum() \
+        + 10 * stats.balance_loss
     loss.backward()
     return [y.detach(), x.grad, stats.balance_loss.detach()] + [p.grad for p in layer.parameters()
                                                                  if p.grad is not None]
@@ -439,3 +440,53 @@ def test_host_reads_per_layer(monkeypatch):
             y = layer.dispatcher.combine(layer.experts(e_in, rows, probs=h.row_probs), h)
         assert reads.n == want, (capacity, pad, probs_in, reads.n)
         assert y.shape == x.shape
+
+
+# ---- on a GPU (scripts/gpu_check.sh runs these; skipped without CUDA) ---------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop", "te"])
+def test_cuda_backends_equal_the_fp32_reference(backend):
+    """bf16 on CUDA (CUTLASS grouped GEMM for grouped_mm; transformer-engine's GroupedLinear for te, where it
+    imports) against the fp32 CPU reference on the same weights: values and gradients, uneven widths, an empty
+    expert, row weights."""
+    if backend == "te" and X.te_unavailable():
+        pytest.skip(X.te_unavailable())
+    torch.manual_seed(10)
+    sizes, counts = [1376, 1024, 1376, 512], [300, 0, 517, 95]
+    ref = Experts(256, sizes, [0, 1, 2, 3], std=0.05)
+    x0, dy, p0 = torch.randn(sum(counts), 256), torch.randn(sum(counts), 256), torch.rand(sum(counts))
+    want = _run(ref, x0, dy, counts, p0, "reference")
+    ex = Experts(256, sizes, [0, 1, 2, 3], std=0.05).cuda().bfloat16()
+    ex.load_state_dict(ref.state_dict())
+    got = _run(ex, x0.cuda().bfloat16(), dy.cuda().bfloat16(), torch.tensor(counts).cuda(), p0.cuda(), backend,
+               as_tensor=False) if backend != "grouped_mm" else \
+        _run(ex, x0.cuda().bfloat16(), dy.cuda().bfloat16(), counts, p0.cuda(), backend, as_tensor=True)
+    for a, b in zip(got, want):
+        a = a.float().cpu()
+        assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("world")
+def test_cuda_layer_static_capacity_one_graph_and_no_host_read(monkeypatch):
+    """On CUDA the defaults are grouped_mm, the weights in the activation and padding to the capacity: the layer
+    equals its CPU fp32 run, and dispatch + experts + combine read nothing back to the host."""
+    from megamoe.moe.router import Routing
+    layer = _moe_layer("mixtral", 2, 1.25, dtype=torch.float32)
+    torch.manual_seed(11)
+    x0 = torch.randn(64, 16)
+    ref = _layer_run(layer, x0, False, False, "loop")
+    lc = _moe_layer("mixtral", 2, 1.25, dtype=torch.bfloat16).cuda()
+    lc.load_state_dict(layer.state_dict())
+    got = _layer_run(lc, x0.cuda().bfloat16(), None, None, None)
+    assert lc.experts.select_backend(x0.cuda().bfloat16()) == "grouped_mm"
+    for a, b in zip(got, ref):
+        assert float((a.float().cpu() - b).norm() / b.norm().clamp(min=1e-6)) < 2e-2
+    x = x0.cuda().bfloat16()
+    idx, w = torch.randint(0, 8, (64, 2), device="cuda"), torch.rand(64, 2, device="cuda")
+    with monkeypatch.context() as m:
+        reads = _HostReads(m)
+        e_in, rows, h = lc.dispatcher.dispatch(x, Routing(idx, w, 20, None, None), True)
+        lc.dispatcher.combine(lc.experts(e_in, rows, probs=h.row_probs), h)
+    assert reads.n == 0
