@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from megamoe.config import ConfigError, ModelConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -71,7 +73,7 @@ def slicing(name: str):
     m = _LAYER.match(name)
     if m:
         rest = m.group(2)
-        if rest in ("attn_norm.weight", "mlp_norm.weight") or rest.startswith("mlp.router."):
+        if rest in ("attn_norm.weight", "mlp_norm.weight") or rest.startswith(("mlp.router.", "attn.router.")):
             return ("replicated",)
         if rest in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"):
             return ("tp", 0)
@@ -90,7 +92,10 @@ def expected_names(cfg: ModelConfig) -> list[str]:
     names = ["embed.weight"]
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        names += [p + "attn_norm.weight"] + [p + f"attn.{x}_proj.weight" for x in "qkvo"] + [p + "mlp_norm.weight"]
+        names += [p + "attn_norm.weight"] + [p + f"attn.{x}_proj.weight" for x in "qkvo"]
+        if cfg.is_attn_moe_layer(i):
+            names.append(p + "attn.router.gate.weight")
+        names.append(p + "mlp_norm.weight")
         mi = cfg.moe_index(i)
         if mi is None:
             names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
@@ -112,6 +117,26 @@ def expected_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
+def attn_expert_rows(cfg: ModelConfig, e: int) -> dict:
+    """Where attention expert e lives in the stacked tensors of an attention-MoE layer (docs/architecture.md):
+    {"q": rows of q_proj (= columns of o_proj), "kv": rows of k_proj / v_proj, "kv_head": the dense KV head it
+    starts from (e // split)} as (start, stop) pairs."""
+    d, A = cfg.dim_head, cfg.attn_moe.num_experts
+    gd = cfg.num_heads // A * d
+    return {"q": (e * gd, (e + 1) * gd), "kv": (e * d, (e + 1) * d), "kv_head": e // (A // cfg.kv_heads)}
+
+
+def expand_kv_heads(t: torch.Tensor, num_kv_heads: int, split: int) -> torch.Tensor:
+    """A dense k_proj / v_proj [n_kv*d, H] -> the attention experts' [n_kv*split*d, H]: KV head i copied into its
+    `split` sibling experts i*split ... i*split + split - 1 (HF repeat_kv order: query head h uses KV head
+    h // (num_heads / n_kv)). split 1 returns `t` itself."""
+    if split == 1:
+        return t
+    d = t.shape[0] // num_kv_heads
+    return t.view(num_kv_heads, 1, d, -1).expand(num_kv_heads, split, d, t.shape[-1]).reshape(
+        num_kv_heads * split * d, t.shape[-1])
+
+
 def expected_shape(cfg: ModelConfig, name: str) -> list[int]:
     """The full (unsharded) shape of parameter `name` under `cfg`."""
     H, V, d = cfg.hidden_size, cfg.vocab_size, cfg.dim_head
@@ -126,10 +151,12 @@ def expected_shape(cfg: ModelConfig, name: str) -> list[int]:
     m = _LAYER.match(name)
     rest = m.group(2)
     E = cfg.moe.num_experts if cfg.moe else 0
+    kv = cfg.attn_kv_heads(int(m.group(1)))   # attention experts: one KV head each
     table = {
         "attn_norm.weight": [H], "mlp_norm.weight": [H],
-        "attn.q_proj.weight": [cfg.num_heads * d, H], "attn.k_proj.weight": [cfg.kv_heads * d, H],
-        "attn.v_proj.weight": [cfg.kv_heads * d, H], "attn.o_proj.weight": [H, cfg.num_heads * d],
+        "attn.q_proj.weight": [cfg.num_heads * d, H], "attn.k_proj.weight": [kv * d, H],
+        "attn.v_proj.weight": [kv * d, H], "attn.o_proj.weight": [H, cfg.num_heads * d],
+        "attn.router.gate.weight": [cfg.attn_moe.num_experts if cfg.attn_moe else 0, H],
         "mlp.gate_proj.weight": [cfg.intermediate_size, H], "mlp.up_proj.weight": [cfg.intermediate_size, H],
         "mlp.down_proj.weight": [H, cfg.intermediate_size],
         "mlp.router.gate.weight": [E, H], "mlp.router.gate.0.weight": [E, H], "mlp.router.gate.2.weight": [E, E],
@@ -212,14 +239,19 @@ def validated_config(where: str, **fields) -> ModelConfig:
 def llama_fields_to_hf(cfg: ModelConfig) -> dict:
     """The LLaMA fields of an HF config.json for `cfg` (written in both the v4 and v5 spellings of RoPE)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    scaling = None
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
         rope.setdefault("rope_type", rope.pop("type", "default"))
+        # top-level rope_scaling under both spellings: transformers 4.x reads `rope_type` (older `type`), llama.cpp's
+        # converter before rope_parameters support reads it here
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling["type"] = scaling["rope_type"]
     return {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_head,
         "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_scaling": cfg.rope_scaling, "rope_parameters": rope,
+        "rope_scaling": scaling, "rope_parameters": rope,
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False, "pretraining_tp": 1, "initializer_range": cfg.init_std,
         **{f: getattr(cfg, f) for f in ("bos_token_id", "eos_token_id", "pad_token_id")
