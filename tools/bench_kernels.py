@@ -9,6 +9,10 @@ Tables:
              (the fused Triton kernel on GPU; on CPU topk_gating falls back to torch) vs the unfused torch chain
              (our reference), megatron-core's topk_routing_with_score_function (+ its aux-loss scores), and
              transformer-engine's fused router when installed.
+  experts    the SwiGLU experts on T*k permuted rows (megamoe/moe/experts.py), forward and forward+backward: the
+             default backend for the device vs torch grouped_mm, the per-expert loop, transformer-engine's
+             GroupedLinear (when it imports) and the plain per-expert F.linear reference; TFLOP/s of ours
+             (6 N H F per forward, 3x that forward+backward).
 
 Each row: shape, our time, each reference's time and ratio (reference / ours: > 1 means we are faster). On a GPU
 also the bytes moved per second and that as a fraction of the device's HBM peak (H100 3.35 TB/s, H200 4.8 TB/s,
@@ -316,10 +320,68 @@ def bench_gating(args, device, E: int, peak):
               f"{'met' if us <= 10 and r >= 3 else 'NOT met'}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# grouped experts
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_experts(args, device, E: int):
+    from megamoe.moe.experts import Experts, grouped_mm_unsupported, te_unavailable
+    dtype = DTYPES[args.dtype]
+    H, Fw, N = args.H, args.F or (1376 if device.type == "cuda" else 256), args.T * args.k
+    torch.manual_seed(0)
+    ex = Experts(H, [Fw] * E, list(range(E)), std=0.02).to(device=device, dtype=dtype)
+    counts = torch.multinomial(torch.ones(E), N, replacement=True).bincount(minlength=E).to(device)
+    x = torch.randn(N, H, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(N, H, device=device, dtype=dtype)
+    default = ex.select_backend(x)
+    impls = {"ours": default, "grouped_mm": "grouped_mm", "loop": "loop", "te": "te", "reference": "reference"}
+    if grouped_mm_unsupported(x, ex.gate_up):
+        impls.pop("grouped_mm")
+    if device.type != "cuda" or te_unavailable():
+        impls.pop("te")
+    impls = {n: b for n, b in impls.items() if n == "ours" or b != default}
+
+    def fwd(b):
+        def f():
+            with torch.no_grad():
+                if b == "reference":
+                    return ex.forward_reference(x, counts)
+                ex.backend = b
+                return ex(x, counts)
+        return f
+
+    def fwd_bwd(b):
+        def f():
+            ex.backend = None if b == "reference" else b
+            y = ex.forward_reference(x, counts) if b == "reference" else ex(x, counts)
+            y.backward(dy)
+            x.grad = None
+            ex.zero_grad(set_to_none=True)
+        return f
+
+    names = list(impls)
+    flops = 6 * N * H * Fw
+    rows = []
+    for op, make, mult in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
+        times = time_all({n: make(b) for n, b in impls.items()}, args.reps, args.warmup, device.type == "cuda")
+        row = [f"N={N} E={E} H={H} F={Fw} {args.dtype}", op, fmt_us(times["ours"])]
+        for n in names[1:]:
+            row += [fmt_us(times[n]), f"{times[n] / times['ours']:.2f}x"]
+        row.append(f"{mult * flops / times['ours'] / 1e12:.3g}")
+        rows.append(row)
+    ex.backend = None
+    header = ["shape", "op", f"ours ({default}) us"]
+    for n in names[1:]:
+        header += [f"{n} us", "ratio"]
+    header.append("ours TFLOP/s")
+    print_table(f"grouped experts ({device.type})", header, rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--tables", default="permute,gating", help="comma list of: permute, gating")
+    ap.add_argument("--tables", default="permute,gating,experts", help="comma list of: permute, gating, experts")
+    ap.add_argument("--F", type=int, default=None, help="expert width for the experts table (1376 GPU, 256 CPU)")
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--H", type=int, default=None, help="hidden size (default 1024 on CPU, 4096 on GPU)")
@@ -347,14 +409,17 @@ def main(argv=None):
           + (f"; HBM peak {peak:.0f} GB/s" if peak else ""))
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     for t in tables:
-        if t not in ("permute", "gating"):
-            ap.error(f"--tables: unknown table {t!r} (expected permute, gating)")
+        if t not in ("permute", "gating", "experts"):
+            ap.error(f"--tables: unknown table {t!r} (expected permute, gating, experts)")
     if "permute" in tables:
         for E in args.E or [8]:
             bench_permute(args, device, E, peak)
     if "gating" in tables:
         for E in args.E or [64]:
             bench_gating(args, device, E, peak)
+    if "experts" in tables:
+        for E in args.E or [8]:
+            bench_experts(args, device, E)
 
 
 if __name__ == "__main__":
