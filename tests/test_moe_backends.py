@@ -1,7 +1,8 @@
 """The MoE layer gives the same output, balance loss and gradients whichever kernel path runs.
 
-Reference: MEGAMOE_PERMUTE_BACKEND=torch and MEGAMOE_GATING_BACKEND=torch (the plain-torch ops). Against it: the C++
-permute/unpermute, the Triton gating kernel (interpreted on CPU, native with CUDA) and both together, for the three
+Reference: MEGAMOE_PERMUTE_BACKEND=torch, MEGAMOE_GATING_BACKEND=torch and MEGAMOE_EXPERTS_BACKEND=loop. Against it:
+the C++ permute/unpermute, the Triton gating kernel (interpreted on CPU, native with CUDA), both together, and the
+grouped_mm experts (stacked weights, torch's grouped GEMM; CPU: this layer is fp32), for the three
 routers (llama-moe noisy top-k in training, so noise, thresholds and Shazeer's load estimate take part; Mixtral;
 switch with capacity and token dropping), with a residual expert and uneven expert sizes.
 """
@@ -25,10 +26,11 @@ pytestmark = pytest.mark.usefixtures("world")
 
 H, E, T = 32, 8, 77
 TRITON_OK = K is not None and (K.INTERPRETED or HAS_CUDA)
-PATHS = [
-    ("cpp", "torch"),
-    ("torch", "triton"),
-    ("cpp", "triton"),
+PATHS = [   # (permute, gating, experts); the reference: torch, torch, loop
+    ("cpp", "torch", "loop"),
+    ("torch", "triton", "loop"),
+    ("cpp", "triton", "loop"),
+    ("cpp", "torch", "grouped_mm"),
 ]
 
 
@@ -42,9 +44,10 @@ def _layer(router, top_k, cf, device):
     return layer
 
 
-def _run(monkeypatch, layer, x, permute_backend, gating_backend):
+def _run(monkeypatch, layer, x, permute_backend, gating_backend, experts_backend="loop"):
     monkeypatch.setenv("MEGAMOE_PERMUTE_BACKEND", permute_backend)
     monkeypatch.setenv("MEGAMOE_GATING_BACKEND", gating_backend)
+    monkeypatch.setenv("MEGAMOE_EXPERTS_BACKEND", experts_backend)
     assert P.select_backend(x.device) == permute_backend and G.select_backend(x.device) == gating_backend
     layer.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_(True)
@@ -57,10 +60,11 @@ def _run(monkeypatch, layer, x, permute_backend, gating_backend):
     return y.detach(), stats, xi.grad, grads
 
 
-@pytest.mark.parametrize("permute_backend,gating_backend", PATHS)
+@pytest.mark.parametrize("permute_backend,gating_backend,experts_backend", PATHS)
 @pytest.mark.parametrize("router,top_k,cf", [("topk_noisy", 2, None), ("mixtral", 2, None), ("switch", 1, 1.0),
                                              ("topk_noisy", 4, 0.75)])
-def test_moe_layer_same_on_every_path(monkeypatch, router, top_k, cf, permute_backend, gating_backend):
+def test_moe_layer_same_on_every_path(monkeypatch, router, top_k, cf, permute_backend, gating_backend,
+                                      experts_backend):
     if permute_backend == "cpp" and not _ext.cpp_available():
         pytest.skip("megamoe._C not built")
     if gating_backend == "triton" and not TRITON_OK:
@@ -71,7 +75,9 @@ def test_moe_layer_same_on_every_path(monkeypatch, router, top_k, cf, permute_ba
     layer = _layer(router, top_k, cf, device)
     x = torch.randn(T, 1, H, device=device)
     y0, s0, gx0, g0 = _run(monkeypatch, layer, x, "torch", "torch")
-    y1, s1, gx1, g1 = _run(monkeypatch, layer, x, permute_backend, gating_backend)
+    if HAS_CUDA and experts_backend == "grouped_mm":   # CUDA grouped_mm takes bf16 only: the loop for this fp32 layer
+        experts_backend = "loop"
+    y1, s1, gx1, g1 = _run(monkeypatch, layer, x, permute_backend, gating_backend, experts_backend)
     tol = dict(atol=2e-5, rtol=2e-4)
     torch.testing.assert_close(y1, y0, **tol)
     assert torch.equal(s1.tokens_per_expert, s0.tokens_per_expert)
