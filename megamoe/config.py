@@ -30,6 +30,7 @@ GATE_NETWORKS = ("linear", "mlp")
 DROP_POLICIES = ("zero", "input")
 LOAD_ESTIMATES = ("shazeer", "llama_moe")
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTN_MODES = ("token_sparse", "full_kv")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ModelConfig.params_dtype
 
 
@@ -101,6 +102,54 @@ class MoEConfig:
 
 
 @dataclass
+class AttnMoEConfig:
+    """Attention experts (LLaMA-MoE v2): the query heads of each GQA group, with their KV head, become experts that a
+    router picks per token (megamoe/moe/attention.py; docs/attention_moe.md).
+
+    With n_kv KV heads and g = num_heads / n_kv query heads per KV head, `num_experts` A = n_kv * split for a
+    `split` dividing g: expert e owns the g/split query heads [e*g/split, (e+1)*g/split) and a KV head of its own,
+    which starts as a copy of KV head e // split (split > 1 duplicates a KV head into sibling experts).
+
+    Router: Linear(H, A) on the attention input (the input_layernorm output), scores as `score_order`
+    (MoEConfig's vocabulary; default LLaMA-MoE v2's softmax over all, top-k, renormalise), times `score_scale`:
+        y = sum_{e in topk} score_scale * w_e * o_proj_e(Attn_e(x))
+    Balance loss (with a gradient, unlike v2's, which is identically A): the switch aux loss
+    balance_loss_weight * A * sum_e f_e * P_e for the softmax orders, the cv^2 loss of importance and load for
+    topk_softmax (as MoEConfig's routers).
+
+    mode:
+      token_sparse  as released v2: a token attends only to earlier tokens routed to the same expert (each at its
+                    absolute RoPE position); the KV cache holds each expert's routed tokens only.
+      full_kv       each expert's query heads see the K/V of every earlier token (its KV head is computed for every
+                    token); only the query/output side is sparse (LLaMA-MoE v2 issue #1).
+    """
+    num_experts: int = 8                   # A = num_kv_heads * split
+    top_k: int = 7
+    score_scale: float = 1.0
+    score_order: str = "softmax_topk_renorm"
+    mode: str = "token_sparse"
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    layers: list | None = None             # indices of layers with attention experts; None: every layer (as v2)
+    gate_init_std: float = 0.02
+
+    def is_layer(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
+
+    def split(self, num_kv_heads: int) -> int:
+        return self.num_experts // num_kv_heads
+
+    def router_moe(self) -> MoEConfig:
+        """The router's settings in MoEConfig's vocabulary (megamoe.moe.router.Router): a linear gate, no noise,
+        the mixtral router (softmax orders) or the top-k-then-softmax one (topk_softmax)."""
+        return MoEConfig(num_experts=self.num_experts, top_k=self.top_k,
+                         router="topk_noisy" if self.score_order == "topk_softmax" else "mixtral",
+                         gate_network="linear", score_scale=self.score_scale, noise=False,
+                         balance_loss_weight=self.balance_loss_weight, z_loss_weight=self.z_loss_weight,
+                         gate_init_std=self.gate_init_std, score_order=self.score_order)
+
+
+@dataclass
 class ModelConfig:
     """A LLaMA-architecture decoder; with `moe` set, a LLaMA-MoE."""
     vocab_size: int = 32000
@@ -116,6 +165,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     moe: MoEConfig | None = None
+    attn_moe: AttnMoEConfig | None = None  # attention experts (LLaMA-MoE v2); None: dense attention everywhere
     attention_backend: str = "auto"        # auto | sdpa | flash | te
     init_std: float = 0.02
     recompute: bool = False                # activation checkpointing of every decoder layer
@@ -141,6 +191,17 @@ class ModelConfig:
         if self.moe.moe_layers is None:
             return layer
         return sorted(self.moe.moe_layers).index(layer)
+
+    def is_attn_moe_layer(self, layer: int) -> bool:
+        return self.attn_moe is not None and self.attn_moe.is_layer(layer)
+
+    def attn_kv_heads(self, layer: int) -> int:
+        """KV heads of layer `layer`'s k/v projections: one per attention expert there, else num_kv_heads."""
+        return self.attn_moe.num_experts if self.is_attn_moe_layer(layer) else self.kv_heads
+
+    @property
+    def num_attn_moe_layers(self) -> int:
+        return sum(self.is_attn_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def num_moe_layers(self) -> int:
@@ -176,7 +237,42 @@ class ModelConfig:
                 raise ConfigError(f"{f}: {v!r} must be a token id in [0, vocab_size={self.vocab_size}) or null")
         if self.moe is not None:
             self._validate_moe()
+        if self.attn_moe is not None:
+            self._validate_attn_moe()
         return self
+
+    def _validate_attn_moe(self):
+        a, nkv, nh = self.attn_moe, self.kv_heads, self.num_heads
+        g = nh // nkv
+        if not isinstance(a.num_experts, int) or a.num_experts < 1:
+            raise ConfigError(f"attn_moe.num_experts: {a.num_experts!r} must be a positive integer")
+        if a.num_experts % nkv:
+            raise ConfigError(f"attn_moe.num_experts: {a.num_experts} attention experts do not divide into the "
+                              f"{nkv} KV heads x split: each attention expert owns exactly one KV head, so the "
+                              f"count must be num_kv_heads x split (split dividing the {g} query heads per KV "
+                              f"head): one of {[nkv * s for s in range(1, g + 1) if g % s == 0]}")
+        split = a.num_experts // nkv
+        if split > 1 and g == 1:
+            raise ConfigError(f"attn_moe.num_experts: {a.num_experts} asks for split {split}, but the model is not "
+                              f"GQA (num_heads {nh} = num_kv_heads {nkv}: one query head per KV head, nothing to "
+                              f"split); use attn_moe.num_experts {nkv}")
+        if g % split:
+            raise ConfigError(f"attn_moe.num_experts: {a.num_experts} = {nkv} KV heads x split {split}, but split "
+                              f"must divide the {g} query heads of each KV head (num_heads {nh} / num_kv_heads "
+                              f"{nkv}); choose one of {[nkv * s for s in range(1, g + 1) if g % s == 0]}")
+        if not 1 <= a.top_k <= a.num_experts:
+            raise ConfigError(f"attn_moe.top_k: {a.top_k} must be between 1 and attn_moe.num_experts "
+                              f"({a.num_experts})")
+        if a.score_order not in SCORE_ORDERS:
+            raise ConfigError(f"attn_moe.score_order: {a.score_order!r} is not one of {SCORE_ORDERS}")
+        if a.mode not in ATTN_MODES:
+            raise ConfigError(f"attn_moe.mode: {a.mode!r} is not one of {ATTN_MODES}")
+        if not a.score_scale > 0:
+            raise ConfigError(f"attn_moe.score_scale: {a.score_scale} must be > 0")
+        if a.layers is not None:
+            bad = [i for i in a.layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ConfigError(f"attn_moe.layers: {bad} are not layer indices in [0, {self.num_layers})")
 
     def _validate_moe(self):
         m = self.moe
@@ -240,8 +336,17 @@ class ModelConfig:
         emb = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
         total = active = emb + H  # + final norm
         for i in range(self.num_layers):
-            total += attn + 2 * H
-            active += attn + 2 * H
+            if self.is_attn_moe_layer(i):
+                # attention experts: q/o heads of the k chosen experts; k/v of the k chosen (token_sparse) or of
+                # every expert (full_kv: each expert's KV head is computed for every token); the router
+                a = self.attn_moe
+                qo, kv = 2 * H * d * self.num_heads, 2 * H * d * a.num_experts
+                total += qo + kv + H * a.num_experts + 2 * H
+                active += (qo * a.top_k // a.num_experts + (kv * a.top_k // a.num_experts if a.mode == "token_sparse"
+                                                           else kv) + H * a.num_experts + 2 * H)
+            else:
+                total += attn + 2 * H
+                active += attn + 2 * H
             mi = self.moe_index(i)
             if mi is None:
                 total += 3 * H * self.intermediate_size
@@ -291,6 +396,9 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.tp: {self.tp} does not divide num_heads ({model.num_heads})")
             if model.kv_heads % self.tp:
                 raise ConfigError(f"parallel.tp: {self.tp} does not divide num_kv_heads ({model.kv_heads})")
+            if model.attn_moe is not None and model.attn_moe.num_experts % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide attn_moe.num_experts "
+                                  f"({model.attn_moe.num_experts}): attention experts partition over TP like heads")
             if model.vocab_size % self.tp:
                 raise ConfigError(f"parallel.tp: {self.tp} does not divide vocab_size ({model.vocab_size})")
             if model.moe is not None:

@@ -8,6 +8,10 @@ and returns [batch, seq, vocab] logits (the local vocabulary shard under TP).
     parallel.initialize(ParallelConfig(), cfg)  # an entry point sets up the layout (a world of one here)
     model = LlamaMoEModel(cfg)                  # dense layers, or MoE layers where cfg.moe says so
     out = model(input_ids, labels=labels)       # out.loss = lm_loss + aux_loss (the routers' balance losses)
+    out.router_stats, out.attn_router_stats     # RouterStats per MLP-MoE layer / per attention-MoE layer
+
+Attention experts (cfg.attn_moe, LLaMA-MoE v2): those layers' attention is megamoe/moe/attention.py's AttentionMoE
+(GQA head groups chosen per token by a router); everything else, the cache included, works the same way.
 
 `forward(input_ids [B, S], labels=None [B, S], loss_mask=None [B, S], return_logits=True | False | "last",
 position_ids=None [B, S], segment_ids=None [B, S], cache=None, loss_denominator=None)`:
@@ -47,6 +51,7 @@ from megamoe.layers.kv_cache import KVCache
 from megamoe.layers.mlp import MLP
 from megamoe.layers.norm import RMSNorm
 from megamoe.layers.rope import rope_cos_sin, rope_inv_freq
+from megamoe.moe.attention import AttentionMoE
 from megamoe.moe.layer import MoELayer
 from megamoe.moe.router import RouterStats
 from megamoe.ops.linear_ce import linear_cross_entropy
@@ -59,19 +64,25 @@ class DecoderLayer(nn.Module):
         super().__init__()
         sp, dt = mp_cfg.sequence_parallel, DTYPES[cfg.params_dtype]
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
-        self.attn = Attention(cfg, mp_cfg, layer_idx)
+        self.is_attn_moe = cfg.is_attn_moe_layer(layer_idx)
+        self.attn = AttentionMoE(cfg, mp_cfg, layer_idx) if self.is_attn_moe else Attention(cfg, mp_cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp, dt)
         self.is_moe = cfg.moe_index(layer_idx) is not None
         self.mlp = MoELayer(cfg, mp_cfg, layer_idx) if self.is_moe else MLP(cfg, mp_cfg, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, ctx: AttentionContext | None = None, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, ctx, cache)
+        """-> (x, MLP router stats or None, attention router stats or None)."""
+        if self.is_attn_moe:
+            a, attn_stats = self.attn(self.attn_norm(x), cos, sin, ctx, cache)
+        else:
+            a, attn_stats = self.attn(self.attn_norm(x), cos, sin, ctx, cache), None
+        x = x + a
         h = self.mlp_norm(x)
         if self.is_moe:
             y, stats = self.mlp(h)
         else:
             y, stats = self.mlp(h), None
-        return x + y, stats
+        return x + y, stats, attn_stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +106,8 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    router_stats: list[RouterStats] = field(default_factory=list)
+    router_stats: list[RouterStats] = field(default_factory=list)       # one per MLP-MoE layer
+    attn_router_stats: list[RouterStats] = field(default_factory=list)  # one per attention-MoE layer
 
 
 class LlamaMoEModel(nn.Module):
@@ -152,17 +164,23 @@ class LlamaMoEModel(nn.Module):
             x = tpar.scatter_to_sequence_parallel_region(x)
         positions = torch.arange(S, device=dev) if position_ids is None else position_ids.to(dev)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)   # [S, d] or [B, 1, S, d]
-        stats = []
+        stats, attn_stats = [], []
         for i, layer in enumerate(self.layers):
-            lc = None if cache is None else cache.layers[i]
+            lc = None
+            if cache is not None:
+                if layer.is_attn_moe:  # token_sparse attention experts cache per expert (ExpertKVCache)
+                    cache.layers[i] = layer.attn.prepare_cache(cache.layers[i])
+                lc = cache.layers[i]
             if self.cfg.recompute and self.training:
-                x, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, lc, use_reentrant=False)
+                x, st, ast = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, lc, use_reentrant=False)
             else:
-                x, st = layer(x, cos, sin, ctx, lc)
+                x, st, ast = layer(x, cos, sin, ctx, lc)
             if st is not None:
                 stats.append(st)
+            if ast is not None:
+                attn_stats.append(ast)
         x = self.norm(x)
-        aux = sum((st.balance_loss + st.z_loss for st in stats), torch.zeros((), device=x.device))
+        aux = sum((st.balance_loss + st.z_loss for st in stats + attn_stats), torch.zeros((), device=x.device))
         if return_logits == "last":
             x = x[-1:]
             if labels is not None:
@@ -175,13 +193,15 @@ class LlamaMoEModel(nn.Module):
                 m = _mask_or_ones(loss_mask, labels).transpose(0, 1).reshape(-1).float()
                 tok_w = m / _denominator(m, loss_denominator)
             lm = linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, labels.transpose(0, 1).reshape(-1), tok_w)
-            return ModelOutput(logits=None, loss=lm + aux, lm_loss=lm, aux_loss=aux, router_stats=stats)
+            return ModelOutput(logits=None, loss=lm + aux, lm_loss=lm, aux_loss=aux, router_stats=stats,
+                               attn_router_stats=attn_stats)
         if self.lm_head is not None:
             logits, _ = self.lm_head(x)                       # [S, B, V/tp]
         else:
             logits, _ = self._tied_head(x, weight=self.embed.weight)
         logits = upcast(logits)
-        out = ModelOutput(logits=logits.transpose(0, 1) if return_logits else None, aux_loss=aux, router_stats=stats)
+        out = ModelOutput(logits=logits.transpose(0, 1) if return_logits else None, aux_loss=aux, router_stats=stats,
+                          attn_router_stats=attn_stats)
         if labels is not None:
             # megatron's cross entropy works in place on its input: give it a copy when the logits are returned
             ce_in = logits.clone() if return_logits else logits
