@@ -161,14 +161,18 @@ def test_killed_preprocessing_is_cleaned_and_never_read_as_data(tmp_path, smollm
 # ---------------------------------------------------------------------------------------------------------------
 # training checkpoints: step_N.tmp of a live save is left alone
 
-def test_checkpoint_tmp_of_a_live_save_is_left_alone(tmp_path, live_pid):
+def test_checkpoint_tmp_of_a_live_save_is_left_alone(tmp_path, live_pid, monkeypatch):
     """Guards against a save deleting every `step_N.tmp` in the checkpoint directory, including one another live
-    run is writing: only saves whose OWNER process is gone (or unowned and old) are removed."""
+    run is writing: only saves whose OWNER process is gone (or unowned and old), or that an earlier attempt of this
+    torchrun job wrote (on whatever host), are removed."""
     from megamoe.training.checkpoint import OWNER, STALE_UNOWNED_S, CheckpointManager
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     host = owner_tag().split("@")[1]
     dirs = {"live": ("step_00000008.tmp", f"{live_pid}@{host}"), "dead": ("step_00000006.tmp", f"{_dead_pid()}@{host}"),
             "old_unowned": ("step_00000004.tmp", None), "fresh_unowned": ("step_00000010.tmp", None),
-            "other_host": ("step_00000012.tmp", f"{_dead_pid()}@elsewhere-node")}
+            "other_host": ("step_00000012.tmp", f"{_dead_pid()}@elsewhere-node\njob=job3 attempt=0"),
+            "earlier_attempt": ("step_00000014.tmp", f"{_dead_pid()}@elsewhere-node\njob=job7 attempt=0")}
     for name, owner in dirs.values():
         (tmp_path / name).mkdir()
         if owner:

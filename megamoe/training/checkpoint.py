@@ -81,6 +81,14 @@ def _barrier():
         dist.barrier()
 
 
+def _job_attempt() -> tuple[str | None, int | None]:
+    """(torchrun's run id, restart count) of this process; (None, None) outside torchrun."""
+    job, attempt = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if job is None:
+        return None, None
+    return job, int(attempt) if attempt and attempt.isdigit() else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # JSON helpers for state that holds numpy arrays / tensors (data-loader state)
 
@@ -328,10 +336,13 @@ class CheckpointManager:
             try:
                 os.makedirs(tmp)
             except FileExistsError:
-                raise CheckpointError(f"{tmp}: another live run is saving step {step} into {self.root} "
-                                      f"({self._tmp_owner(tmp)}); two runs must not share checkpoint.dir") from None
+                raise CheckpointError(
+                    f"{tmp}: another run is saving step {step} into {self.root} ({self._tmp_owner(tmp)}): two runs "
+                    "must not share checkpoint.dir. If no other run uses it (a process on another host cannot be "
+                    "checked from here), remove that directory and resume") from None
+            job, attempt = _job_attempt()
             with open(os.path.join(tmp, OWNER), "w") as f:
-                f.write(owner_tag() + "\n")
+                f.write(owner_tag() + "\n" + (f"job={job} attempt={attempt}\n" if job is not None else ""))
         _barrier()
         model_sd = model_sharded_state_dict(model)
         with cuda_to_cpu():
@@ -356,27 +367,45 @@ class CheckpointManager:
     def _tmp_owner(tmp: str) -> str:
         try:
             with open(os.path.join(tmp, OWNER)) as f:
-                return f"saved by {f.read().strip()}"
+                return "saved by " + " ".join(f.read().split())
         except OSError:
             return "owner unknown"
 
+    @staticmethod
+    def _read_owner(d: str):
+        """(pid, host, job, attempt) from d/OWNER (job and attempt None outside torchrun), or None."""
+        try:
+            with open(os.path.join(d, OWNER)) as f:
+                lines = f.read().split("\n")
+        except OSError:
+            return None
+        owner = parse_owner(lines[0])
+        if owner is None:
+            return None
+        kv = dict(x.split("=", 1) for x in " ".join(lines[1:]).split() if "=" in x)
+        attempt = kv.get("attempt")
+        return (*owner, kv.get("job"), int(attempt) if attempt and attempt.isdigit() else None)
+
     def _remove_stale_tmp(self):
-        """Remove the step_N.tmp directories of saves whose process is gone (a killed run); leave those whose OWNER
-        process is alive (another run saving here) or on another host, and unowned ones younger than
-        STALE_UNOWNED_S (a save that has not written its OWNER file yet)."""
+        """Remove the step_N.tmp directories of saves whose process is gone (a killed run): its OWNER process no
+        longer exists on this host, or it was an earlier attempt of this torchrun job (torchrun stops every worker
+        before a restart, whichever host rank 0 now runs on). Leave those whose process is alive (another run saving
+        here) or on another host and not of this job, and unowned ones younger than STALE_UNOWNED_S (a save that has
+        not written its OWNER file yet)."""
+        job, attempt = _job_attempt()
         for n in os.listdir(self.root):
             d = os.path.join(self.root, n)
             if not (n.endswith(".tmp") and STEP_RE.match(n[:-4]) and os.path.isdir(d)):
                 continue
-            try:
-                with open(os.path.join(d, OWNER)) as f:
-                    owner = parse_owner(f.read())
-            except OSError:
-                owner = None
-            if owner is not None and owner_alive(*owner):
-                log.warning("%s: left alone, its save is still running (pid %d on %s)", d, *owner)
-                continue
-            if owner is None:
+            owner = self._read_owner(d)
+            if owner is not None:
+                pid, host, their_job, their_attempt = owner
+                earlier = (job is not None and their_job == job and their_attempt is not None
+                           and attempt is not None and their_attempt < attempt)
+                if not earlier and owner_alive(pid, host):
+                    log.warning("%s: left alone, its save may still be running (pid %d on %s)", d, pid, host)
+                    continue
+            else:
                 try:
                     if time.time() - os.path.getmtime(d) < STALE_UNOWNED_S:
                         continue
