@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 import torch
+from test_train import tiny
 
 from megamoe.errors import CheckpointError
-from test_train import tiny
 
 STEP2, STEP4 = "step_00000002", "step_00000004"
 

@@ -9,7 +9,9 @@ directory, and a plain unpickler runs whatever callable a crafted pickle names (
 | `common.pt` | megatron's `TorchCommonLoadStrategy`: `torch.load` with the default `weights_only` (an environment variable, `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`, turns it off) | `torch.load(weights_only=True)`, explicitly |
 | byte objects inside `*.distcp` (entries the metadata marks `BytesStorageMetadata`) | torch's `DefaultLoadPlanner.load_bytes`: `torch.load(weights_only=False)` | checked with `torch.load(weights_only=True)` first |
 
-Tensors inside `*.distcp` are read by torch with `weights_only=True` already; `metadata.json` is JSON. Anything
+Tensors inside `*.distcp` are read by torch with `weights_only=True` already; `metadata.json` is JSON; the pickles
+torch and megatron exchange between ranks during a load (plans, the metadata broadcast from rank 0, integrity
+checks) are made in-process by the job itself, not read from the directory. Anything
 outside the allowlist is refused with a CheckpointError naming the file and the forbidden global, before it is
 called. `load(sharded_state_dict, path)` is `dist_checkpointing.load` with these readers; `read_metadata(path)` and
 `load_common(path)` serve the checks of `checkpoint.validate_checkpoint`.
@@ -26,8 +28,7 @@ import re
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import torch as mcore_torch_strategy
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import \
-    CachedMetadataFileSystemReader
+from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import CachedMetadataFileSystemReader
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch.distributed.checkpoint.api import CheckpointException
