@@ -27,7 +27,8 @@ LAYERS = [
     ["model", "interchange"],
     ["eval"],
     ["training"],
-    ["train", "quickstart", "cli"],
+    ["cli"],
+    ["train", "quickstart"],
 ]
 RANK = {name: (i, names) for i, names in enumerate(LAYERS) for name in names}
 
