@@ -253,3 +253,31 @@ def test_expert_cache_reorder_and_size():
     assert len(c) == 2 and c.nbytes() == 2 * 2 * 2 * 4 * 4
     with pytest.raises(TypeError):
         c.update(k, k)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # ~30 s idle (a reference run and one torchrun launch of three layouts), minutes when busy
+def test_tp2_sp_and_ep_equal_one_process(tmp_path):
+    """torchrun, 2 ranks: attention experts (token_sparse in every layer beside a Mixtral MLP MoE layer; full_kv in
+    one layer beside dense attention, a v1 MLP MoE with a residual expert, tied embeddings) trained 4 steps at TP2,
+    TP2 + SP and TP2 x EP2 + SP: the single-process losses, grad norms and every parameter's gradient."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts", "attn_moe_worker.py")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MEGAMOE_DIST_TIMEOUT="120")
+    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    p = subprocess.run([sys.executable, worker, "reference", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        worker, "layouts", str(tmp_path), "tp2,tp2sp,tp2ep2sp"], env=env, capture_output=True,
+                       text=True, timeout=400)
+    out = p.stdout + p.stderr
+    oks = [ln for ln in out.splitlines() if ln.startswith("OK ")]
+    assert p.returncode == 0 and "FAIL" not in out and len(oks) == 60, out[-4000:]
+    assert any("tp2sp/attn_sparse gradients of all" in ln for ln in oks)

@@ -112,6 +112,22 @@ def compact(chosen: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tens
     return order, valid
 
 
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity (the tensor is replicated over TP). Backward: the gradient summed over TP. (megatron's
+    copy_to_tensor_model_parallel_region all-reduces `grad.contiguous()` in place and returns the unreduced grad
+    when it is strided, which the gathers here produce.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        return grad
+
+
 def _per_token(t: torch.Tensor, B: int) -> torch.Tensor:
     """cos/sin [S, d] or [B, 1, S, d] -> [B, S, d]."""
     return t[None].expand(B, -1, -1) if t.dim() == 2 else t[:, 0]
@@ -156,12 +172,13 @@ class AttentionMoE(nn.Module):
         if self.tp == 1:
             return x
         if self.sp:
-            return tpar.gather_from_sequence_parallel_region(x)
-        return tpar.copy_to_tensor_model_parallel_region(x)
+            return tpar.gather_from_sequence_parallel_region(x.contiguous())
+        return _CopyToTP.apply(x)
 
     def _output(self, y):
         if self.tp == 1:
             return y
+        y = y.contiguous()  # megatron's all-reduce works in place on `.contiguous()`: a strided y would stay unreduced
         if self.sp:
             return tpar.reduce_scatter_to_sequence_parallel_region(y)
         return tpar.reduce_from_tensor_model_parallel_region(y)
@@ -180,8 +197,7 @@ class AttentionMoE(nn.Module):
         dense, chosen = combine_weights(routing.indices, routing.weights, self.num_experts)
         both = torch.cat([dense, chosen.to(dense.dtype)], dim=1)
         if self.tp > 1:   # every rank needs the weights of every token (its experts' columns)
-            both = (tpar.gather_from_sequence_parallel_region(both) if self.sp
-                    else tpar.copy_to_tensor_model_parallel_region(both))
+            both = tpar.gather_from_sequence_parallel_region(both) if self.sp else _CopyToTP.apply(both)
         A, lo, hi = self.num_experts, self.first, self.first + self.local
         S = both.shape[0] // B
         w = both[:, lo:hi].view(S, B, self.local).transpose(0, 1)              # [B, S, A_loc] fp32
