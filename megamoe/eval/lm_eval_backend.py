@@ -19,7 +19,7 @@ through megamoe.eval.scorer.Scorer and megamoe.eval.textgen.TextGenerator.
 
 Registration. lm_eval 0.4.x has no plugin entry points: its model registry is filled by `lm_eval.models` and by the
 `@register_model` decorator of an imported module. So:
-- `import megamoe.eval.lm_eval_backend` registers `megamoe` (the Python API: `lm_eval.simple_evaluate(model="megamoe")`);
+- `import megamoe.eval.lm_eval_backend` registers `megamoe` (Python: `lm_eval.simple_evaluate(model="megamoe")`);
 - `megamoe-lm-eval ...` is lm_eval's own command line with `megamoe` registered and megamoe's task suites on the
   include path (works for every install);
 - plain `lm_eval --model megamoe` works after a regular (non-editable) `pip install .`, which installs
@@ -29,26 +29,28 @@ Registration. lm_eval 0.4.x has no plugin entry points: its model registry is fi
 Under torchrun (TP/EP), every rank runs every request (the layout needs all ranks in each forward); lm_eval sees a
 world of one on each rank, and `megamoe-lm-eval` silences the output of all ranks but rank 0.
 
-lm_eval is an optional dependency (`pip install 'megamoe[eval]'`): this module imports without it, and MegamoeLM /
+lm_eval is an optional dependency (`pip install 'megamoe[lm-eval]'`): this module imports without it, and MegamoeLM /
 evaluate_tasks raise an InputError saying how to install it.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import os
 
 import torch
 
 from megamoe import parallel
 from megamoe.config import ParallelConfig
-from megamoe.errors import InputError
-from megamoe.eval.load import LoadedModel, load_model
+from megamoe.errors import ConfigError, InputError
+from megamoe.eval.load import LoadedModel, load_model, load_tokenizer
 from megamoe.eval.sampling import Sampler
 from megamoe.eval.scorer import Scorer, rolling_windows
 from megamoe.eval.textgen import TextGenerator
 
-try:  # optional dependency: pip install 'megamoe[eval]'
+try:  # optional dependency: pip install 'megamoe[lm-eval]'
     import lm_eval
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -63,14 +65,14 @@ except ImportError:  # the module still imports; using the backend says how to i
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MegamoeLM", "evaluate_tasks", "require_lm_eval", "task_manager", "DEFAULT_AUTO_BATCH"]
+__all__ = ["MegamoeLM", "evaluate_tasks", "require_lm_eval", "task_manager", "PeriodicTasks", "DEFAULT_AUTO_BATCH"]
 
 DEFAULT_AUTO_BATCH = 8
 
 
 def require_lm_eval():
     if lm_eval is None:
-        raise InputError("lm-evaluation-harness is not installed: pip install 'megamoe[eval]' (or lm_eval>=0.4.5)")
+        raise InputError("lm-evaluation-harness is not installed: pip install 'megamoe[lm-eval]' (lm_eval >= 0.4.13)")
 
 
 def _batch_size(bs) -> int:
@@ -223,7 +225,7 @@ def task_manager(include_path=None, tasks=None, tm=None):
 def evaluate_tasks(model: LoadedModel, tasks: list[str], include_path=None, limit=None, num_fewshot=None,
                    batch_size: int = 8, seed: int = 1234, tm=None) -> dict:
     """Run lm_eval tasks in-process on an already loaded model: {task: {metric: value}} (lm_eval's "results" with
-    the ",none" filter suffix dropped; stderr entries left out)."""
+    the ",none" filter suffix dropped; stderr entries and the sample counts left out)."""
     require_lm_eval()
     tm = tm or task_manager(include_path, tasks)
     lm = MegamoeLM(model=model, batch_size=batch_size, seed=seed)
@@ -239,5 +241,55 @@ def evaluate_tasks(model: LoadedModel, tasks: list[str], include_path=None, limi
     out = {}
     for task, metrics in (res or {}).get("results", {}).items():
         out[task] = {k.split(",")[0]: v for k, v in metrics.items()
-                     if "_stderr" not in k and k != "alias" and isinstance(v, (int, float))}
+                     if "_stderr" not in k and k not in ("alias", "name", "sample_len") and isinstance(v, (int, float))}
     return out
+
+
+def _tokenizer_dir(path: str) -> str | None:
+    """A directory as is; a preprocessing manifest.json -> the tokenizer directory it records."""
+    if path.endswith(".json") and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return (json.load(f).get("tokenizer") or {}).get("path")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return path
+
+
+class PeriodicTasks:
+    """lm_eval tasks at the trainer's evaluations (`eval.lm_eval_tasks`): the task list is checked and indexed once,
+    the tokenizer loaded once; each call evaluates the model being trained, in-process, and returns the flat record
+    {"eval/lm/<task>/<metric>": value}.
+
+    tokenizer_dirs: candidates in order (eval.lm_eval_tokenizer, init.path, data.manifest: a preprocessing
+    manifest.json names its tokenizer): the first that holds a tokenizer wins. Problems are ConfigErrors naming the
+    field."""
+
+    def __init__(self, tasks, include_path=None, limit=None, batch_size: int = 8, tokenizer_dirs=(), seed=1234):
+        if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+            raise ConfigError(f"eval.lm_eval_tasks: expected a list of task names, got {tasks!r}")
+        if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit <= 0):
+            raise ConfigError(f"eval.lm_eval_limit: {limit!r} must be a positive number (or null: every document)")
+        try:
+            require_lm_eval()
+            self.tm = task_manager(include_path, tasks)
+        except InputError as e:
+            raise ConfigError(f"eval.lm_eval_tasks: {e}") from None
+        dirs = [_tokenizer_dir(d) for d in tokenizer_dirs if d]
+        self.tokenizer = next((t for t in (load_tokenizer(d) for d in dirs if d and os.path.isdir(d))
+                               if t is not None), None)
+        if self.tokenizer is None:
+            raise ConfigError(f"eval.lm_eval_tokenizer: no tokenizer in {[d for d in tokenizer_dirs if d]}; set "
+                              "eval.lm_eval_tokenizer to the model's tokenizer directory")
+        self.tasks, self.include_path, self.limit = list(tasks), include_path, limit
+        self.batch_size, self.seed = batch_size, seed
+
+    def __call__(self, model, model_cfg) -> dict:
+        m = model
+        while hasattr(m, "module"):  # DDP wrappers
+            m = m.module
+        eos = sorted({int(self.tokenizer.eos_token_id)}) if self.tokenizer.eos_token_id is not None else []
+        lm = LoadedModel(m, model_cfg, "megamoe", "(training)", self.tokenizer, eos)
+        res = evaluate_tasks(lm, self.tasks, self.include_path, self.limit, batch_size=self.batch_size,
+                             seed=self.seed, tm=self.tm)
+        return {f"eval/lm/{task}/{k}": v for task, metrics in res.items() for k, v in metrics.items()}

@@ -13,7 +13,7 @@ Layouts (`detect_layout`):
 | `llama` | config.json `model_type: llama` | `megamoe.formats.hf_llama` |
 | `mixtral` | `model_type: mixtral` | `megamoe.formats.mixtral` |
 | `llama-moe-v1` | `model_type: llama_moe` | `megamoe.formats.llama_moe_v1` |
-| `llama-moe-v2` | `model_type: mixtral` with v2 fields (`use_attn_moe`, `moe_type`, `intermediate_size_residual`, ...) | not yet: `register_hf_layout` |
+| `llama-moe-v2` | `model_type: mixtral` + v2 fields (`use_attn_moe`, `moe_type`, ...) | not yet: `register_hf_layout` |
 
 An HF directory is read tensor by tensor (megamoe.formats.hf_dir, safetensors only) and each tensor is cut to this
 rank's TP / EP / expert-TP slice by the same rules as our shards (megamoe.formats.layout.slicing). Anything else is an
@@ -210,7 +210,8 @@ def load_model(path: str, dtype: str | None = None, device: torch.device | str |
     if kind == SHARDS:
         ck = ShardedCheckpoint(path)
         cfg = ck.config
-        source = (ck.manifest.get("source") or {}).get("path")
+        src = ck.manifest.get("source")  # conversions: {"path", "format", ...}; the trainer's export: a string
+        source = src.get("path") if isinstance(src, dict) else (src if isinstance(src, str) else None)
         ck.close()
         state = load_shards(path, tp=slices["tp"], ep=slices["ep"], etp=slices["etp"], dtype=tdt)
     else:

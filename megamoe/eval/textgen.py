@@ -6,13 +6,14 @@
     gen.generate_ids(prompt_ids, max_new_tokens=8, stop=["\\n"])       # -> new token ids
 
 The token loop (`generate_ids`) runs prompt + generated tokens through the model; it stops at any end-of-sequence id
-(the tokenizer's EOS and generation_config.json's eos_token_id), at `max_new_tokens`, or as soon as the decoded new text
-contains a stop string (the text returned is cut before it, as lm_eval's backends do). With `use_cache` the model keeps
-the keys and values of earlier positions in a KVCache (megamoe.layers.kv_cache, as megamoe.model.generate does: a
-prefill forward, then one position per step); without, every step is a full forward of the whole sequence (the
-reference the cache is tested against). This loop exists beside megamoe.model.generate.generate for the stop strings
-(lm_eval's `until`), which need the decoded text after every token. Every rank runs the same steps and draws the same tokens (the
-sampler's generator is seeded), as TP / EP need.
+(the tokenizer's EOS and generation_config.json's eos_token_id), at `max_new_tokens`, or as soon as the decoded new
+text contains a stop string (the text returned is cut before it, as lm_eval's backends do). With `use_cache` the
+model keeps the keys and values of earlier positions in a KVCache (megamoe.layers.kv_cache, as
+megamoe.model.generate does: a prefill forward, then one position per step); without, every step is a full forward
+of the whole sequence (the reference the cache is tested against). This loop exists beside
+megamoe.model.generate.generate for the stop strings (lm_eval's `until`), which need the decoded text after every
+token. Every rank runs the same steps and draws the same tokens (the sampler's generator is seeded), as TP / EP
+need.
 """
 
 from __future__ import annotations

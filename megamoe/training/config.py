@@ -207,6 +207,13 @@ class EvalConfig:
     plots: bool = True                 # routing heat-maps at each evaluation (matplotlib)
     sample_tokens: int = 48            # chat data: greedy reply to the first held-out prompt(s) of each domain at the
     samples_per_domain: int = 1        #   end of every stage (0 tokens: none), in metrics.jsonl and on the console
+    # lm-eval tasks at every evaluation, through the megamoe backend, logged as eval/lm/<task>/<metric> (null: off;
+    # docs/evaluation.md); local task YAMLs (`megamoe-eval-tasks build DIR`); documents per task (null: all); the
+    # tokenizer (null: init.path's, else data.manifest's)
+    lm_eval_tasks: list | None = None
+    lm_eval_include_path: str | None = None
+    lm_eval_limit: int | None = None
+    lm_eval_tokenizer: str | None = None
 
 
 @dataclass

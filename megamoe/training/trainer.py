@@ -45,6 +45,7 @@ from megamoe import parallel
 from megamoe.compat.cpu import cuda_to_cpu
 from megamoe.data import SFTBatch, update_domain_weights
 from megamoe.errors import ConfigError
+from megamoe.eval.lm_eval_backend import PeriodicTasks
 from megamoe.fileio import atomic_write_text
 from megamoe.model import LlamaMoEModel
 from megamoe.parallel.collectives import stats_group
@@ -231,6 +232,9 @@ class Trainer:
         self.router_acc = RouterStatsAccumulator()
         self.losses: dict[int, float] = {}
         self.eval_results, self.eval_history, self.samples = None, [], []
+        ev = cfg.eval  # eval.lm_eval_tasks: lm-eval tasks at every evaluation (megamoe.eval.lm_eval_backend)
+        self.lm_tasks = PeriodicTasks(ev.lm_eval_tasks, ev.lm_eval_include_path, ev.lm_eval_limit, ev.batch_size, [
+            ev.lm_eval_tokenizer, cfg.init.path, cfg.data.manifest]) if ev.lm_eval_tasks else None
         if len(self.plan) > 1:
             log.info("stages: %s", "; ".join(f"{s.name} steps {s.start + 1}-{s.end}" for s in self.plan))
 
@@ -426,6 +430,8 @@ class Trainer:
                "routing_by_domain": routing}
         for d, r in res.items():
             rec[f"eval/{d}/loss"], rec[f"eval/{d}/ppl"] = r["loss"], r["ppl"]
+        if self.lm_tasks is not None:
+            rec.update(self.lm_tasks(self.ddp, self.model_cfg))
         if cfg.data.dynamic:  # Sheared-LLaMA dynamic batch loading (docs/data.md)
             new_w = update_domain_weights(self.data.weights, {d: r["loss"] for d, r in res.items()},
                                           cfg.data.reference_losses, rule=cfg.data.dynamic_rule,
