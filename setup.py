@@ -92,14 +92,19 @@ setup(
         "zstd": ["zstandard"],            # .jsonl.zst inputs
         "lm-eval": ["lm-eval>=0.4.13"],   # the lm-evaluation-harness backend (megamoe.eval; tested with 0.4.13)
     },
-    entry_points={"console_scripts": [
-        "megamoe-train=megamoe.train:main",
-        "megamoe-quickstart=megamoe.quickstart:main",
-        "megamoe-eval=megamoe.eval.cli:eval_main",
-        "megamoe-generate=megamoe.eval.cli:generate_main",
-        "megamoe-lm-eval=megamoe.eval.cli:lm_eval_main",
-        "megamoe-eval-tasks=megamoe.eval.cli:tasks_main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "megamoe-train=megamoe.train:main",
+            "megamoe-quickstart=megamoe.quickstart:main",
+            "megamoe-eval=megamoe.eval.cli:eval_main",
+            "megamoe-generate=megamoe.eval.cli:generate_main",
+            "megamoe-lm-eval=megamoe.eval.cli:lm_eval_main",
+            "megamoe-eval-tasks=megamoe.eval.cli:tasks_main",
+        ],
+        # lm_eval's plugin group (upstream PR #4013; lm_eval 0.4.13 ignores it): `--model megamoe` without the .pth
+        # hook once a release reads it
+        "lm_eval.models": ["megamoe=megamoe.eval.lm_eval_backend:MegamoeLM"],
+    },
     package_data={"megamoe.eval.tasks": ["suites/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

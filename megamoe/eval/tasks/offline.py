@@ -14,7 +14,8 @@ where the benchmark datasets cannot be downloaded.
 
 Each task is an lm_eval YAML with `dataset_path: json` and an absolute `data_files` path to its JSONL under
 `<dir>/data/` (lm_eval's local-dataset route: no download, works with HF_DATASETS_OFFLINE=1). `megamoe_offline` groups
-the four. Deterministic: sources are read in a fixed order and sampled with `random.Random(seed)`; the same Python
+the four. `fewshot_split: test` makes lm_eval leave the evaluated document out of its own shots (with --num_fewshot;
+without it lm_eval 0.4.13 may show a document its own answer). Deterministic: sources are read in a fixed order and sampled with `random.Random(seed)`; the same Python
 installation and seed give byte-identical files (`offline_tasks.json` records the Python version and each file's
 sha256). Python's own text is part of the local training corpus (megamoe.data.corpus), so on a model trained on it
 these tasks measure memorisation as much as skill: they are plumbing checks, not benchmarks.
@@ -156,7 +157,7 @@ _BODIES = {
         "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
                         {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]},
     "megamoe_nextline": {
-        "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+        "fewshot_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
         "target_delimiter": "",
         "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 24},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
