@@ -1,19 +1,50 @@
-"""What the commands print: logging set up once per process (rank 0 at INFO, other ranks at WARNING), and the
-library warnings that say nothing to a user (megatron without TE/apex, torch.distributed deprecations) silenced."""
+"""What the commands print: logging set up once per process (rank 0 at INFO, other ranks at WARNING, or the level a
+command's `--log-level` asks for), and the library warnings that say nothing to a user (megatron without TE/apex,
+torch.distributed deprecations) silenced.
+
+    p = argparse.ArgumentParser(...)
+    add_log_level(p)                      # --log-level {debug,info,warning,error} (every megamoe command has it)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+
+Without `--log-level`, the environment variable MEGAMOE_LOG_LEVEL sets the level of rank 0 (for commands started by
+scripts); ranks other than 0 stay at WARNING unless a level is given explicitly.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import warnings
 
-__all__ = ["setup_logging", "quiet_library_warnings"]
+__all__ = ["setup_logging", "quiet_library_warnings", "add_log_level", "LOG_LEVELS"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def setup_logging():
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def add_log_level(parser: argparse.ArgumentParser):
+    """Add `--log-level` to a command's parser (default: info on rank 0, warning elsewhere)."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower, default=None,
+                        help="logging verbosity (default: info on rank 0, warning on the other ranks; "
+                             "also MEGAMOE_LOG_LEVEL)")
+
+
+def _asked(level: str | None) -> int | None:
+    """The level given by --log-level, else by MEGAMOE_LOG_LEVEL on rank 0; None when neither is set (or invalid)."""
+    name = level or (os.environ.get("MEGAMOE_LOG_LEVEL") if int(os.environ.get("RANK", 0)) == 0 else None)
+    value = logging.getLevelName(name.upper()) if name else None
+    return value if isinstance(value, int) else None
+
+
+def setup_logging(level: str | None = None, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"):
+    """Configure the root logger of a command. A level asked for explicitly is applied even when a handler is
+    already installed (basicConfig alone would ignore it)."""
+    asked = _asked(level)
+    default = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING
+    logging.basicConfig(level=default if asked is None else asked, format=fmt, datefmt="%H:%M:%S")
+    if asked is not None:
+        logging.getLogger().setLevel(asked)
     quiet_library_warnings()
 
 

@@ -17,7 +17,7 @@ PKG = os.path.dirname(os.path.abspath(megamoe.__file__))
 # lower layers first; a module may import its own layer and the layers before it (docs/architecture.md,
 # "Which way dependencies point"). Packages on one line do not import each other.
 LAYERS = [
-    ["errors", "fileio", "console"],
+    ["errors", "fileio", "console", "divergence"],
     ["config"],
     ["compat"],
     ["parallel", "formats", "data", "kernels"],

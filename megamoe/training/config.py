@@ -43,6 +43,7 @@ INIT_SOURCES = ("random", "megamoe", "hf")
 DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("text", "chat")
 PRECISIONS = ("auto", "fp32", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
 PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # a resolved precision -> ModelConfig.params_dtype
 
 
@@ -226,12 +227,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """log.wandb: Weights & Biases beside metrics.jsonl and TensorBoard (megamoe/training/monitor.py)."""
+    project: str = "megamoe"
+    mode: str = "offline"              # offline (files under dir, `wandb sync` later) | online | disabled
+    dir: str | None = None             # where wandb/ goes (default: out_dir)
+    name: str | None = None            # run name (default: out_dir's name)
+    entity: str | None = None
+    tags: list | None = None
+
+
+@dataclass
 class LogConfig:
     interval: int = 1
     tensorboard: bool = True           # when the tensorboard package is importable
     tgs_window: int = 20               # steps in the TGS / MFU window
     peak_flops: float | None = None    # per device; None: by device name (H100/H200 989.4e12, A100 312e12 bf16)
     progress: bool = True              # console progress bar
+    wandb: WandbConfig | None = None   # null: no W&B; {} or {mode: offline}: an offline run (needs the wandb package)
+    # token-level loss rows (megamoe/training/token_loss.py) every N steps on a fixed held-out batch (0: only at the
+    # evaluations, which always write one per domain when token_loss is on)
+    token_loss: bool = True
+    token_loss_interval: int = 100
 
 
 @dataclass
@@ -416,6 +433,9 @@ class TrainConfig:
         pos("checkpoint.keep_last", self.checkpoint.keep_last)
         pos("log.interval", self.log.interval)
         pos("log.tgs_window", self.log.tgs_window)
+        pos("log.token_loss_interval", self.log.token_loss_interval, allow_zero=True)
+        if self.log.wandb is not None and self.log.wandb.mode not in WANDB_MODES:
+            raise ConfigError(f"log.wandb.mode: {self.log.wandb.mode!r} is not one of {WANDB_MODES}")
         if self.log.peak_flops is not None:
             pos("log.peak_flops", self.log.peak_flops)
         self.parallel.validate(self.model)

@@ -23,9 +23,10 @@ log = logging.getLogger("megamoe.train")
 __all__ = ["export_final_model"]
 
 
-def export_final_model(ddp, model_cfg: ModelConfig, out_dir: str) -> str | None:
+def export_final_model(ddp, model_cfg: ModelConfig, out_dir: str, training: dict | None = None) -> str | None:
     """Write `ddp`'s model to `out_dir`; None (and a log line saying how to export) under model parallelism, and on
-    ranks other than 0."""
+    ranks other than 0. `training` (tokens, steps, the initial checkpoint, the data) goes into the manifest as
+    "training": the model card of a later HF export (megamoe.formats.model_card) reads it."""
     if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_expert_model_parallel_world_size() > 1 \
             or ps.get_expert_tensor_parallel_world_size() > 1:
         if dist.get_rank() == 0:
@@ -40,7 +41,7 @@ def export_final_model(ddp, model_cfg: ModelConfig, out_dir: str) -> str | None:
     fresh = out_dir + ".new"              # the previous export (if any) stays until the new one is complete
     shutil.rmtree(fresh, ignore_errors=True)
     save_shards(fresh, model_cfg, unwrap(ddp).state_dict(), ParallelConfig(tp=1, ep=1, etp=1),
-                info={"source": "megamoe.train"})
+                info={"source": "megamoe.train", **({"training": training} if training else {})})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(fresh, out_dir)

@@ -8,7 +8,19 @@ Only rank 0 writes. One record per log step:
 
 Evaluation records have `"kind": "eval"` and `eval/<domain>/loss`, `eval/<domain>/ppl`; the routing of the
 validation batches per domain (`routing_by_domain`: domain -> per layer -> expert fractions) is what
-tools/plot_routing.py draws as the paper's Figure 9.
+`megamoe-plot` draws as the paper's Figures 8 and 9. Token-loss records have `"kind": "token_loss"`
+(megamoe/training/token_loss.py).
+
+Loggers (the same scalars in each; megamoe.training.monitor.scalars):
+- metrics.jsonl: every record, whole (the source of the plots);
+- TensorBoard (`log.tensorboard`, when the tensorboard package is installed): the scalars, and histograms of the
+  expert load / importance per layer;
+- Weights & Biases (`log.wandb: {project, mode: offline | online | disabled, dir, name, entity, tags}`, when the
+  wandb package is installed; `pip install megamoe[wandb]`): the scalars at the record's step, the expert load and
+  importance per layer and expert as scalars `expert_load/L{layer}/e{expert}` (a line per expert, not a histogram),
+  and at each evaluation a table of the routing by domain (domain, layer, expert, share) and of the domains'
+  Jensen-Shannon distances per layer (megamoe.divergence). Offline runs are written under `<dir>/wandb/offline-run-*`
+  (`wandb sync` uploads them later); the run's config is the training config.
 """
 
 from __future__ import annotations
@@ -22,9 +34,11 @@ import time
 
 import torch
 
+from megamoe.divergence import routing_js_distances
+
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["Monitor", "format_duration", "progress_bar"]
+__all__ = ["Monitor", "format_duration", "progress_bar", "scalars"]
 
 
 def format_duration(s: float | None) -> str:
@@ -51,14 +65,49 @@ def _jsonable(v):
     return v
 
 
+_NOT_SCALARS = ("step", "time", "kind", "stage_index", "rows")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The scalars of a record, as TensorBoard and W&B log them: numeric top-level fields (eval records carry
+    `eval/<domain>/loss` etc.), `domain_weight/<domain>`, `dropped_tokens_total`, and for token-loss records
+    `token_loss/<domain>/loss`. Non-finite values are kept (the loggers show them as NaN/inf)."""
+    out = {}
+    if record.get("kind") == "token_loss":
+        if isinstance(record.get("loss"), (int, float)):
+            out[f"token_loss/{record.get('domain', 'batch')}/loss"] = float(record["loss"])
+        return out
+    for k, v in record.items():
+        if k in _NOT_SCALARS:
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif k == "domain_weights" and isinstance(v, dict):
+            out.update({f"domain_weight/{d}": float(w) for d, w in v.items()})
+        elif k == "dropped_tokens" and isinstance(v, list):
+            out["dropped_tokens_total"] = float(sum(v))
+    return out
+
+
+def _per_expert(record: dict) -> dict[str, float]:
+    """expert_load / expert_importance [layer][expert] -> {"expert_load/L{layer}/e{expert}": share}."""
+    out = {}
+    for k in ("expert_load", "expert_importance"):
+        for li, row in enumerate(record.get(k) or []):
+            out.update({f"{k}/L{li}/e{e}": float(x) for e, x in enumerate(row)})
+    return out
+
+
 class Monitor:
     def __init__(self, out_dir: str, total_steps: int, enabled: bool = True, tensorboard: bool = True,
-                 progress: bool = True, stream=None):
+                 progress: bool = True, stream=None, wandb: dict | None = None, run_config: dict | None = None):
         self.enabled, self.total, self.progress = enabled, int(total_steps), progress
         self.stream = stream or sys.stdout
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
         self.tb_dir = None
+        self.wandb = None          # the wandb run
+        self.wandb_dir = None
         self._f = None
         if not enabled:
             return
@@ -66,34 +115,71 @@ class Monitor:
         self._f = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
                 self.tb_dir = os.path.join(out_dir, "tensorboard")
                 self.tb = SummaryWriter(self.tb_dir)
                 log.info("TensorBoard logs in %s", self.tb_dir)
             except Exception as e:  # noqa: BLE001 - optional
-                log.info("TensorBoard not available (%s); metrics go to %s only", e, self.jsonl_path)
+                log.info("TensorBoard not available (%s: pip install tensorboard); metrics go to %s", e,
+                         self.jsonl_path)
+        if wandb and wandb.get("mode", "offline") != "disabled":
+            self._start_wandb(out_dir, wandb, run_config)
+
+    def _start_wandb(self, out_dir: str, opts: dict, run_config: dict | None):
+        try:
+            import wandb  # optional: pip install megamoe[wandb]
+        except ImportError:
+            log.warning("log.wandb is set but the wandb package is not installed (pip install wandb); metrics go "
+                        "to %s%s", self.jsonl_path, " and TensorBoard" if self.tb is not None else "")
+            return
+        self.wandb_dir = os.path.abspath(opts.get("dir") or out_dir)
+        os.makedirs(self.wandb_dir, exist_ok=True)
+        self.wandb = wandb.init(project=opts.get("project") or "megamoe", mode=opts.get("mode", "offline"),
+                                dir=self.wandb_dir, name=opts.get("name") or os.path.basename(os.path.abspath(out_dir)),
+                                entity=opts.get("entity"), tags=opts.get("tags"), config=run_config,
+                                settings=wandb.Settings(console="off", quiet=True))
+        log.info("Weights & Biases run %s (%s) in %s", self.wandb.name, opts.get("mode", "offline"),
+                 getattr(self.wandb, "dir", self.wandb_dir))
 
     def write(self, record: dict):
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
         self._f.write(json.dumps(_jsonable(record)) + "\n")
+        step = int(record.get("step", 0))
+        flat = scalars(record) if (self.tb is not None or self.wandb is not None) else {}
         if self.tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if k in ("step", "time", "kind"):
-                    continue
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    tag = k if record.get("kind", "train") == "train" else k
-                    self.tb.add_scalar(tag, v, step)
-                elif k == "domain_weights" and isinstance(v, dict):
-                    for d, w in v.items():
-                        self.tb.add_scalar(f"domain_weight/{d}", w, step)
-                elif k in ("expert_load", "expert_importance") and isinstance(v, list):
-                    for li, row in enumerate(v):
-                        self.tb.add_histogram(f"{k}/layer{li}", torch.tensor(row, dtype=torch.float32), step)
-                elif k == "dropped_tokens" and isinstance(v, list):
-                    self.tb.add_scalar("dropped_tokens_total", sum(v), step)
+            for tag, v in flat.items():
+                self.tb.add_scalar(tag, v, step)
+            for k in ("expert_load", "expert_importance"):
+                for li, row in enumerate(record.get(k) or []):
+                    self.tb.add_histogram(f"{k}/layer{li}", torch.tensor(row, dtype=torch.float32), step)
+        if self.wandb is not None:
+            self._wandb_log(record, flat, step)
+
+    def _wandb_log(self, record: dict, flat: dict, step: int):
+        import wandb  # optional; imported in _start_wandb already
+        data = {**flat, **_per_expert(record)}
+        routing = record.get("routing_by_domain")
+        if record.get("kind") == "eval" and routing:
+            data["eval/routing_by_domain"] = wandb.Table(
+                columns=["domain", "layer", "expert", "share"],
+                data=[[d, li, e, float(x)] for d, layers in routing.items() if layers
+                      for li, row in enumerate(layers) for e, x in enumerate(row)])
+            js = routing_js_distances(routing)
+            if js["domains"]:
+                data["eval/routing_js_distance"] = wandb.Table(
+                    columns=["layer", "domain_a", "domain_b", "js_distance"],
+                    data=[[li, a, b, float(m[i][j])] for li, m in enumerate(js["layers"])
+                          for i, a in enumerate(js["domains"]) for j, b in enumerate(js["domains"]) if i < j])
+        if record.get("kind") == "token_loss" and record.get("loss_by_position"):
+            dom = record.get("domain", "batch")
+            data[f"token_loss/{dom}/by_position"] = wandb.Table(
+                columns=["position", "loss", "tokens"],
+                data=[[t, v, n] for t, (v, n) in enumerate(zip(record["loss_by_position"],
+                                                               record.get("tokens_by_position") or [])) if v is not None])
+        if data:
+            self.wandb.log(data, step=step)
 
     def console(self, step: int, rec: dict, eta_s: float | None):
         if not self.enabled:
@@ -132,4 +218,7 @@ class Monitor:
             self.tb.flush()
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 

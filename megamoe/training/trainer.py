@@ -29,6 +29,7 @@ checkpoints/latest and reproduces the uninterrupted run's losses. See docs/train
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -64,6 +65,7 @@ from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_m
 from megamoe.training.plots import plot_run
 from megamoe.training.signals import StopSignal
 from megamoe.training.stages import fresh_parameters, set_router_freeze, stage_index
+from megamoe.training.token_loss import TokenLossProbe
 
 log = logging.getLogger("megamoe.train")
 
@@ -227,7 +229,11 @@ class Trainer:
             save_train_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
             save_train_config(cfg, os.path.join(self.ckpt.root, "config.yaml"))
         self.monitor = Monitor(cfg.out_dir, cfg.train.steps, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
-                               progress=cfg.log.progress)
+                               progress=cfg.log.progress, run_config=cfg.to_dict(),
+                               wandb=dataclasses.asdict(cfg.log.wandb) if cfg.log.wandb is not None else None)
+        # token-level loss rows (megamoe/training/token_loss.py): a fixed held-out batch at log steps, every domain at
+        # evaluations
+        self.token_probe = TokenLossProbe(self.data, cfg.eval.batch_size, self.device) if cfg.log.token_loss else None
         self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
         self.router_acc = RouterStatsAccumulator()
         self.losses: dict[int, float] = {}
@@ -419,6 +425,10 @@ class Trainer:
             rec["router_balance_loss"] = rs["balance_loss"]
         self.monitor.write(rec)
         self.monitor.console(done, rec, self.meter.step_seconds * (self.cfg.train.steps - done))
+        every = self.cfg.log.token_loss_interval
+        if self.token_probe is not None and every and done % every == 0:
+            for row in self.token_probe.rows(self.ddp, first_only=True):
+                self.monitor.write({"kind": "token_loss", "step": done, "stage": self.stage.name, **row})
 
     # ---- evaluate ----
     def evaluate(self, step: int):
@@ -439,6 +449,9 @@ class Trainer:
             self.data.set_weights(new_w)
             rec["domain_weights"] = new_w
         self.monitor.write(rec)
+        if self.token_probe is not None:
+            for row in self.token_probe.rows(self.ddp):
+                self.monitor.write({"kind": "token_loss", "step": step, "stage": self.stage.name, "at": "eval", **row})
         self.monitor.message(f"eval step {step} ({self.stage.name}): " + ", ".join(f"{d} loss {r['loss']:.3f} ppl {r['ppl']:.2f}"
                                                                for d, r in res.items()))
         if self.is_main and cfg.eval.plots:
@@ -463,7 +476,10 @@ class Trainer:
         cfg = self.cfg
         final_dir = None
         if stopped_by in (None, "time limit"):
-            final_dir = export_final_model(self.ddp, self.model_cfg, os.path.join(cfg.out_dir, "final_model"))
+            final_dir = export_final_model(self.ddp, self.model_cfg, os.path.join(cfg.out_dir, "final_model"),
+                                           training={"tokens": self.tokens_seen, "steps": steps,
+                                                     "init": cfg.init.path, "init_source": cfg.init.source,
+                                                     "data": cfg.data.manifest or cfg.data.prefixes})
         summary = {"steps": steps, "start_step": self.start_step, "tokens": self.tokens_seen,
                    "stopped_by": stopped_by, "skipped_steps": self.guard.skipped, "losses": self.losses,
                    "eval": self.eval_results, "eval_history": self.eval_history, "params": self.counts,
