@@ -354,20 +354,29 @@ def test_exports_carry_the_sources_special_token_ids(tmp_path):
         assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (5, [6, 9], 7), fmt
 
 
-def test_mixtral_import_refuses_llama_moe_v2_fields(dense, tmp_path):
+def test_mixtral_typed_llama_moe_v2_fields_go_to_the_v2_importer(dense, tmp_path):
     """A Mixtral-layout checkpoint carrying LLaMA-MoE v2's scale_factor / residual / attention MoE used to import
-    as stock Mixtral (the scale silently dropped) and pass the guard against stock Mixtral."""
+    as stock Mixtral (the scale silently dropped) and pass the guard against stock Mixtral. Such a directory is now
+    read by the llama-moe v2 importer (tests/test_interchange_v2.py), which honours the scale, and refuses what the
+    directory does not hold (attention MoE without attn_experts, a residual block without its tensors)."""
     path, _ = dense
     shards, hf = str(tmp_path / "moe"), str(tmp_path / "mixtral")
     convert.hf_to_moe(path, shards, num_experts=4, top_k=2, router="mixtral", gate_network="linear", progress=False)
     convert.moe_to_hf(shards, hf, "mixtral", progress=False)
     cfgj = json.load(open(os.path.join(hf, "config.json")))
-    for extra, field in (({"scale_factor": 4.0}, "scale_factor"), ({"use_attn_moe": True}, "use_attn_moe"),
-                         ({"intermediate_size_residual": 8}, "intermediate_size_residual")):
+    json.dump({**cfgj, "scale_factor": 4.0}, open(os.path.join(hf, "config.json"), "w"))
+    s = convert.hf_to_moe(hf, str(tmp_path / "v2"), progress=False)
+    assert s["method"] == "import llama-moe-v2" and s["score_scale"] == 4.0
+    for extra, msg in (({"use_attn_moe": True}, "attn_experts"),
+                       ({"intermediate_size_residual": 8}, "mlp_residual")):
         json.dump({**cfgj, **extra}, open(os.path.join(hf, "config.json"), "w"))
-        with pytest.raises(Exception, match=field):
-            convert.hf_to_moe(hf, str(tmp_path / f"back_{field}"), progress=False)
-        assert not os.path.exists(tmp_path / f"back_{field}")
+        with pytest.raises(Exception, match=msg):
+            convert.hf_to_moe(hf, str(tmp_path / f"back_{msg}"), progress=False)
+        assert not os.path.exists(tmp_path / f"back_{msg}")
+    # read as stock Mixtral directly, the v2 fields are still refused (they would be dropped)
+    from megamoe.formats import mixtral
+    with pytest.raises(Exception, match="scale_factor"):
+        mixtral.config_from_hf({**cfgj, "scale_factor": 4.0})
 
 
 def test_dense_dir_is_complete_for_every_loader(smollm2_dir, tmp_path):

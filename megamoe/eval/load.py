@@ -13,16 +13,15 @@ Layouts (`detect_layout`):
 | `llama` | config.json `model_type: llama` | `megamoe.formats.hf_llama` |
 | `mixtral` | `model_type: mixtral` | `megamoe.formats.mixtral` |
 | `llama-moe-v1` | `model_type: llama_moe` | `megamoe.formats.llama_moe_v1` |
-| `llama-moe-v2` | `model_type: mixtral` + v2 fields (`use_attn_moe`, `moe_type`, ...) | not yet: `register_hf_layout` |
+| `llama-moe-v2` | `model_type: mixtral` + v2 fields (`use_attn_moe`, `moe_type`, ...) | `megamoe.formats.llama_moe_v2` (attention experts' pieces stacked) |
 
 An HF directory is read tensor by tensor (megamoe.formats.hf_dir, safetensors only) and each tensor is cut to this
 rank's TP / EP / expert-TP slice by the same rules as our shards (megamoe.formats.layout.slicing). Anything else is an
 InputError naming config.json's model_type; missing or malformed files are CheckpointErrors naming the file.
 
-Hook for the llama-moe v2 layout: when megamoe/formats gains its v2 reader, register it here with
-`register_hf_layout(HFLayout("llama-moe-v2", detect=is_llama_moe_v2, config_from_hf=..., hf_to_ours_name=...))`;
-until then a v2 directory is refused with a message that says so (not loaded as a plain Mixtral, which would drop
-its attention experts and residual block).
+The llama-moe v2 layout is registered before Mixtral (a v2 directory is Mixtral-typed): its attention experts are
+one key per expert, stacked into our tensors by `HFLayout.read` (megamoe.interchange.import_moe.check_v2_tensors);
+what the released code computes and what megamoe refuses: megamoe/formats/llama_moe_v2.py.
 """
 
 from __future__ import annotations
@@ -39,11 +38,13 @@ from megamoe.config import DTYPES, ModelConfig
 from megamoe.errors import CheckpointError, ConfigError, InputError
 from megamoe.formats import hf_llama
 from megamoe.formats import llama_moe_v1 as v1
+from megamoe.formats import llama_moe_v2 as v2
 from megamoe.formats import mixtral as mx
 from megamoe.formats.hf_dir import HFDir, read_json
 from megamoe.formats.layout import expected_names, hf_llama_to_ours_name, slicing
 from megamoe.formats.shards import ShardedCheckpoint, is_shard_dir, load_shards, local_names
 from megamoe.interchange.common import check_tensors
+from megamoe.interchange.import_moe import check_v2_tensors
 from megamoe.model import LlamaMoEModel
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,9 @@ __all__ = ["LoadedModel", "HFLayout", "HF_LAYOUTS", "register_hf_layout", "detec
            "load_tokenizer", "rank_slices", "is_llama_moe_v2"]
 
 SHARDS = "megamoe"
-# config.json fields that only llama-moe v2's Mixtral-derived layout writes (reference fact sheet llama-moe-v2.md §5)
-V2_FIELDS = ("use_attn_moe", "attn_experts", "moe_type", "intermediate_size_residual", "num_moe_contract_layers",
-             "scale_factor", "use_layer_wise_balance", "add_rescale_bias")
-
-
-def is_llama_moe_v2(hf_config: dict) -> bool:
-    return hf_config.get("model_type") == "mixtral" and any(k in hf_config for k in V2_FIELDS)
+# config.json fields that only llama-moe v2's Mixtral-derived layout writes (megamoe.formats.llama_moe_v2)
+V2_FIELDS = v2.V2_FIELDS
+is_llama_moe_v2 = v2.is_llama_moe_v2
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,8 @@ class HFLayout:
     config_from_hf: Callable[[dict, str], ModelConfig]
     hf_to_ours_name: Callable[[str], str | None]
     optional: Callable[[ModelConfig], list] = field(default=lambda cfg: [])
+    # layouts whose tensors are not one key each: (HFDir, cfg) -> {our name: loader of the full tensor}
+    read: Callable[[HFDir, ModelConfig], dict] | None = None
 
 
 def _noise_names(cfg: ModelConfig) -> list:
@@ -84,13 +83,8 @@ def register_hf_layout(layout: HFLayout) -> None:
     HF_LAYOUTS[layout.name] = layout
 
 
-def _v2_not_yet(hf: dict, where: str) -> ModelConfig:
-    raise InputError(f"{where}: a llama-moe v2 checkpoint (model_type 'mixtral' with the v2 fields "
-                     f"{[k for k in V2_FIELDS if k in hf]}); this megamoe does not read the v2 layout yet "
-                     "(attention experts, residual block) and will not load it as a plain Mixtral")
-
-
-register_hf_layout(HFLayout("llama-moe-v2", is_llama_moe_v2, _v2_not_yet, lambda k: None))
+register_hf_layout(HFLayout("llama-moe-v2", is_llama_moe_v2, v2.config_from_hf, v2.hf_to_ours_name,
+                            read=check_v2_tensors))
 register_hf_layout(HFLayout("llama", lambda c: c.get("model_type") == "llama", hf_llama.config_from_hf,
                             hf_llama_to_ours_name))
 register_hf_layout(HFLayout("mixtral", lambda c: c.get("model_type") == "mixtral", mx.config_from_hf,
@@ -160,12 +154,16 @@ def _hf_state(path: str, layout: HFLayout, slices: dict, dtype: torch.dtype) -> 
     cfg = layout.config_from_hf(read_json(where, "config.json"), where)  # the config first: its errors say more
     hf = HFDir(path)
     try:
-        key_of = check_tensors(hf, cfg, layout.hf_to_ours_name, optional=layout.optional(cfg))
+        if layout.read is not None:
+            load = layout.read(hf, cfg)
+        else:
+            key_of = check_tensors(hf, cfg, layout.hf_to_ours_name, optional=layout.optional(cfg))
+            load = {n: (lambda k=k: hf.get(k)) for n, k in key_of.items()}
         state = {}
         for n in local_names(cfg, expected_names(cfg), slices["ep"]):
-            if n not in key_of:  # an optional tensor the directory lacks (the noise weight: unused in eval)
+            if n not in load:  # an optional tensor the directory lacks (the noise weight: unused in eval)
                 continue
-            state[n] = _local_slice(n, hf.get(key_of[n]), slices["tp"], slices["etp"]).to(dtype)
+            state[n] = _local_slice(n, load[n](), slices["tp"], slices["etp"]).to(dtype)
         return cfg, state
     finally:
         hf.close()

@@ -111,8 +111,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     for k, harmless in V2_FIELDS.items():
         if hf.get(k) not in harmless:
             raise ConfigError(f"{where}: {k}={hf[k]!r}: a LLaMA-MoE v2 checkpoint (Mixtral-typed, for its own "
-                              "modeling code); importing it as stock Mixtral would drop what this field computes, "
-                              "so it is refused (the llama-moe-v2 layout is read by its own importer)")
+                              "modeling code); reading it as stock Mixtral would drop what this field computes, "
+                              "so it is refused here (megamoe.formats.llama_moe_v2 reads it: hf-to-moe and "
+                              "megamoe.eval route such directories there)")
     if hf.get("auto_map"):
         raise ConfigError(f"{where}: auto_map {hf['auto_map']}: this Mixtral-typed checkpoint ships its own modeling "
                           "code, which may compute something stock Mixtral does not; refused rather than imported "

@@ -2,7 +2,7 @@
 summary a command returns, and the logits of a written shard directory (the guard's "result" side).
 
     src = resolve_source("smollm2")             # a path, or the embedded SmolLM2-135M materialised once
-    kind = source_kind(HFDir(src))              # "llama" | "llama-moe-v1" | "mixtral"
+    kind = source_kind(HFDir(src))              # "llama" | "llama-moe-v1" | "llama-moe-v2" | "mixtral"
     key_of = check_tensors(hf, cfg, to_ours)    # {our name: HF name}, every tensor present with the right shape
     logits = shard_logits(ShardedCheckpoint(d), ids)
 """
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from megamoe.config import ModelConfig
 from megamoe.errors import CheckpointError, ConfigError
+from megamoe.formats import llama_moe_v2 as v2
 from megamoe.formats import mixtral as mx
 from megamoe.formats.embedded import materialize_smollm2
 from megamoe.formats.hf_dir import HFDir, read_json
@@ -62,6 +63,11 @@ def summary(kind, out, cfg: ModelConfig, par, nbytes, t0, report: GuardReport, e
                   "moe_layers": cfg.num_moe_layers,
                   "residual_size": cfg.moe.residual_size, "router": cfg.moe.router,
                   "gate_network": cfg.moe.gate_network, "score_scale": cfg.moe.score_scale})
+    if cfg.attn_moe is not None:
+        a = cfg.attn_moe
+        s.update({"attn_experts": a.num_experts, "attn_top_k": a.top_k, "attn_score_scale": a.score_scale,
+                  "attn_mode": a.mode, "attn_split": a.split(cfg.kv_heads),
+                  "attn_layers": cfg.num_attn_moe_layers})
     if par is not None:
         s["parallel"] = {"tp": par.tp, "ep": par.ep, "etp": par.etp}
     s.update(extra or {})
@@ -87,6 +93,8 @@ def source_kind(hf: HFDir) -> str:
         return "llama"
     if mt == "llama_moe":
         return "llama-moe-v1"
+    if v2.is_llama_moe_v2(hf.config):   # Mixtral-typed with v2's fields: its own importer (before stock Mixtral)
+        return "llama-moe-v2"
     if mt == "mixtral":
         return "mixtral"
     where = os.path.join(hf.path, "config.json")

@@ -13,6 +13,8 @@ Routing at eval, per `cfg.moe.router`:
     mixtral     softmax over all E, top-k, renormalise (equal to topk_noisy's weights, as a function of the logits)
     switch      top-1 of the softmax, weight = that probability (capacity dropping is not modelled)
 then weights x score_scale, y = sum_k w_k expert_k(x) (+ shared(x), always on).
+Attention experts (cfg.attn_moe): every expert on every token under its own mask (token_sparse: only the keys
+routed to it; full_kv: all), its heads weighted by the combine weight (`Forward._attention_experts`).
 `all_experts=True` replaces routing by weight 1 for every expert: with score scale E and a uniform router this is
 what the construct-then-check identity evaluates; for a disjoint partition covering every neuron it equals the
 dense FFN exactly (up to float summation order).
@@ -188,13 +190,16 @@ class Forward:
         H, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_head
         p = f"layers.{i}."
         h = _rms(x, w(p + "attn_norm.weight").float(), cfg.rms_norm_eps)
-        q = _lin(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
-        k = _lin(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
-        v = _lin(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
-        q, k = q * self.cos + _rot(q) * self.sin, k * self.cos + _rot(k) * self.sin
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + _lin(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
+        if cfg.is_attn_moe_layer(i):
+            x = x + self._attention_experts(i, h, w)
+        else:
+            q = _lin(h, w(p + "attn.q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
+            k = _lin(h, w(p + "attn.k_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+            v = _lin(h, w(p + "attn.v_proj.weight")).view(B, S, nkv, d).transpose(1, 2)
+            q, k = q * self.cos + _rot(q) * self.sin, k * self.cos + _rot(k) * self.sin
+            k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + _lin(a.transpose(1, 2).reshape(B, S, nh * d), w(p + "attn.o_proj.weight"))
         h = _rms(x, w(p + "mlp_norm.weight").float(), cfg.rms_norm_eps)
         mi = cfg.moe_index(i)
         if mi is None:
@@ -210,6 +215,34 @@ class Forward:
         else:
             x = x + _moe(cfg, mi, p, w, h.reshape(-1, H), self.identity_rows).view(B, S, H)
         self.x = x
+
+    def _attention_experts(self, i: int, h: torch.Tensor, w) -> torch.Tensor:
+        """Attention experts (cfg.attn_moe) of layer i on the normed input h [B, S, H], every expert on every token
+        under its own mask (token_sparse: the keys routed to it, and the query itself; full_kv: every key), heads
+        weighted by their expert's combine weight (1 for every expert on identity rows). A dense source's k/v (one
+        KV head per group: the conversion's source pass) are copied into the sibling experts."""
+        cfg, a = self.cfg, self.cfg.attn_moe
+        B, S, H = h.shape
+        nh, nkv, d, A = cfg.num_heads, cfg.kv_heads, cfg.dim_head, a.num_experts
+        g = nh // A
+        p = f"layers.{i}.attn."
+        q = _lin(h, w(p + "q_proj.weight")).view(B, S, nh, d).transpose(1, 2)
+        k, v = _lin(h, w(p + "k_proj.weight")), _lin(h, w(p + "v_proj.weight"))
+        if k.shape[-1] != A * d:   # dense source: KV head j -> experts j*split ... (j+1)*split - 1
+            k, v = (t.view(B, S, nkv, d).repeat_interleave(A // nkv, 2) for t in (k, v))
+        k, v = k.reshape(B, S, A, d).transpose(1, 2), v.reshape(B, S, A, d).transpose(1, 2)
+        q, k = q * self.cos + _rot(q) * self.sin, k * self.cos + _rot(k) * self.sin
+        weights, chosen = attn_router_weights(cfg, w(p + "router.gate.weight"), h.reshape(-1, H))
+        weights[self.identity_rows], chosen[self.identity_rows] = 1.0, True
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        if a.mode == "token_sparse":   # [B, A, S, S]: key j of expert e exists iff j was routed to e
+            mask = causal & chosen.view(B, 1, S, A).permute(0, 3, 1, 2) | torch.eye(S, dtype=torch.bool)
+            mask = mask.repeat_interleave(g, 1)
+        else:
+            mask = causal
+        o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+        o = o * weights.view(B, S, A).permute(0, 2, 1).repeat_interleave(g, 1)[..., None]
+        return _lin(o.transpose(1, 2).reshape(B, S, nh * d), w(p + "o_proj.weight"))
 
     @torch.no_grad()
     def head(self, get) -> torch.Tensor:
@@ -261,6 +294,21 @@ def router_weights(cfg: ModelConfig, mi: int, p: str, w, h: torch.Tensor) -> tor
         top, idx = logits.softmax(-1).topk(m.top_k, dim=-1)
         dense.scatter_(1, idx, top / top.sum(-1, keepdim=True) if order == "softmax_topk_renorm" else top)
     return dense * m.layer_scale(mi)
+
+
+def attn_router_weights(cfg: ModelConfig, gate, h: torch.Tensor):
+    """Attention experts' dense [T, A] combine weights (score scale included; 0 where not chosen) and choice."""
+    a = cfg.attn_moe
+    logits = _lin(h, gate)
+    dense = torch.zeros_like(logits)
+    if a.score_order == "topk_softmax":
+        top, idx = logits.topk(a.top_k, dim=-1)
+        dense.scatter_(1, idx, top.softmax(-1))
+    else:
+        top, idx = logits.softmax(-1).topk(a.top_k, dim=-1)
+        dense.scatter_(1, idx, top / top.sum(-1, keepdim=True) if a.score_order == "softmax_topk_renorm" else top)
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+    return dense * a.score_scale, chosen
 
 
 def _moe(cfg, mi, p, w, h, identity_rows):

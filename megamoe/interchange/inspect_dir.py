@@ -6,6 +6,7 @@ import os
 
 from megamoe.config import ModelConfig
 from megamoe.formats import llama_moe_v1 as v1
+from megamoe.formats import llama_moe_v2 as v2
 from megamoe.formats import mixtral as mx
 from megamoe.formats.hf_dir import HFDir
 from megamoe.formats.hf_llama import config_from_hf
@@ -43,7 +44,8 @@ def inspect(path: str, verify: bool = True) -> dict:
         if kind == "llama":
             cfg = config_from_hf(hf.config, os.path.join(path, "config.json"))
         else:
-            cfg = (v1 if kind == "llama-moe-v1" else mx).config_from_hf(hf.config, os.path.join(path, "config.json"))
+            fmt = {"llama-moe-v1": v1, "llama-moe-v2": v2}.get(kind, mx)
+            cfg = fmt.config_from_hf(hf.config, os.path.join(path, "config.json"))
         return {"kind": f"Hugging Face {kind}", "path": path, "files": [os.path.basename(f) for f in hf.files],
                 "tensors": len(hf.keys()), "dtypes": sorted({hf.dtype(k) for k in hf.keys()}), "bytes": hf.nbytes(),
                 "params": cfg.param_counts(), "model": _cfg_line(cfg)}
@@ -59,4 +61,10 @@ def _cfg_line(cfg: ModelConfig) -> str:
         sizes = sorted({x for i in range(cfg.num_layers) if cfg.moe_index(i) is not None for x in cfg.expert_sizes(i)})
         s += (f"; MoE: {m.num_experts} experts (sizes {sizes}), top-{m.top_k}, router {m.router}, gate "
               f"{m.gate_network}, score scale {m.score_scale}, residual {m.residual_size}")
+    if cfg.attn_moe is not None:
+        a = cfg.attn_moe
+        layers = "every layer" if a.layers is None else f"layers {a.layers}"
+        s += (f"; attention experts: {a.num_experts} ({cfg.num_heads // a.num_experts} query heads + 1 KV head each, "
+              f"split {a.split(cfg.kv_heads)}) in {layers}, top-{a.top_k}, {a.score_order}, score scale "
+              f"{a.score_scale}, {a.mode}")
     return s

@@ -96,7 +96,7 @@ class ExpertKVCache(LayerKVCache):
         return sum(t.numel() * t.element_size() for ts in self.experts.values() for t in ts[:2])
 
 
-def combine_weights(indices: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_weights(indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
     """Routing [T, k] -> dense weights [T, A] (fp32, 0 where not chosen; differentiable) and the choice [T, A] bool."""
     dense = weights.new_zeros(weights.shape[0], num_experts).scatter(1, indices, weights)
     chosen = torch.zeros(weights.shape[0], num_experts, dtype=torch.bool, device=weights.device)
