@@ -1,6 +1,6 @@
 """Compute expert partitions for a dense HF LLaMA and write them to a directory.
 
-    python -m megamoe.construct --model DIR --out PARTS --method gradient --num-experts 8 \\
+    python -m megamoe.construct --model DIR --out PARTS --method gradient --experts 8 \\
         --jsonl web=web.jsonl --jsonl code=code.jsonl --seq-len 2048 --token-budget 131072 \\
         --clusters domain --gate-init centroids
 
@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from megamoe.console import add_log_level, setup_logging
 from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl
 from megamoe.construct.partition import METHODS, PartitionError
 from megamoe.construct.pipeline import ConstructionSpec, construct, write_construction
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="dense HF LLaMA directory (safetensors)")
     ap.add_argument("--out", required=True, help="directory to write partition/ into")
     ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--num-experts", type=int, required=True)
+    ap.add_argument("--experts", dest="num_experts", type=int, metavar="E", help="experts per layer (required)")
+    ap.add_argument("--num-experts", dest="num_experts", type=int, help=argparse.SUPPRESS)  # the former spelling
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, nargs="*", default=None, help="MoE layers (default: all)")
     ap.add_argument("--gate-init", default="random", choices=("random", "centroids"))
@@ -60,8 +62,11 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-dir", default=None, help="gradient methods: keep stored hidden states on disk here")
     ap.add_argument("--store-dtype", default=None, choices=("float32", "bfloat16"),
                     help="gradient methods: dtype of the stored hidden states")
+    add_log_level(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.num_experts is None:
+        ap.error("the following arguments are required: --experts")
+    setup_logging(args.log_level, fmt="%(asctime)s %(message)s")
 
     try:
         spec = ConstructionSpec(method=args.method, num_experts=args.num_experts, seed=args.seed, layers=args.layers,

@@ -10,6 +10,8 @@
                          of the last evaluation (no noise; mean over domains): where they differ, the noise hides skew
 - token_loss.png         token-level loss: loss by position of each domain's held-out batch at the last evaluation
                          (and the first), and the per-token loss of the logged sample at the first and last rows
+- attn_expert_load.png, attn_routing_by_domain.png   the same two views for the attention experts' routers
+                         (LLaMA-MoE v2), when the model has attention experts
 - loss.png               training loss per step and validation loss per domain at each evaluation
 """
 
@@ -46,14 +48,15 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
-def plot_expert_load(load, path: str, title: str = "expert load (share of routed tokens)", layer_ids=None):
+def plot_expert_load(load, path: str, title: str = "expert load (share of routed tokens)", layer_ids=None,
+                     layer_label: str = "layer"):
     plt = _plt()
     a = np.asarray(load, dtype=float)
     L, E = a.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * E + 2), max(3, 0.25 * L + 1.5)))
     im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0, vmax=max(a.max(), 2.0 / E))
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    ax.set_ylabel(layer_label)
     ax.set_xticks(range(E))
     ax.set_yticks(range(L))
     ax.set_yticklabels(layer_ids if layer_ids is not None else range(L), fontsize=6 if L > 16 else 8)
@@ -65,7 +68,8 @@ def plot_expert_load(load, path: str, title: str = "expert load (share of routed
     return path
 
 
-def plot_routing_by_domain(routing: dict, path: str, layers=None, title: str = "routing by domain"):
+def plot_routing_by_domain(routing: dict, path: str, layers=None, title: str = "routing by domain",
+                           layer_label: str = "MoE layer"):
     """routing: domain -> per MoE layer -> expert fractions."""
     plt = _plt()
     doms = [d for d, v in routing.items() if v]
@@ -77,7 +81,7 @@ def plot_routing_by_domain(routing: dict, path: str, layers=None, title: str = "
     for ax, li in zip(axes[0], layers):
         a = np.asarray([routing[d][li] for d in doms], dtype=float)
         im = ax.imshow(a, aspect="auto", cmap="magma", vmin=0)
-        ax.set_title(f"MoE layer {li}", fontsize=9)
+        ax.set_title(f"{layer_label} {li}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(a.shape[1]))
         ax.set_yticks(range(len(doms)))
@@ -91,7 +95,12 @@ def plot_routing_by_domain(routing: dict, path: str, layers=None, title: str = "
 
 
 def _pick_layers(L: int, layers=None) -> list[int]:
-    return list(layers) if layers is not None else (sorted({0, L // 2, L - 1}) if L > 2 else list(range(L)))
+    if layers is not None:
+        bad = [li for li in layers if not 0 <= li < L]
+        if bad:
+            raise ValueError(f"layers: MoE layer {bad[0]} does not exist (the run has {L} MoE layers: 0..{L - 1})")
+        return list(layers)
+    return sorted({0, L // 2, L - 1}) if L > 2 else list(range(L))
 
 
 def plot_routing_js(routing: dict, path: str, layers=None, title: str = "routing distance between domains"):
@@ -240,6 +249,21 @@ def plot_run(metrics_path: str, out_dir: str, layers=None) -> list[str]:
                                                 f"evaluation at step {last['step']}")):
             if p:
                 written.append(p)
+    # attention experts (LLaMA-MoE v2): their routers' load and per-domain routing, in figures of their own
+    attn = [np.asarray(r["attn_expert_load"]) for r in recs if r.get("kind", "train") == "train"
+            and r.get("attn_expert_load")]
+    if attn:
+        written.append(plot_expert_load(np.mean(attn, axis=0), os.path.join(out_dir, "attn_expert_load.png"),
+                                        title=f"attention experts: load of the attention routers, mean of {len(attn)} "
+                                              "log steps", layer_label="attention-MoE layer"))
+    attn_ev = [r for r in recs if r.get("kind") == "eval" and r.get("attn_routing_by_domain")]
+    if attn_ev:
+        p = plot_routing_by_domain(attn_ev[-1]["attn_routing_by_domain"],
+                                   os.path.join(out_dir, "attn_routing_by_domain.png"),
+                                   title=f"attention routers: validation routing by domain, step {attn_ev[-1]['step']}",
+                                   layer_label="attention-MoE layer")
+        if p:
+            written.append(p)
     p = plot_token_loss(recs, os.path.join(out_dir, "token_loss.png"))
     if p:
         written.append(p)
