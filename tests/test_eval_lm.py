@@ -141,6 +141,18 @@ def test_sampled_generation_is_seeded_and_the_cache_changes_nothing(lm, tok):
     assert a != TextGenerator(lm, Sampler(**{**kw, "seed": 8})).generate_ids(prompt, 10)
 
 
+def test_batched_generation_equals_one_by_one(lm, tok):
+    """Prompts of different lengths left-padded into one batch over the KV cache decode as each would alone, stop
+    strings and EOS per row."""
+    prompts = [tok.encode(t) for t in ("Once upon a time", "def f(x):\n    return", "A",
+                                       "The quick brown fox jumps over the lazy dog and")]
+    gen = TextGenerator(lm, Sampler())
+    alone = [gen.generate_ids(p, 10) for p in prompts]
+    assert gen.generate_batch(prompts, 10) == alone
+    stop = [tok.decode(alone[0][3:5])]
+    assert gen.generate_batch(prompts, 10, stop=stop) == [gen.generate_ids(p, 10, stop=stop) for p in prompts]
+
+
 def test_sampler_keeps_only_the_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
     assert int(Sampler()(logits)[0]) == 0
@@ -330,3 +342,17 @@ def test_trainer_logs_lm_eval_tasks_at_its_evaluations(models, offline_tasks, tm
     direct = evaluate_tasks(final, ["megamoe_docstring_mc"],
                             include_path=offline_tasks["dir"], limit=4)
     assert ev[0]["eval/lm/megamoe_docstring_mc/acc"] == direct["megamoe_docstring_mc"]["acc"]
+
+
+@pytest.mark.slow  # lm_eval's command line indexes its ~15k task names at every start
+@needs_lm_eval
+def test_megamoe_lm_eval_command(models, offline_tasks, monkeypatch, capsys):
+    from megamoe.eval.cli import lm_eval_main
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ["--model", "megamoe", "--model_args", f"path={models['shards']}", "--include_path", offline_tasks["dir"],
+            "--limit", "2", "--device", "cpu", "--batch_size", "2"]
+    assert lm_eval_main(args + ["--tasks", "megamoe_docstring_mc"]) == 0
+    assert "megamoe_docstring_mc" in capsys.readouterr().out
+    assert lm_eval_main(args + ["--tasks", "megamoe_no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert "megamoe-lm-eval: error: --tasks: Tasks not found: megamoe_no_such_task" in err and "Traceback" not in err

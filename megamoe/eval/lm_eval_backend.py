@@ -173,11 +173,15 @@ class MegamoeLM(TemplateLM):
         return sums
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests with the same generation kwargs, longest prompt first, in batches of batch_size
+        (TextGenerator.generate_batch); the answers come back in request order."""
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        out = []
-        for r in requests:
-            context, gen_kwargs = r.args
-            kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        out: list = [None] * len(requests)
+        groups: dict = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        for idx in groups.values():
+            kw = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kw.pop("until", None), eos=eos)
             n = int(kw.pop("max_gen_toks"))
             if kw.get("do_sample"):
@@ -187,11 +191,14 @@ class MegamoeLM(TemplateLM):
             else:
                 sampler = Sampler()
             gen = TextGenerator(self.lm, sampler, use_cache=self._use_cache)
-            ids = self.tok_encode(context, left_truncate_len=self.max_length - n)
-            text = self.tok_decode(gen.generate_ids(ids, n, stop=until))
-            text = postprocess_generated_text(text, until, None)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - n) for i in idx}
+            order = sorted(idx, key=lambda i: -len(prompts[i]))
+            for lo in range(0, len(order), self.batch_size):
+                chunk = order[lo:lo + self.batch_size]
+                for i, new in zip(chunk, gen.generate_batch([prompts[i] for i in chunk], n, stop=until)):
+                    text = postprocess_generated_text(self.tok_decode(new), until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
         return out
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:

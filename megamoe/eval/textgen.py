@@ -23,6 +23,7 @@ import torch
 from megamoe.eval.sampling import Sampler
 from megamoe.eval.scorer import full_logits, gather_vocab
 from megamoe.layers.kv_cache import KVCache
+from megamoe.model.generate import pad_prompts
 
 __all__ = ["TextGenerator", "is_instruct", "INSTRUCT_MARKERS"]
 
@@ -83,6 +84,38 @@ class TextGenerator:
                 step.append(tok)
             else:
                 ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=1)
+        return new
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop=None) -> list[list[int]]:
+        """`generate_ids` for several prompts in one batch over the KV cache: the prompts are left-padded, each row's
+        real tokens get positions 0, 1, ... and segment 1, padding segment 0 (no real token attends to it: the
+        batch of megamoe.model.generate), so each row decodes as it would alone. A row stops at EOS or a stop
+        string; the batch ends when every row has stopped. Without the cache, the rows run one by one."""
+        if not self.use_cache or len(prompts) == 1:
+            return [self.generate_ids(p, max_new_tokens, stop) for p in prompts]
+        dev = self.lm.device
+        ids, mask = pad_prompts(prompts, min(self.eos_ids) if self.eos_ids else 0, dev)
+        pos, seg = (mask.cumsum(1) - 1).clamp(min=0) * mask, mask.int()
+        next_pos = mask.sum(1)
+        cache = KVCache(len(self.model.layers))
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            out = self.model(ids, position_ids=pos, segment_ids=seg, cache=cache, return_logits="last")
+            toks = self.sampler(gather_vocab(out.logits[:, -1]).float())
+            for b, tok in enumerate(toks.tolist()):
+                if done[b]:
+                    continue
+                if tok in self.eos_ids:
+                    done[b] = True
+                    continue
+                new[b].append(tok)
+                done[b] = self._hit_stop(new[b], stop)
+            if all(done):
+                break
+            ids, pos, seg = toks[:, None], next_pos[:, None], torch.ones_like(toks[:, None], dtype=torch.int32)
+            next_pos = next_pos + 1
         return new
 
     def decode(self, new: list[int], stop=None) -> str:
