@@ -281,3 +281,47 @@ def test_tp2_sp_and_ep_equal_one_process(tmp_path):
     oks = [ln for ln in out.splitlines() if ln.startswith("OK ")]
     assert p.returncode == 0 and "FAIL" not in out and len(oks) == 60, out[-4000:]
     assert any("tp2sp/attn_sparse gradients of all" in ln for ln in oks)
+
+
+def test_training_logs_attention_routers_and_resumes(tmp_path):
+    """The trainer on configs/tiny.yaml with attention experts: metrics rows carry the attention routers' load,
+    importance and balance loss under attn_ names (one row per attention-MoE layer), evaluations their routing per
+    domain, the plots their own heat-maps; a resumed run reproduces the uninterrupted losses; the final model loads."""
+    import json
+    import os
+
+    import yaml
+
+    from megamoe.formats.shards import ShardedCheckpoint
+    from megamoe.training.config import TrainConfig
+    from megamoe.training.trainer import run
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
+    def cfg(out, **over):
+        d = yaml.safe_load(open(tiny))
+        d["out_dir"] = str(out)
+        d["model"]["attn_moe"] = {"num_experts": 4, "top_k": 2, "score_scale": 2.0, "mode": "token_sparse",
+                                  "layers": [1], "balance_loss_weight": 0.05}
+        d["train"]["steps"] = 6
+        d["eval"] = {"interval": 3, "at_end": True, "batches": 1, "batch_size": 4, "plots": True}
+        d["checkpoint"] = {"interval": 3, "keep_last": 2}
+        for k, v in over.items():
+            sec, field = k.split("__")
+            d[sec][field] = v
+        return TrainConfig.from_dict(d)
+
+    full = run(cfg(tmp_path / "full", checkpoint__interval=0))
+    rows = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+    train = [r for r in rows if r.get("kind") == "train" and "attn_expert_load" in r]
+    assert train and len(train[0]["attn_expert_load"]) == 1 and len(train[0]["attn_expert_load"][0]) == 4
+    assert abs(sum(train[0]["attn_expert_load"][0]) - 1) < 1e-6 and train[0]["attn_router_balance_loss"] > 0
+    assert len(train[0]["expert_load"]) == 2            # the MLP routers keep their own rows
+    ev = [r for r in rows if r.get("kind") == "eval" and r.get("attn_routing_by_domain")]
+    assert ev and all(len(v) == 1 for v in ev[-1]["attn_routing_by_domain"].values())
+    assert os.path.isfile(tmp_path / "full" / "plots" / "attn_expert_load.png")
+    assert os.path.isfile(tmp_path / "full" / "plots" / "attn_routing_by_domain.png")
+    final = ShardedCheckpoint(str(tmp_path / "full" / "final_model"))
+    assert final.config.attn_moe.layers == [1] and "layers.1.attn.router.gate.weight" in final.names
+    part = run(cfg(tmp_path / "run", train__steps=3))
+    resumed = run(cfg(tmp_path / "run", checkpoint__resume=True))
+    assert {**part["losses"], **resumed["losses"]} == full["losses"]

@@ -71,22 +71,23 @@ def _accepted(model, extra: dict) -> dict:
     return {k: v for k, v in extra.items() if k in params}
 
 
-def _score(model, ours: bool, tokens, mask, extra) -> tuple[float, int, list]:
-    """(summed next-token NLL over the scored label positions, their number, the router statistics)."""
+def _score(model, ours: bool, tokens, mask, extra) -> tuple[float, int, list, list]:
+    """(summed next-token NLL over the scored label positions, their number, the MLP and the attention routers'
+    statistics)."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     n = int(mask.sum()) if mask is not None else labels.numel()
     if n == 0:
-        return 0.0, 0, []
+        return 0.0, 0, [], []
     if ours:
         # loss_denominator=1: lm_loss is the sum of the scored positions' cross entropy, not their mean
         out = model(inputs, labels=labels, loss_mask=mask, return_logits=False, loss_denominator=1.0,
                     **_accepted(model, extra))
-        return float(out.lm_loss), n, out.router_stats
+        return float(out.lm_loss), n, out.router_stats, out.attn_router_stats
     logits = model(input_ids=inputs).logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     if mask is not None:
         nll = nll * mask.reshape(-1).to(nll.dtype)
-    return float(nll.sum()), n, []
+    return float(nll.sum()), n, [], []
 
 
 def _check_vocab(tokens: torch.Tensor, vocab_size: int | None, where: str):
@@ -121,21 +122,26 @@ def domain_perplexity(model, batches: Mapping[str, Iterable], device=None, vocab
     results, routing = {}, {}
     try:
         for d, it in batches.items():
-            tot, ntok, tpe = 0.0, 0, None
+            tot, ntok, tpe, attn_tpe = 0.0, 0, None, None
             for b in it:
                 tokens, mask, extra = split_batch(b)
                 _check_vocab(tokens, vocab_size, (where or {}).get(d, f"domain {d!r}"))
                 tokens = tokens.to(device)
                 mask = mask.to(device) if mask is not None else None
                 extra = {k: v.to(device) for k, v in extra.items()}
-                s, n, stats = _score(m, ours, tokens, mask, extra)
+                s, n, stats, attn_stats = _score(m, ours, tokens, mask, extra)
                 if stats:
                     t = [st.tokens_per_expert.detach().float().cpu() for st in stats]
                     tpe = t if tpe is None else [x + y for x, y in zip(tpe, t)]
+                if attn_stats:   # attention experts (LLaMA-MoE v2): their own routing, per attention-MoE layer
+                    t = [st.tokens_per_expert.detach().float().cpu() for st in attn_stats]
+                    attn_tpe = t if attn_tpe is None else [x + y for x, y in zip(attn_tpe, t)]
                 tot += s
                 ntok += n
             loss = tot / max(1, ntok)
             results[d] = {"loss": loss, "ppl": math.exp(min(loss, PPL_CAP)), "tokens": ntok}
+            if attn_tpe is not None:
+                results[d]["attn_expert_load"] = _expert_load(attn_tpe)
             routing[d] = _expert_load(tpe)
     finally:
         m.train(was_training)

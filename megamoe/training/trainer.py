@@ -98,6 +98,7 @@ class StepResult:
     grad_norm: float            # before clipping (nan when skipped before the norm)
     router_stats: list          # the model's per-layer router statistics, one list per micro-batch
     last_batch: torch.Tensor    # the last micro-batch's token ids (for the NaN guard's report)
+    attn_router_stats: list = dataclasses.field(default_factory=list)  # attention experts' routers, likewise
 
 
 def _dp_mean(values: list[float], device) -> list[float]:
@@ -136,7 +137,7 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
     ddp.zero_grad_buffer()
     opt.zero_grad()
     lm_sum = aux_sum = 0.0
-    stats, batch = [], None
+    stats, attn_stats, batch = [], [], None
     first = next_batch()
     if isinstance(first, SFTBatch):
         micro = [first] + [next_batch() for _ in range(n_micro - 1)]
@@ -148,6 +149,7 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
             lm_sum += float(out.lm_loss.detach())
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
+            attn_stats.append(out.attn_router_stats)
     else:
         for i in range(n_micro):
             batch = first if i == 0 else next_batch()
@@ -158,13 +160,14 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
             lm_sum += float(out.lm_loss.detach()) / n_micro
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
+            attn_stats.append(out.attn_router_stats)
     with cuda_to_cpu():
         finalize_model_grads([ddp])
         lm_loss, aux_loss = _dp_mean([lm_sum, aux_sum], batch.device)
         ok, grad_norm = False, float("nan")
         if finite(lm_loss, aux_loss):
             ok, grad_norm = guarded_step(opt)
-    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch)
+    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch, attn_stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +239,7 @@ class Trainer:
         self.token_probe = TokenLossProbe(self.data, cfg.eval.batch_size, self.device) if cfg.log.token_loss else None
         self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
         self.router_acc = RouterStatsAccumulator()
+        self.attn_router_acc = RouterStatsAccumulator()   # attention experts' routers (LLaMA-MoE v2), "attn_" rows
         self.losses: dict[int, float] = {}
         self.eval_results, self.eval_history, self.samples = None, [], []
         ev = cfg.eval  # eval.lm_eval_tasks: lm-eval tasks at every evaluation (megamoe.eval.lm_eval_backend)
@@ -397,6 +401,8 @@ class Trainer:
         if self.logs_at(done):
             for micro_stats in r.router_stats:
                 self.router_acc.add(micro_stats)
+            for micro_stats in r.attn_router_stats:
+                self.attn_router_acc.add(micro_stats)
         self.tokens_seen += cfg.train.global_batch_tokens
         self.step_time = self.meter.stop(cfg.train.global_batch_tokens)
         if r.ok:
@@ -412,6 +418,9 @@ class Trainer:
         self.router_acc.reduce(self.stats_group)
         rs = self.router_acc.summary()
         self.router_acc.reset()
+        self.attn_router_acc.reduce(self.stats_group)
+        ars = self.attn_router_acc.summary()
+        self.attn_router_acc.reset()
         tgs = self.meter.tgs
         rec = {"kind": "train", "step": done, "stage": self.stage.name, "loss": r.lm_loss + r.aux_loss,
                "lm_loss": r.lm_loss,
@@ -423,6 +432,9 @@ class Trainer:
             rec.update({k: rs[k] for k in ("expert_load", "expert_importance", "dropped_tokens", "dropped_total",
                                            "z_loss")})
             rec["router_balance_loss"] = rs["balance_loss"]
+        if ars:   # attention experts: the same statistics, labelled attn_ (per attention-MoE layer)
+            rec.update({f"attn_{k}": ars[k] for k in ("expert_load", "expert_importance", "z_loss")})
+            rec["attn_router_balance_loss"] = ars["balance_loss"]
         self.monitor.write(rec)
         self.monitor.console(done, rec, self.meter.step_seconds * (self.cfg.train.steps - done))
         every = self.cfg.log.token_loss_interval
@@ -438,6 +450,9 @@ class Trainer:
         self.eval_history.append({"step": step, "stage": self.stage.name, "results": res, "routing": routing})
         rec = {"kind": "eval", "step": step, "stage": self.stage.name, "tokens": self.tokens_seen,
                "routing_by_domain": routing}
+        attn = {d: r["attn_expert_load"] for d, r in res.items() if r.get("attn_expert_load")}
+        if attn:  # attention experts' routing per domain (LLaMA-MoE v2)
+            rec["attn_routing_by_domain"] = attn
         for d, r in res.items():
             rec[f"eval/{d}/loss"], rec[f"eval/{d}/ppl"] = r["loss"], r["ppl"]
         if self.lm_tasks is not None:
