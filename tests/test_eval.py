@@ -147,12 +147,12 @@ def test_bad_input_one_line_exit_2(models, jsonl, manifest, tmp_path, capsys):
     gpt.mkdir()
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     _bad(capsys, ["--model", str(gpt), "--data", jsonl], "config.json", "model_type 'gpt2'")
-    v2 = tmp_path / "v2"
+    v2 = tmp_path / "v2"  # a llama-moe v2 directory (Mixtral-typed, v2 fields) whose config lacks attn_experts
     v2.mkdir()
     c = json.load(open(os.path.join(models["mixtral"], "config.json")))
     c.update(use_attn_moe=True, intermediate_size_residual=64)
     (v2 / "config.json").write_text(json.dumps(c))
-    _bad(capsys, ["--model", str(v2), "--data", jsonl], "llama-moe v2", "use_attn_moe")
+    _bad(capsys, ["--model", str(v2), "--data", jsonl], "config.json", "llama-moe v2", "attn_experts")
     _bad(capsys, ["--model", str(tmp_path / "nothing"), "--data", jsonl], "no such file")
     _bad(capsys, ["--model", models["shards"], "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')

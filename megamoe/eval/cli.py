@@ -43,7 +43,7 @@ def _rank() -> int:
 
 def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="our shard directory (any TP/EP layout) or an HF directory "
-                                                  "(dense LLaMA, Mixtral, llama-moe v1)")
+                                                  "(dense LLaMA, Mixtral, llama-moe v1 / v2)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory's)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (default float32)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size under torchrun")
