@@ -1,4 +1,5 @@
-"""megamoe: Megatron-style LLaMA-MoE training.
+"""megamoe: Megatron-style LLaMA-MoE training. The project's metadata is in pyproject.toml; this file builds what it
+cannot declare.
 
 Build: the C++ permute/unpermute extension (csrc/*.cpp) is built on every machine as `megamoe._C`; the CUDA
 implementation (csrc/*.cu) is added as `megamoe._C_cuda` only where torch was built with CUDA and nvcc is found.
@@ -57,55 +58,13 @@ class build_py_with_pth(build_py):
 
 cmdclass["build_py"] = build_py_with_pth
 
+# Everything else (name, version, dependencies, extras, console scripts, package data) is in pyproject.toml. Here:
+# the extension build above, and the package list, which pyproject cannot express with one sub-package outside the
+# megamoe/ tree (kernels/ is installed as megamoe.kernels, configs/ as megamoe.configs: the YAML configs, package data
+# so that `megamoe-train --config quickstart.yaml` and the quickstart find them in an installed wheel).
 setup(
-    name="megamoe",
-    version="0.1.0",
-    description="Megatron-style LLaMA-MoE: expert construction, routing, parallel training, interchange",
-    python_requires=">=3.10",
-    packages=find_packages(include=["megamoe", "megamoe.*"]) + ["megamoe.kernels"],
-    package_dir={"megamoe.kernels": "kernels"},
-    include_package_data=True,
-    install_requires=[
-        "torch>=2.4",
-        "megatron-core>=0.16.1",
-        "numpy",
-        "scipy",  # construct/partition.py (eigsh), construct/pipeline.py (linear_sum_assignment)
-        "sentencepiece",
-        "tokenizers",
-        "pybind11",
-        "triton; platform_system == 'Linux'",
-        "safetensors",
-        "transformers>=4.45",
-        "gguf",
-        "accelerate",
-        "pyyaml",
-        "tqdm",
-        "xxhash",  # the source checksum in shard manifests (xxh3_128; sha256 is the fallback)
-    ],
-    extras_require={
-        "test": ["pytest", "hypothesis"],
-        "plot": ["matplotlib"],
-        "tensorboard": ["tensorboard"],
-        # optional accelerators and integrations: used when installed, one log line says which path runs
-        "flash-attn": ["flash-attn"],
-        "te": ["transformer-engine"],
-        "zstd": ["zstandard"],            # .jsonl.zst inputs
-        "lm-eval": ["lm-eval>=0.4.13"],   # the lm-evaluation-harness backend (megamoe.eval; tested with 0.4.13)
-    },
-    entry_points={
-        "console_scripts": [
-            "megamoe-train=megamoe.train:main",
-            "megamoe-quickstart=megamoe.quickstart:main",
-            "megamoe-eval=megamoe.eval.cli:eval_main",
-            "megamoe-generate=megamoe.eval.cli:generate_main",
-            "megamoe-lm-eval=megamoe.eval.cli:lm_eval_main",
-            "megamoe-eval-tasks=megamoe.eval.cli:tasks_main",
-        ],
-        # lm_eval's plugin group (upstream PR #4013; lm_eval 0.4.13 ignores it): `--model megamoe` without the .pth
-        # hook once a release reads it
-        "lm_eval.models": ["megamoe=megamoe.eval.lm_eval_backend:MegamoeLM"],
-    },
-    package_data={"megamoe.eval.tasks": ["suites/*.yaml"]},
+    packages=find_packages(include=["megamoe", "megamoe.*"]) + ["megamoe.kernels", "megamoe.configs"],
+    package_dir={"megamoe.kernels": "kernels", "megamoe.configs": "configs"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -41,6 +41,7 @@ def test_quickstart_tiny(quickstart_run):
     assert len(s["samples"]) == 3 and all(isinstance(x["completion"], str) for x in s["samples"])
     for p in ("hf_mixtral", "metrics", "final_model", "checkpoints", "plots"):
         assert os.path.exists(s["paths"][p]), p
+    assert os.path.isfile(os.path.join(s["paths"]["final_model"], "tokenizer.json"))  # usable by megamoe-eval as is
     assert json.load(open(os.path.join(s["paths"]["hf_mixtral"], "config.json")))["model_type"] == "mixtral"
     assert os.path.isfile(os.path.join(s["paths"]["plots"], "routing_by_domain.png"))
     # after training (4 steps at lr 1e-2) the tiny MoE is better than the converted one on average

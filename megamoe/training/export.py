@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 
 from megamoe.config import ModelConfig, ParallelConfig
 from megamoe.formats.shards import save_shards
+from megamoe.formats.tokenizer_files import copy_tokenizer
 from megamoe.training.optim import unwrap
 
 log = logging.getLogger("megamoe.train")
@@ -42,6 +43,9 @@ def export_final_model(ddp, model_cfg: ModelConfig, out_dir: str, training: dict
     shutil.rmtree(fresh, ignore_errors=True)
     save_shards(fresh, model_cfg, unwrap(ddp).state_dict(), ParallelConfig(tp=1, ep=1, etp=1),
                 info={"source": "megamoe.train", **({"training": training} if training else {})})
+    init = (training or {}).get("init")
+    if init and os.path.isdir(init):      # the tokenizer beside the weights, as every converted directory has it
+        copy_tokenizer(init, fresh)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(fresh, out_dir)
