@@ -27,6 +27,21 @@ where the device's peak is known (megamoe.training.metrics.peak_flops_for_device
 layers and their ratio (megamoe / megatron).
 FLOPs counted: 3 (fwd + 2 bwd) x top_k x 3 GEMMs x 2 H F per token, the router GEMM included (2 H E x 3).
 Times are medians over --iters calls, the two layers alternating. Results also go to --json.
+
+Attention experts (LLaMA-MoE v2, `--attn-experts A`): instead, megamoe's attention-MoE layer (megamoe/moe/attention.py)
+against dense GQA attention (megamoe/layers/attention.py) at the same shape, in the same run, one process:
+
+    python tools/bench_moe_layer.py --attn-experts 8 --attn-top-k 7                  # preset attn-cpu on a CPU
+    python tools/bench_moe_layer.py --shape attn-llama3-8b --attn-experts 16 --attn-top-k 8 --attn-mode both
+
+  attn-llama3-8b   H 4096, 32 query / 8 KV heads (d 128), 1 x 4096 tokens (LLaMA-3-8B's attention)
+  attn-cpu         H 512, 8 query / 2 KV heads (d 64), 2 x 512 tokens (the CPU default)
+It prints the forward+backward time of each layer (both modes with `--attn-mode both`; the dense layer and the
+experts built from the same weights, KV heads copied into sibling experts), and the KV-cache bytes each holds after
+a prefill of the same tokens (dense: n_kv heads per token; token_sparse: the k chosen experts' heads of each token,
+v2's per-expert cache; full_kv: A heads per token), measured on the cache objects. The router is random (std
+--attn-router-std, default 0.5: uneven routing, as after training). The machine's load average is recorded: a
+timing taken while other jobs run is not a figure.
 """
 
 from __future__ import annotations
@@ -49,11 +64,13 @@ warnings.filterwarnings("ignore")
 SHAPES = {"llama-moe-3.5b": dict(hidden=4096, ffn=1376, experts=8, top_k=2, tokens=4096),
           "mixtral-proxy": dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=4096),
           "cpu": dict(hidden=512, ffn=176, experts=8, top_k=2, tokens=1024)}
+ATTN_SHAPES = {"attn-llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, seq_len=4096, batch=1),
+               "attn-cpu": dict(hidden=512, heads=8, kv_heads=2, seq_len=512, batch=2)}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+    p.add_argument("--shape", choices=sorted(SHAPES) + sorted(ATTN_SHAPES), default=None,
                    help="layer shape preset (default: llama-moe-3.5b on a GPU, cpu on a CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--hidden", type=int, default=None)
@@ -70,7 +87,20 @@ def parse(argv=None):
                    help="per-device dense peak for MFU (default: by device name, metrics.peak_flops_for_device)")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     p.add_argument("--no-check", action="store_true", help="skip the output comparison")
+    t = p.add_argument_group("attention experts (LLaMA-MoE v2): attention MoE against dense attention")
+    t.add_argument("--attn-experts", type=int, default=None, help="attention experts A (num_kv_heads x split)")
+    t.add_argument("--attn-top-k", type=int, default=None, help="attention experts per token (default A - 1)")
+    t.add_argument("--attn-mode", choices=("token_sparse", "full_kv", "both"), default="both")
+    t.add_argument("--attn-router-std", type=float, default=0.5, help="router init std (default %(default)s)")
+    t.add_argument("--heads", type=int, default=None)
+    t.add_argument("--kv-heads", type=int, default=None)
+    t.add_argument("--seq-len", type=int, default=None)
+    t.add_argument("--batch", type=int, default=None)
     a = p.parse_args(argv)
+    if a.attn_experts is not None:
+        return _parse_attn(p, a)
+    if a.shape in ATTN_SHAPES:
+        p.error(f"--shape {a.shape} is an attention shape: give --attn-experts")
     gpu = torch.cuda.is_available() and a.device != "cpu"
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
@@ -83,6 +113,133 @@ def parse(argv=None):
     a.iters = a.iters if a.iters is not None else (20 if gpu else 5)
     a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 2)
     return a
+
+
+def _parse_attn(p, a):
+    gpu = torch.cuda.is_available() and a.device != "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    a.device = "cuda" if gpu else "cpu"
+    if a.shape is not None and a.shape not in ATTN_SHAPES:
+        p.error(f"--shape {a.shape} is an MLP shape; attention shapes: {', '.join(sorted(ATTN_SHAPES))}")
+    shape = ATTN_SHAPES[a.shape or ("attn-llama3-8b" if gpu else "attn-cpu")]
+    for k, v in shape.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.attn_top_k = a.attn_top_k if a.attn_top_k is not None else max(1, a.attn_experts - 1)
+    a.dtype = a.dtype or ("bf16" if gpu else "fp32")
+    a.iters = a.iters if a.iters is not None else (20 if gpu else 5)
+    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 2)
+    return a
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def attention_main(args):
+    """--attn-experts: attention MoE (each mode) against dense attention, same shape, same weights, same run."""
+    import dataclasses
+    import statistics
+
+    from megamoe import parallel
+    from megamoe.config import AttnMoEConfig, ModelConfig, ParallelConfig
+    from megamoe.formats.layout import expand_kv_heads
+    from megamoe.layers.attention import Attention, AttentionContext
+    from megamoe.layers.kv_cache import KVCache
+    from megamoe.layers.rope import rope_cos_sin, rope_inv_freq
+    from megamoe.moe.attention import AttentionMoE
+    from megamoe.parallel import megatron_config
+    parallel.initialize(ParallelConfig())
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype = DT[args.dtype]
+    pd = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    dense_cfg = ModelConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                            num_layers=1, num_heads=args.heads, num_kv_heads=args.kv_heads, params_dtype=pd)
+    modes = ("token_sparse", "full_kv") if args.attn_mode == "both" else (args.attn_mode,)
+    torch.manual_seed(1234)
+    dense = Attention(dense_cfg, megatron_config(dense_cfg), 0).to(device=device, dtype=dtype)
+    split = args.attn_experts // args.kv_heads
+    layers = {"dense": dense}
+    for mode in modes:
+        cfg = dataclasses.replace(dense_cfg, attn_moe=AttnMoEConfig(
+            num_experts=args.attn_experts, top_k=args.attn_top_k, mode=mode, gate_init_std=args.attn_router_std))
+        cfg.validate()
+        moe = AttentionMoE(cfg, megatron_config(cfg), 0).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for x in ("q_proj", "o_proj"):
+                getattr(moe, x).weight.copy_(getattr(dense, x).weight)
+            for x in ("k_proj", "v_proj"):
+                getattr(moe, x).weight.copy_(expand_kv_heads(getattr(dense, x).weight, args.kv_heads, split))
+            if mode != modes[0]:
+                moe.router.gate.weight.copy_(layers[modes[0]].router.gate.weight)
+        layers[mode] = moe
+    S, B, H = args.seq_len, args.batch, args.hidden
+    cos, sin = rope_cos_sin(rope_inv_freq(dense_cfg).to(device), torch.arange(S, device=device), dtype)
+    x = torch.randn(S, B, H, device=device, dtype=dtype)
+    g = torch.randn(S, B, H, device=device, dtype=torch.float32)
+
+    def step(layer):
+        xi = x.detach().requires_grad_()
+        out = layer(xi, cos, sin)
+        y, loss = (out[0], out[1].balance_loss) if isinstance(out, tuple) else (out, 0.0)
+        ((y.float() * g).sum() + loss).backward()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = list(layers)
+    for _ in range(args.warmup):
+        for n in names:
+            step(layers[n])
+    sync()
+    times = {n: [] for n in names}
+    load_before = _load_average()
+    for _ in range(args.iters):
+        for n in names:   # alternating: a change in machine load hits every layer alike
+            t0 = time.perf_counter()
+            step(layers[n])
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
+           "hidden": H, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": H // args.heads,
+           "seq_len": S, "batch": B, "attn_experts": args.attn_experts, "attn_top_k": args.attn_top_k,
+           "split": split, "load_average": f"{load_before} -> {_load_average()}", "layers": {}}
+    pos = torch.arange(S, device=device).expand(B, S)
+    seg = torch.ones(B, S, dtype=torch.int32, device=device)
+    for n in names:
+        layer = layers[n]
+        cache = KVCache(1)
+        if n == "token_sparse":
+            cache.layers[0] = layer.prepare_cache(cache.layers[0])
+        ctx = AttentionContext(pos, seg, *cache.extend(pos, seg))
+        pcos, psin = rope_cos_sin(rope_inv_freq(dense_cfg).to(device), pos, dtype)
+        with torch.no_grad():
+            layer(x, pcos, psin, ctx, cache.layers[0])
+        lc = cache.layers[0]
+        kv = lc.nbytes() if hasattr(lc, "nbytes") else sum(t.numel() * t.element_size() for t in (lc.k, lc.v))
+        ms = statistics.median(times[n]) * 1e3
+        res["layers"][n] = {"fwd_bwd_ms": ms, "tokens_per_s": S * B / (ms / 1e3), "kv_cache_bytes": kv}
+    d = res["layers"]["dense"]
+    for n in names[1:]:
+        d_n = res["layers"][n]
+        d_n["speedup_vs_dense"] = d["fwd_bwd_ms"] / d_n["fwd_bwd_ms"]
+        d_n["kv_cache_vs_dense"] = d_n["kv_cache_bytes"] / d["kv_cache_bytes"]
+    print(f"attention fwd+bwd | {res['device']} | {args.dtype} | H {H}, {args.heads} q / {args.kv_heads} kv heads, "
+          f"{B} x {S} tokens | {args.attn_experts} attention experts (split {split}), top-{args.attn_top_k} | load "
+          f"average {res['load_average']}")
+    for n in names:
+        r = res["layers"][n]
+        extra = (f"   {r['speedup_vs_dense']:.2f}x dense speed, KV cache {r['kv_cache_vs_dense']:.2f}x dense"
+                 if n != "dense" else "")
+        print(f"  {n:13s} {r['fwd_bwd_ms']:9.2f} ms   {r['tokens_per_s']:12,.0f} tokens/s   KV cache "
+              f"{r['kv_cache_bytes'] / 2**20:8.2f} MiB{extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    parallel.destroy()
+    return res
 
 
 def te_available() -> bool:
@@ -195,6 +352,8 @@ def timeit(fns, args, device):
 def main(argv=None):
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.attn_experts is not None:
+        return attention_main(args)
     from megamoe import parallel
     from megamoe.config import ParallelConfig
     parallel.init_distributed()

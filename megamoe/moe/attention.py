@@ -220,7 +220,6 @@ class AttentionMoE(nn.Module):
         cos_b, sin_b = _per_token(cos, B), _per_token(sin, B)
         if half_cpu:
             cos_b, sin_b = cos_b.float(), sin_b.float()
-        xb = xf.transpose(0, 1)                                                 # [B, S, H]
         Wq, Wk, Wv, Wo = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight
         if self.mode == "full_kv":
             # every local expert's KV head for every token, as dense GQA with A_loc KV heads (and its cache)
@@ -232,13 +231,22 @@ class AttentionMoE(nn.Module):
             if cache is not None:
                 k_all, v_all = cache.update(k_all, v_all, pos, seg)
         counts = sel.sum(1).max(0).values.tolist()                              # [A_loc]: the longest row per expert
-        out = None
+        # every expert's compacted slots as rows of the flat [S*B] token axis (token (s, b) is row s*B + b), so that
+        # one index_select gathers all experts' inputs and one index_add scatters all their outputs back
+        experts, rows = [], []
         for e, L in enumerate(counts):
-            if L == 0:
-                continue
-            idx, valid = compact(sel[:, :, e], L)
+            if L:
+                idx, valid = compact(sel[:, :, e], L)
+                experts.append((e, L, idx, valid))
+                rows.append((idx * B + torch.arange(B, device=dev)[:, None]).reshape(-1))
+        if not experts:  # no local expert got a token: zeros, still connected to the weights (gradients defined)
+            return xf * 0 + 0 * (Wq.sum() + Wk.sum() + Wv.sum() + Wo.sum())
+        rows = torch.cat(rows)
+        x_all = xf.reshape(S * B, -1).index_select(0, rows).split([B * L for _, L, _, _ in experts])
+        contribs = []
+        for (e, L, idx, valid), x_e in zip(experts, x_all):
+            x_e = x_e.view(B, L, -1)                                             # [B, L, H]
             qs = slice(e * g * d, (e + 1) * g * d)
-            x_e = _gather_rows(xb, idx)                                          # [B, L, H]
             q = F.linear(x_e, Wq[qs]).view(B, L, g, d).transpose(1, 2)           # [B, g, L, d]
             cos_e, sin_e = _gather_rows(cos_b, idx)[:, None], _gather_rows(sin_b, idx)[:, None]
             q = apply_rope(q.float() if half_cpu else q, cos_e, sin_e)
@@ -260,13 +268,9 @@ class AttentionMoE(nn.Module):
             o = F.scaled_dot_product_attention(q, k.expand(-1, g, -1, -1), v.expand(-1, g, -1, -1), attn_mask=mask)
             o = o.to(dt).transpose(1, 2).reshape(B, L, g * d)
             we = w[:, :, e].gather(1, idx) * valid                               # [B, L] fp32, 0 on padding slots
-            contrib = F.linear(o, Wo[:, qs]) * we[..., None].to(dt)
-            part = torch.zeros(B, S, xf.shape[2], dtype=dt, device=dev).scatter_add(
-                1, idx[..., None].expand(-1, -1, xf.shape[2]), contrib)
-            out = part if out is None else out + part
-        if out is None:  # no local expert got a token: zeros, still connected to the weights (gradients defined)
-            out = xf.transpose(0, 1) * 0 + 0 * (Wq.sum() + Wk.sum() + Wv.sum() + Wo.sum())
-        return out.transpose(0, 1)
+            contribs.append((F.linear(o, Wo[:, qs]) * we[..., None].to(dt)).reshape(B * L, -1))
+        out = torch.zeros(S * B, Wo.shape[0], dtype=dt, device=dev).index_add(0, rows, torch.cat(contribs))
+        return out.view(S, B, -1)
 
 
 @torch.no_grad()
