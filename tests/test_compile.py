@@ -125,3 +125,20 @@ def test_permute_ops_trace_into_one_graph():
     ref.square().sum().backward()
     for a, b in zip(got, [ref.detach(), x.grad, w.grad]):
         torch.testing.assert_close(a, b)
+
+
+def test_fp32_experts_compile_on_the_loop():
+    """fp32 on a CPU defaults to grouped_mm in eager mode, but torch's meta kernel of grouped_mm takes bf16 only:
+    under torch.compile the default is the loop (a graph break at its host read of the counts), same values."""
+    torch.manual_seed(4)
+    ex = Experts(32, [16, 24], [0, 1], std=0.2)
+    x = torch.randn(12, 32)
+    counts = torch.tensor([5, 7])
+    assert ex.select_backend(x) == "grouped_mm"
+    torch._dynamo.reset()
+    y = torch.compile(lambda x, c: ex(x, c), backend="aot_eager")(x, counts)
+    torch.testing.assert_close(y, ex(x, counts))
+    ex.backend = "grouped_mm"
+    with pytest.raises(Exception, match="bf16 only"):
+        torch._dynamo.reset()
+        torch.compile(lambda x, c: ex(x, c), backend="aot_eager", fullgraph=True)(x, counts)

@@ -25,12 +25,14 @@ by rows, down by columns) and the dispatcher sums the partial outputs.
 
 Backends (MEGAMOE_EXPERTS_BACKEND=grouped_mm|loop|te, or `Experts(backend=...)`; unset: the fastest correct one for
 the device and dtype; one log line on `megamoe.moe.experts` says which runs):
-  grouped_mm  torch.nn.functional.grouped_mm: one grouped GEMM per projection (3 in the forward, 4 in the backward)
+  grouped_mm  torch.nn.functional.grouped_mm: one grouped GEMM per projection (2 in the forward, 4 in the backward)
               over the stacked weights, the per-expert row offsets on the device (no host read). CUTLASS on
               Hopper (bf16), a per-group loop in C++ on CPU (fp32/bf16/fp16). Needs 16-byte row strides (H * itemsize
               a multiple of 16); its own backward here (torch's CPU autograd formula for it fails in 2.13).
+              Default on CUDA (bf16) and for fp32 on CPU.
   loop        one torch.mm per expert and projection over slices of the stacked weights (gate and up in one GEMM),
-              one autograd node for all experts; counts on the host. Any dtype (fp64 too).
+              one autograd node for all experts; counts on the host. Any dtype (fp64 too); the CPU default for
+              bf16/fp16 (rows padded for oneDNN), fp64, and where grouped_mm cannot run.
   te          transformer-engine's GroupedLinear (cuBLAS grouped GEMM) run on views of the stacked weights; only
               where transformer_engine imports (a GPU). Unverified: no machine with TE has run it yet.
   `forward_reference` is the plain per-expert computation (F.linear on the views), what the backends are tested
@@ -58,9 +60,10 @@ ENV_VAR = "MEGAMOE_EXPERTS_BACKEND"
 ALIGN = 8                     # Fm is a multiple of this many elements (16-byte rows at 2 bytes, 32 at 4)
 PROJ = ("gate_proj", "up_proj", "down_proj")
 
-# the CPU default per dtype, from tools/bench_train.py (docs/benchmarks.md): torch's CPU grouped_mm runs one GEMM per
-# group like the loop; the loop pads rows for oneDNN's per-shape half-precision kernels, grouped_mm cannot
-CPU_DEFAULT = {torch.float32: "loop", torch.bfloat16: "loop", torch.float16: "loop"}
+# the CPU default per dtype, measured with tools/bench_train.py --experts-backend loop,grouped_mm (interleaved, same
+# weights and losses; docs/benchmarks.md): fp32 grouped_mm 1.39-1.57x the loop's step rate; bf16 0.68x (the loop pads
+# rows to a few shapes for oneDNN's per-shape half-precision kernels, torch's CPU grouped_mm cannot)
+CPU_DEFAULT = {torch.float32: "grouped_mm", torch.bfloat16: "loop", torch.float16: "loop"}
 
 
 def _grouped_mm_fn():
@@ -83,6 +86,8 @@ def grouped_mm_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str:
         return f"no grouped_mm for device type {x.device.type!r}"
     if weight.dtype != x.dtype:
         return f"weights are {weight.dtype}, input {x.dtype}"
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return "under torch.compile: torch's meta kernel of grouped_mm takes bf16 only"
     if (x.shape[1] * x.element_size()) % 16:
         return f"hidden size {x.shape[1]} x {x.element_size()} bytes is not a multiple of 16 bytes"
     return ""
