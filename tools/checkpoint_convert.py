@@ -64,6 +64,9 @@ def print_summary(s: dict):
         print(f"   experts      {s['experts']} per layer x {layers}, top-{s['top_k']}, sizes "
               f"{s['expert_sizes']}{', residual %d' % s['residual_size'] if s['residual_size'] else ''}; "
               f"router {s['router']} ({s['gate_network']} gate), score scale {s['score_scale']}")
+    if "attn_experts" in s:
+        print(f"   attention    {s['attn_experts']} experts (split {s['attn_split']}) x {s['attn_layers']} layers, "
+              f"top-{s['attn_top_k']}, score scale {s['attn_score_scale']}, {s['attn_mode']}")
     print(f"   parameters   {_count(s['params_active'])} active / {_count(s['params_total'])} total")
     if "parallel" in s:
         p = s["parallel"]
@@ -78,6 +81,8 @@ def print_summary(s: dict):
     print(f"   written      {_human(s['bytes_written'])} ({_human(s['bytes_written'] / secs)}/s)")
     for line in s["guard"]:
         print(f"   guard {line}")
+    for note in s.get("notes", []):
+        print(f"   note  {note}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,35 +111,71 @@ def build_parser() -> argparse.ArgumentParser:
                        "      --calib-jsonl corpus/code/train.jsonl --token-budget 16384 --gate-init centroids")
     h.add_argument("--src", required=True, help="HF directory (LLaMA, llama-moe v1, Mixtral), or 'smollm2'/'embedded'")
     h.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    h.add_argument("--experts", type=positive_int, default=8, help="experts per layer E (default %(default)s)")
-    h.add_argument("--top-k", type=positive_int, default=2, help="experts per token k (default %(default)s)")
-    h.add_argument("--method", default="random",
+    h.add_argument("--recipe", default=None, choices=["megamoe", "llama-moe-v1"],
+                   help="construction recipe (default megamoe: 64 experts top-16, clustered split, router fitted "
+                        "on calibration tokens, calibrated score scale, refitted down_proj; llama-moe-v1: the "
+                        "paper's 8 experts top-2, random split, random mlp gate, topk_noisy, scale 4). The flags "
+                        "below override the recipe's values. See megamoe/construct/recipes.py")
+    h.add_argument("--granularity", type=positive_int, default=None,
+                   help="split each of the recipe's experts g ways and route g times as many (E -> gE, k -> gk)")
+    h.add_argument("--experts", type=positive_int, default=None, help="experts per layer E (default: the recipe's)")
+    h.add_argument("--top-k", type=positive_int, default=None, help="experts per token k (default: the recipe's)")
+    h.add_argument("--method", default=None,
                    help="random | clustering | coactivation | gradient | sharing-inner | sharing-inter "
-                        "(default %(default)s)")
+                        "(default: the recipe's)")
     h.add_argument("--partitions", help="directory of precomputed partitions (megamoe.construct.write_partitions)")
-    h.add_argument("--router", default="topk_noisy", choices=["topk_noisy", "mixtral", "switch"],
-                   help="topk_noisy = llama-moe v1 (default); mixtral = exportable as HF Mixtral with --gate linear")
-    h.add_argument("--gate", default="mlp", choices=["mlp", "linear"],
+    h.add_argument("--router", default=None, choices=["topk_noisy", "mixtral", "switch"],
+                   help="topk_noisy = llama-moe v1; mixtral = exportable as HF Mixtral with --gate linear")
+    h.add_argument("--gate", default=None, choices=["mlp", "linear"],
                    help="gate network: mlp = Linear-Tanh-Linear (llama-moe v1); linear (Mixtral)")
     h.add_argument("--score-order", default=None, choices=["topk_softmax", "softmax_topk_renorm", "softmax_topk"],
                    help="how router scores become weights (default: the router's own): top-k then softmax "
                         "(topk_noisy), softmax then top-k renormalised (mixtral), or softmax then top-k without "
                         "renormalisation (pre-softmax; the only one that trains a top-1 router through the LM loss)")
-    h.add_argument("--gate-init", default="random", choices=["random", "zeros", "centroids"],
+    h.add_argument("--gate-init", default=None, choices=["random", "zeros", "centroids"],
                    help="router init: random normal(0, 0.02) (llama-moe v1 release), zeros (uniform router), or "
                         "centroids (k-means centroids: clustering method, or calibrated methods as in LLaMA-MoE v2)")
     c = h.add_argument_group("calibration (coactivation, gradient, sharing-inner, sharing-inter)")
     c.add_argument("--calib-jsonl", nargs="+", metavar="[DOMAIN=]FILE",
                    help="JSONL calibration text (key 'text'); DOMAIN=FILE pairs give per-domain token clusters")
     c.add_argument("--calib-prefix", nargs="+", metavar="[DOMAIN=]PREFIX", help="megatron .bin/.idx dataset prefix(es)")
-    c.add_argument("--seq-len", type=positive_int, default=2048, help="calibration sequence length (default %(default)s)")
-    c.add_argument("--token-budget", type=positive_int, default=65536, help="calibration tokens (default %(default)s)")
+    c.add_argument("--calib-local", action="store_true",
+                   help="calibrate on the local corpus (text that ships with Python; the megamoe recipe's default)")
+    c.add_argument("--seq-len", type=positive_int, default=None,
+                   help="calibration sequence length (default: the recipe's, else 2048)")
+    c.add_argument("--token-budget", type=positive_int, default=None,
+                   help="calibration tokens (default: the recipe's, else 65536)")
+    k = h.add_argument_group("router calibration and reconstruction (megamoe.construct.calibrate)")
+    k.add_argument("--calib-router", choices=["rank", "regression", "random", "centroids"], default=None,
+                   help="fit the router to the oracle (rank: ranking loss, regression: least squares of the expert "
+                        "output norms) or keep the initial one (--gate-init)")
+    k.add_argument("--calib-weights", choices=["calibrated", "fixed"], default=None,
+                   help="softmax temperature and per-layer score scale fitted on calibration tokens, or fixed "
+                        "(--score-scale, default E/k)")
+    k.add_argument("--reconstruct", choices=["none", "router", "experts", "both"], default=None,
+                   help="train the router on the layer's output error, refit the experts' down_proj, or both")
+    k.add_argument("--align", choices=["none", "v2", "lsq"], default=None,
+                   help="per-channel output alignment folded into down_proj (v2: mean/variance; its bias is not "
+                        "exportable and only reported)")
+    k.add_argument("--no-calibrate", action="store_true", help="skip router calibration (the recipe's included)")
     c.add_argument("--clusters", default="kmeans", choices=["kmeans", "domain", "centroids"],
                    help="token clusters for gradient importance (default %(default)s)")
     c.add_argument("--expert-size", type=positive_int, help="neurons per expert (sharing-inner: required)")
     c.add_argument("--residual-size", type=nonnegative_int, default=0, help="sharing-inter: always-on residual neurons")
     h.add_argument("--score-scale", type=positive_float, help="combine-weight scale (default E/k, as llama-moe v1)")
     h.add_argument("--moe-layers", type=int_list, help="comma-separated MoE layer indices (default: every layer)")
+    a = h.add_argument_group("attention experts (LLaMA-MoE v2: each GQA group's query heads and KV head become an "
+                             "expert chosen per token; docs/attention_moe.md)")
+    a.add_argument("--attn-experts", type=positive_int,
+                   help="attention experts per layer: num_kv_heads x split, split dividing the query heads per KV head "
+                        "(SmolLM2 9q/3kv: 3 or 9; LLaMA-3-8B 32q/8kv: 8, 16, 32); default none (dense attention)")
+    a.add_argument("--attn-top-k", type=positive_int, help="attention experts per token (default: all but one)")
+    a.add_argument("--attn-scale", type=positive_float,
+                   help="attention score scale (default: the top-k, each chosen expert at its dense weight under a "
+                        "uniform router; LLaMA-MoE v2's scripts use 1.0 or 4.0)")
+    a.add_argument("--attn-mode", choices=["token_sparse", "full_kv"],
+                   help="token_sparse: a token attends only to earlier tokens routed to the same expert (the released "
+                        "v2); full_kv: every earlier token's K/V, sparse queries (default token_sparse)")
     h.add_argument("--seed", type=nonnegative_int, default=0, help="split seed (layer i uses seed+i) and router seed")
     h.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the shards")
     h.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (must divide E)")
@@ -153,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "MixtralForCausalLM without remote code; needs a linear gate, equal expert sizes, no residual "
                        "expert, every layer MoE; the score scale is folded into w2. llama-moe-v1: the released "
                        "LLaMA-MoE v1 layout (remote code; see the README written next to it for transformers "
-                       "versions). auto: mixtral when the model fits, else llama-moe-v1.")
+                       "versions). llama-moe-v2: the released LLaMA-MoE v2 layout (attention experts, residual blocks, "
+                       "dense first/last layers; remote code, README written next to it). auto: mixtral when the "
+                       "model fits, else llama-moe-v2 for attention experts or a residual block, else llama-moe-v1.")
     m.add_argument("--src", required=True, help="our shard directory")
     m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    m.add_argument("--format", default="auto", choices=["auto", "mixtral", "llama-moe-v1"])
+    m.add_argument("--format", default="auto", choices=["auto", "mixtral", "llama-moe-v1", "llama-moe-v2"])
     m.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="HF shard size (default %(default)s GB)")
     common(m)
 
@@ -190,10 +233,27 @@ def _pairs(items):
 
 def _calibration(args) -> dict | None:
     jsonl, prefix = _pairs(args.calib_jsonl), _pairs(args.calib_prefix)
-    if jsonl is None and prefix is None:
-        return None
-    return {"jsonl": jsonl, "prefix": prefix, "seq_len": args.seq_len, "token_budget": args.token_budget,
-            "clusters": args.clusters, "expert_size": args.expert_size, "residual_size": args.residual_size}
+    if jsonl is None and prefix is None and not args.calib_local:
+        return {"seq_len": args.seq_len, "token_budget": args.token_budget} if (args.seq_len or args.token_budget) \
+            else None
+    return {"jsonl": jsonl, "prefix": prefix, "local": True if args.calib_local else None, "seq_len": args.seq_len,
+            "token_budget": args.token_budget, "clusters": args.clusters, "expert_size": args.expert_size,
+            "residual_size": args.residual_size}
+
+
+def _calibrate(args) -> dict | None:
+    if args.no_calibrate:
+        return {"off": True}
+    spec = {}
+    if args.calib_router:
+        spec["router"] = args.calib_router
+    if args.calib_weights:
+        spec["weights"] = args.calib_weights
+    if args.reconstruct:
+        spec["reconstruct"] = {"none": (), "both": ("router", "experts")}.get(args.reconstruct, (args.reconstruct,))
+    if args.align:
+        spec["align"] = args.align
+    return spec or None
 
 
 def _early_hasher(args):
@@ -215,15 +275,18 @@ def run(args) -> dict | None:
     hasher = _early_hasher(args)
     from megamoe import interchange as convert
     if args.cmd == "hf-to-moe":
+        from megamoe.construct.recipes import recipe_kwargs
+        construction = recipe_kwargs(args.recipe, granularity=args.granularity, calibrate=_calibrate(args),
+                                     calibration=_calibration(args), num_experts=args.experts, top_k=args.top_k,
+                                     method=args.method, router=args.router, gate_network=args.gate,
+                                     score_scale=args.score_scale, gate_init=args.gate_init)
         return convert.hf_to_moe(
-            args.src, args.out, num_experts=args.experts, top_k=args.top_k, method=args.method,
-            partitions_dir=args.partitions, router=args.router, gate_network=args.gate,
-            score_scale=args.score_scale, gate_init=args.gate_init, moe_layers=args.moe_layers, seed=args.seed,
-            score_order=args.score_order,
+            args.src, args.out, partitions_dir=args.partitions, moe_layers=args.moe_layers, seed=args.seed,
+            score_order=args.score_order, attn_experts=args.attn_experts, attn_top_k=args.attn_top_k,
+            attn_scale=args.attn_scale, attn_mode=args.attn_mode,
             tp=args.tp, ep=args.ep, etp=args.etp, dtype=args.dtype, tolerance=args.tolerance,
             guard_tokens=args.guard_tokens, progress=not args.quiet, allow_pickle=args.allow_pickle,
-            checksum=False if args.no_checksum else (args.checksum or True), calibration=_calibration(args),
-            hasher=hasher)
+            checksum=False if args.no_checksum else (args.checksum or True), hasher=hasher, **construction)
     if args.cmd == "moe-to-hf":
         return convert.moe_to_hf(args.src, args.out, args.format, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                                  tolerance=args.tolerance, guard_tokens=args.guard_tokens, progress=not args.quiet)

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megamoe.data.corpus import build_local_corpus
 from megamoe.data.tokenizers import load_tokenizer
 from megamoe.errors import DataError
 
-__all__ = ["CalibrationData", "tokens_from_jsonl", "tokens_from_indexed", "CalibrationDataError"]
+__all__ = ["CalibrationData", "tokens_from_jsonl", "tokens_from_indexed", "tokens_from_local_corpus",
+           "CalibrationDataError"]
 
 
 class CalibrationDataError(DataError):
@@ -201,3 +204,17 @@ def tokens_from_indexed(prefixes, seq_len: int = 2048, token_budget: int = 65536
         domains.extend([dom] * len(got))
     ids = torch.tensor(np.array(blocks, dtype=np.int64))
     return CalibrationData(ids, None if groups[0][0] is None else domains)
+
+
+def tokens_from_local_corpus(tokenizer, seq_len: int = 256, token_budget: int = 16384, seed: int = 0,
+                             max_mb: float = 0.25) -> CalibrationData:
+    """Calibration blocks from megamoe.data.build_local_corpus (text that ships with Python: code, docstrings,
+    reference, and licences / man pages where the machine has them), one domain per source, the budget split
+    evenly: the default calibration set when none is given. Built in a temporary directory (deterministic for a
+    given Python installation and seed; about `max_mb` MB of training text per domain is read)."""
+    with tempfile.TemporaryDirectory(prefix="megamoe-calib-") as d:
+        doms = sorted(build_local_corpus(d, max_mb=max_mb, seed=seed)["domains"])
+        if not doms:
+            raise CalibrationDataError(f"{d}: the local corpus has no domains")
+        return tokens_from_jsonl({x: os.path.join(d, x, "train.jsonl") for x in doms}, tokenizer, seq_len=seq_len,
+                                 token_budget=token_budget)

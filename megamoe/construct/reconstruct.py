@@ -103,9 +103,9 @@ def reconstruct_down(f: PartitionedFFN, x: torch.Tensor, target: torch.Tensor, i
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
         m = f.neuron_weights(combine_mask(idx[s:s + chunk], w[s:s + chunk].float(), f.E))
-        z = (f.hidden(xs) * m).double()
-        zz += z.T @ z
-        zy += z.T @ target[s:s + chunk].double()
+        z = f.hidden(xs) * m                                            # fp32 products, fp64 running sums
+        zz += (z.T @ z).double()
+        zy += (z.T @ target[s:s + chunk].float()).double()
     d0 = f.down.double().T                                              # [F, H]
     lam = ridge * float(torch.diagonal(zz).mean())
     used = torch.diagonal(zz) > 0                                       # never-active neurons keep down_0

@@ -49,24 +49,25 @@ def _standardise(norms: torch.Tensor) -> torch.Tensor:
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """argmin_W ||x W^T - y||^2 + ridge * tr(x^T x)/H * ||W||^2, in float64. Returns W [E, H]."""
-    x = x.double()
-    g = x.T @ x
+    """argmin_W ||x W^T - y||^2 + ridge * tr(x^T x)/H * ||W||^2 (fp32 products, float64 solve). W [E, H]."""
+    g = (x.float().T @ x.float()).double()
     lam = ridge * float(torch.diagonal(g).mean())
     g.diagonal().add_(lam)
-    return torch.linalg.solve(g, x.T @ y.double()).T
+    return torch.linalg.solve(g, (x.float().T @ y.float()).double()).T
 
 
 def fit_router(x: torch.Tensor, norms: torch.Tensor, k: int, method: str = "regression", ridge: float = 1e-3,
-               rank_iters: int = 60, rank_temperature: float = 1.0) -> torch.Tensor:
-    """Linear router rows W [E, H] (float32) fitted on MLP inputs x [N, H] and expert output norms [N, E]."""
+               rank_iters: int = 40, rank_temperature: float = 1.0, rank_tokens: int = 4096) -> torch.Tensor:
+    """Linear router rows W [E, H] (float32) fitted on MLP inputs x [N, H] and expert output norms [N, E].
+    The ranking refinement uses `rank_tokens` evenly spaced tokens of x (its cost is per token and iteration)."""
     if method not in FIT_METHODS:
         raise ValueError(f"method: {method!r} is not one of {FIT_METHODS}")
     if x.shape[0] != norms.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens but norms has {norms.shape[0]}")
     w = _ridge(x, _standardise(norms), ridge)
     if method == "rank":
-        w = _rank_refine(x, norms, k, w, ridge, rank_iters, rank_temperature)
+        sub = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], max(1, rank_tokens))).round().long()
+        w = _rank_refine(x[sub], norms[sub], k, w, ridge, rank_iters, rank_temperature)
     return w.float()
 
 

@@ -13,8 +13,10 @@ written shards. Partitions come from megamoe.construct (random, clustering, or c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,9 +25,11 @@ from tqdm import tqdm
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 from megamoe.construct import partition as P
 from megamoe.construct.build import moe_config_for, router_state
-from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl
+from megamoe.construct.calibrate import CalibrationSpec, CalibrationStream, calibrate_layer, mlp_gate_from_linear
+from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl, tokens_from_local_corpus
 from megamoe.construct.pipeline import ConstructionSpec, construct
 from megamoe.errors import ConfigError
+from megamoe.fileio import atomic_write_text
 from megamoe.formats.buffers import Arena
 from megamoe.formats.checksum import BackgroundHasher
 from megamoe.formats.checksum import resolve as checksum_resolve
@@ -35,6 +39,7 @@ from megamoe.formats.layout import expected_names, hf_llama_to_ours_name
 from megamoe.formats.safetensors_io import DTYPES
 from megamoe.formats.shards import FILE_SOURCE, ShardedCheckpoint, ShardWriter, check_output, staged_output
 from megamoe.formats.tokenizer_files import copy_tokenizer
+from megamoe.interchange.attn_experts import attn_layer_state, attn_moe_for, check_attn_args
 from megamoe.interchange.common import (check_tensors, check_vocab, layer_names, no_gc, resolve_source, shard_logits,
                                         source_info, source_kind, summary, torch_dtype_code, torch_threads,
                                         update_manifest)
@@ -79,15 +84,11 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
             parts[i], cents[i] = P.split_clustering(up, num_experts, seed=seed)
         return parts, cents, method
     if method in CALIBRATED_METHODS:
-        if not calibration or not (calibration.get("jsonl") or calibration.get("prefix")):
+        if not calibration or not (calibration.get("jsonl") or calibration.get("prefix") or calibration.get("local")):
             raise ConfigError(f"method: {method!r} needs calibration statistics: give --calib-jsonl FILE (or "
-                              "DOMAIN=FILE ...) or --calib-prefix PREFIX, or compute partitions with "
+                              "DOMAIN=FILE ...), --calib-prefix PREFIX or --calib-local, or compute partitions with "
                               "`python -m megamoe.construct` and pass them with --partitions DIR")
-        seq_len, budget = calibration.get("seq_len", 2048), calibration.get("token_budget", 65536)
-        if calibration.get("jsonl"):
-            data = tokens_from_jsonl(calibration["jsonl"], tokenizer=hf.path, seq_len=seq_len, token_budget=budget)
-        else:
-            data = tokens_from_indexed(calibration["prefix"], seq_len=seq_len, token_budget=budget)
+        data = calibration_tokens(hf.path, calibration)
         spec = ConstructionSpec(method=method, num_experts=num_experts, seed=seed, layers=layers,
                                 gate_init="centroids" if gate_init == "centroids" else "random",
                                 clusters=calibration.get("clusters", "kmeans"),
@@ -97,6 +98,20 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
         res = construct(hf.path, spec, data, progress=tqdm.write if progress else None)
         return res.partitions, res.centroids or {}, method
     raise ConfigError(f"method: {method!r} is not one of random, clustering, {', '.join(CALIBRATED_METHODS)}")
+
+
+def calibration_tokens(model_dir: str, calibration: dict):
+    """CalibrationData from {"jsonl": path or {domain: path}} | {"prefix": prefix or {domain: prefix}} |
+    {"local": True} (megamoe.data.build_local_corpus: text that ships with Python, one domain per source, tokenized
+    with the model's tokenizer), with seq_len (default 2048) and token_budget (default 65536)."""
+    seq_len, budget = calibration.get("seq_len", 2048), calibration.get("token_budget", 65536)
+    if calibration.get("jsonl"):
+        return tokens_from_jsonl(calibration["jsonl"], tokenizer=model_dir, seq_len=seq_len, token_budget=budget)
+    if calibration.get("prefix"):
+        return tokens_from_indexed(calibration["prefix"], seq_len=seq_len, token_budget=budget)
+    if calibration.get("local"):
+        return tokens_from_local_corpus(model_dir, seq_len=seq_len, token_budget=budget)
+    raise ConfigError("calibration: give --calib-jsonl, --calib-prefix or --calib-local")
 
 
 def _check_args(*, num_experts, top_k, guard_tokens, tp, ep, etp, tolerance, score_scale, moe_layers):
@@ -125,7 +140,9 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
               tp: int = 1, ep: int = 1, etp: int = 1, dtype: str | None = None,
               tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
               allow_pickle: bool = False, checksum: bool | str = True, calibration: dict | None = None,
-              hasher: BackgroundHasher | None = None) -> dict:
+              calibrate: CalibrationSpec | None = None, calibration_data=None,
+              hasher: BackgroundHasher | None = None, attn_experts: int | None = None,
+              attn_top_k: int | None = None, attn_scale: float | None = None, attn_mode: str | None = None) -> dict:
     """Dense HF LLaMA -> LLaMA-MoE shards (construct), or llama-moe v1 / Mixtral -> shards (import).
     `calibration`: see make_partitions (needed by the coactivation, gradient and sharing methods).
     `checksum`: True (xxh3_128, or sha256 without the xxhash package), an algorithm name ("xxh3_128", "sha256"), or
@@ -134,6 +151,9 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
     t0 = time.time()
     _check_args(num_experts=num_experts, top_k=top_k, guard_tokens=guard_tokens, tp=tp, ep=ep, etp=etp,
                 tolerance=tolerance, score_scale=score_scale, moe_layers=moe_layers)
+    check_attn_args(attn_experts, attn_top_k, attn_scale, attn_mode)
+    attn = None if attn_experts is None else dict(num_experts=attn_experts, top_k=attn_top_k,
+                                                  score_scale=attn_scale, mode=attn_mode)
     src = resolve_source(src)
     check_output(os.path.abspath(out))
     try:
@@ -152,10 +172,10 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
             return _construct(hf, out, t0, hasher, num_experts=num_experts, top_k=top_k, method=method,
                               partitions_dir=partitions_dir, router=router, gate_network=gate_network,
                               score_scale=score_scale, gate_init=gate_init, moe_layers=moe_layers, seed=seed,
-                              score_order=score_order,
+                              score_order=score_order, attn=attn,
                               par=ParallelConfig(tp=tp, ep=ep, etp=etp), dtype=torch_dtype_code(dtype),
                               tolerance=tolerance, guard_tokens=guard_tokens, progress=progress,
-                              calibration=calibration)
+                              calibration=calibration, calibrate=calibrate, calibration_data=calibration_data)
         return import_moe(hf, kind, out, t0, hasher, par=ParallelConfig(tp=tp, ep=ep, etp=etp),
                        dtype=torch_dtype_code(dtype), tolerance=tolerance, guard_tokens=guard_tokens, progress=progress)
     finally:
@@ -167,9 +187,10 @@ def hf_to_moe(src: str, out: str, *, num_experts: int = 8, top_k: int = 2, metho
 
 def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partitions_dir, router, gate_network,
                score_scale, gate_init, moe_layers, seed, par, dtype, tolerance, guard_tokens, progress,
-               score_order=None, calibration=None):
+               score_order=None, attn=None, calibration=None, calibrate=None, calibration_data=None):
     where = os.path.join(hf.path, "config.json")
     dense_cfg = config_from_hf(hf.config, where)
+    attn_cfg = attn_moe_for(dense_cfg, where, **attn) if attn else None   # attention experts: checked before any work
     bad_layers = [i for i in moe_layers or [] if i >= dense_cfg.num_layers]
     if bad_layers:
         raise ConfigError(f"--moe-layers: {bad_layers} are not layers of {where} (num_hidden_layers "
@@ -183,10 +204,16 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                                            partitions_dir, progress, calibration, gate_init)
     E = next(iter(parts.values())).num_experts
     moe = MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network=gate_network,
-                    score_scale=float(score_scale) if score_scale is not None else E / top_k, moe_layers=moe_layers,
+                    score_scale=float(score_scale) if score_scale is not None else _default_scale(parts, E, top_k),
+                    moe_layers=moe_layers,
                     score_order=score_order)
     cfg = moe_config_for(dense_cfg, parts, moe)
+    if attn_cfg is not None:
+        cfg = replace(cfg, attn_moe=attn_cfg).validate()
     par.validate(cfg)
+    cal = None
+    if calibrate is not None:
+        cal = _Calibrator(hf, cfg, parts, calibrate, calibration, calibration_data, gate_init, progress)
     src_dtype = {n: hf.dtype(k) for n, k in key_of.items()}
     emb_dt = src_dtype["embed.weight"]
     dtypes = {n: dtype or src_dtype.get(n) or src_dtype.get(_dense_mlp_name(n)) or emb_dt for n in expected_names(cfg)}
@@ -201,6 +228,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
     with staged_output(out) as tmp, no_gc(), torch_threads(1), threads(usable_cores() - WRITE_THREADS):
         info = {"partition": {"method": method, "seed": seed, "gate_init": gate_init,
                               "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values())}}
+        if cal is not None:
+            info["calibration"] = cal.info
         # the bytes go out on a background thread (file writes release the GIL) while this thread gathers the next
         # experts and runs the guard's source pass on the same memory-mapped weights
         w = ShardWriter(tmp, cfg, par, dtypes, info, threads=WRITE_THREADS)
@@ -235,16 +264,25 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             done_before = w.mark()
             for i in range(cfg.num_layers):
                 src = {n: read(n) for n in layer_names(key_of, i)}
+                written = {}   # attention experts: k/v heads copied into sibling experts (the source pass keeps the
+                if cfg.is_attn_moe_layer(i):  # dense k/v: the identity check compares them), and the router
+                    gen_a = torch.Generator().manual_seed(seed * 100003 + i)
+                    written = attn_layer_state(cfg, i, src, gate_init, gen_a)
+                    src.update({n: t for n, t in written.items() if n.endswith("router.gate.weight")})
                 pre = f"layers.{i}.mlp."
                 if cfg.moe_index(i) is not None:
                     g, u, d = (src[pre + x] for x in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
                     gen = torch.Generator().manual_seed(seed * 100003 + i)  # build_moe's per-layer convention
                     src.update(router_state(pre, H, E, cfg.moe, gate_init, cents.get(i), g.dtype, gen))
+                    if cal is not None:  # fitted router, the layer's score scale, a refitted down_proj
+                        with torch_threads(usable_cores()):
+                            src.update(cal.layer(i, src, pre))
+                        d = src[pre + "down_proj.weight"]
                     # every block's neurons back to back: rows of gate/up, columns of down, gathered once per
                     # layer into buffers that alternate between layers (the previous layer may still be writing)
                     cut = _gather_experts(parts[i], g, u, d, arena, f"{i % 2}")
                 for n in layer_names(w.names, i):
-                    t = src.get(n)
+                    t = written.get(n, src.get(n))
                     if t is None:  # an expert (or shared) tensor: a slice of the gathered matrices
                         block, proj = n[len(pre):].rsplit(".", 2)[0], n.rsplit(".", 2)[1]
                         t = cut[block][proj]
@@ -273,6 +311,8 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
             w.abort()
             raise
         P.write_partitions(os.path.join(tmp, "partitions"), parts)
+        if cal is not None:
+            cal.write(os.path.join(tmp, "partitions", "calibration.json"))
         copy_tokenizer(hf.path, tmp)
 
         if guard:
@@ -282,7 +322,11 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                 id_logits, real_logits = shard_logits(ck, ids, progress, both=True)
             finally:
                 ck.close()
-            if exact:
+            if exact and cal is not None and cal.modified:
+                report.add(check("construct identity: the calibrated FFN (dense weights, refitted/aligned "
+                                 "down_proj) vs written MoE (all experts active, uniform router, scale E)",
+                                 dense_logits, id_logits, tolerance))
+            elif exact:
                 report.add(check("construct identity: dense source vs written MoE (all experts active, uniform "
                                  "router, scale E)", dense_logits, id_logits, tolerance))
             else:
@@ -297,9 +341,99 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
         update_manifest(tmp, source=source_info(hf, "hf-llama", hasher),
                          guard=[c.to_dict() for c in report.checks])
         nbytes = w.nbytes
-    return summary("hf-to-moe", out, cfg, par, nbytes, t0, report,
-                    {"method": method, "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values()),
-                     "source": hf.path})
+    extra = {"method": method, "duplicated_neurons": sum(dup.values()), "missing_neurons": sum(miss.values()),
+             "source": hf.path}
+    if cal is not None:
+        extra["calibration"] = cal.summary()
+    return summary("hf-to-moe", out, cfg, par, nbytes, t0, report, extra)
+
+class _Calibrator:
+    """Router calibration / reconstruction / alignment inside the conversion loop (megamoe.construct.calibrate),
+    one MoE layer at a time as the writer reaches it: the dense model's MLP inputs on the calibration tokens are
+    advanced layer by layer beside it (CalibrationStream), so memory stays at one layer plus [N, H] hidden states.
+
+    Per layer it replaces the router tensors (linear gate: the fitted rows; mlp gate: mlp_gate_from_linear), sets
+    the layer's entry of cfg.moe.score_scale (a list per MoE layer from here on; the manifest is written at the end
+    and the guard's in-memory forward reads it per layer) and, when experts are reconstructed or aligned, the
+    down_proj the experts are cut from."""
+
+    def __init__(self, hf, cfg, parts, spec, calibration, data, gate_init, progress):
+        spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec(**spec)
+        self.spec = spec.validate()
+        linear_init = cfg.moe.gate_network == "linear" or gate_init in ("centroids", "zeros")
+        if not spec.fits_router and not linear_init:
+            raise ConfigError(f"calibration.router: {spec.router!r} keeps the converter's router, but a random "
+                              "mlp gate (Linear, Tanh, Linear) is not a linear router to calibrate: fit the router "
+                              "(--calib-router rank|regression), or use --gate linear / --gate-init centroids")
+        if data is None:
+            src = dict(calibration or {})
+            if not any(src.get(k) for k in ("jsonl", "prefix", "local")):   # the default: the local corpus
+                src = {"seq_len": 256, "token_budget": 16384, **{k: v for k, v in src.items() if v}, "local": True}
+            data = calibration_tokens(hf.path, src)
+        self.cfg, self.parts, self.gate_init, self.linear_init = cfg, parts, gate_init, linear_init
+        self.stream = CalibrationStream(hf.path, data)
+        self.tokens = int(data.ids.numel())
+        self.progress = progress
+        n = cfg.num_moe_layers
+        self.scales = [cfg.moe.layer_scale(j) for j in range(n)]
+        cfg.moe.score_scale = list(self.scales)
+        self.reports = {}
+        self.modified = False
+        self.t0 = time.time()
+        self.info = {"spec": spec.to_dict(), "tokens": self.tokens, "seq_len": int(data.ids.shape[1]),
+                     "domains": sorted(set(data.domains)) if data.domains else None}
+
+    def _initial_router(self, src, pre):
+        if not self.linear_init:
+            return None
+        if self.cfg.moe.gate_network == "linear":
+            return src[pre + "router.gate.weight"].float()
+        return src[pre + "router.gate.0.weight"].float()   # centroids / zeros: W2 is the identity / zero
+
+    def layer(self, i: int, src: dict, pre: str) -> dict:
+        cfg, mi = self.cfg, self.cfg.moe_index(i)
+        g, u, d = (src[pre + x] for x in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+        t = time.time()
+        x = self.stream.inputs(i)
+        res = calibrate_layer(g, u, d, self.parts[i], x, cfg.moe.top_k, self.spec,
+                              init_router=self._initial_router(src, pre), init_scale=self.scales[mi],
+                              seq_len=self.stream.seq_len)
+        self.scales[mi] = res.scale
+        cfg.moe.score_scale[mi] = res.scale
+        dt = g.dtype
+        out = {}
+        if cfg.moe.gate_network == "linear":
+            out[pre + "router.gate.weight"] = res.router.to(dt)
+        else:
+            w1, w2 = mlp_gate_from_linear(res.router, x[:: max(1, x.shape[0] // 4096)])
+            out[pre + "router.gate.0.weight"] = w1.to(dt)
+            out[pre + "router.gate.2.weight"] = w2.to(dt)
+        if res.down is not None:
+            out[pre + "down_proj.weight"] = res.down.to(dt)
+            self.modified = True
+        rep = dict(res.report, seconds=round(time.time() - t, 2))
+        self.reports[i] = rep
+        if self.progress:
+            first, last = rep["steps"][0], rep["steps"][-1]
+            tqdm.write(f"calibrate layer {i}: held-out rel. error {first['rel_error']:.3f} ({first['step']}) -> "
+                       f"{last['rel_error']:.3f} ({last['step']}), oracle {rep['oracle']['rel_error']:.3f}, recall "
+                       f"{last['recall']:.2f}, scale {res.scale:.3g} ({rep['seconds']:.1f}s)")
+        return out
+
+    def summary(self) -> dict:
+        r = self.reports
+        mean = (lambda key: round(sum(v[key] for v in r.values()) / max(1, len(r)), 4))
+        return {"layers": len(r), "tokens": self.tokens, "seconds": round(time.time() - self.t0, 1),
+                "rel_error_mean": mean("rel_error"),
+                "oracle_rel_error_mean": round(sum(v["oracle"]["rel_error"] for v in r.values()) / max(1, len(r)), 4),
+                "recall_mean": round(sum(v["steps"][-1]["recall"] for v in r.values()) / max(1, len(r)), 4),
+                "score_scale": [round(s, 4) for s in self.scales]}
+
+    def write(self, path: str):
+        atomic_write_text(path, json.dumps({**self.info, "summary": self.summary(), "layers": self.reports},
+                                           indent=1, default=float))
+
+
 WRITE_THREADS = 1  # background writer threads of hf-to-moe (the main thread gathers and runs the guard meanwhile)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -329,6 +463,11 @@ def _gather_experts(part, g, u, d, arena: Arena, slot: str) -> dict:
         cut[name] = {"gate_proj": G[a:b], "up_proj": U[a:b], "down_proj": D[:, a:b]}
         a = b
     return cut
+
+
+def _default_scale(parts, num_experts: int, top_k: int) -> float:
+    """E/k (llama-moe v1); 1.0 with a residual block (LLaMA-MoE v2's residual models: scale_factor 1.0)."""
+    return 1.0 if any(p.residual for p in parts.values()) else num_experts / top_k
 
 
 def _dense_mlp_name(n: str) -> str:
