@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megamoe import parallel
 from megamoe.config import DTYPES
-from megamoe.console import setup_logging
+from megamoe.console import add_log_level, setup_logging
 from megamoe.data import DomainMixture, SFTMixture, build_local_corpus
 from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
 from megamoe.errors import InputError
@@ -55,7 +55,8 @@ from megamoe.formats.shards import ShardedCheckpoint, load_shards
 from megamoe.formats.tokenizer_files import copy_tokenizer
 from megamoe.interchange import hf_to_moe, moe_to_hf
 from megamoe.model import LlamaMoEModel
-from megamoe.training.config import PARAMS_DTYPES, TrainConfig, load_train_config, resolve_precision
+from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, load_train_config, resolve_config_path,
+                                     resolve_precision)
 from megamoe.training.data import prepare_embedded_chat
 from megamoe.training.evaluate import evaluate
 from megamoe.training.trainer import run
@@ -106,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--lm-eval-limit", type=int, default=8, help="documents per offline task (default 8)")
     p.add_argument("--hf-dir", default=None,
                    help="start from this dense HF LLaMA directory instead of the embedded SmolLM2 (tests, your model)")
+    add_log_level(p)
     return p.parse_args(argv)
 
 
@@ -231,8 +233,7 @@ def train(a, out: str, moe_dir: str, manifest: str, precision: str, steps: int, 
     """[5] continual pre-training with megamoe-train's own run() on configs/quickstart.yaml."""
     train_dir = os.path.join(out, "train")
     shutil.rmtree(train_dir, ignore_errors=True)
-    here = os.path.dirname(os.path.abspath(__file__))
-    base = os.path.join(os.path.dirname(here), "configs", "quickstart.yaml")
+    base = resolve_config_path("quickstart.yaml")   # configs/ of a checkout, or megamoe/configs/ of a wheel
     overrides = [f"out_dir={train_dir}", f"init.path={moe_dir}", f"data.manifest={manifest}",
                  f"data.seq_len={a.seq_len}", f"data.seed={a.seed}", f"train.steps={steps}",
                  f"train.global_batch_tokens={a.batch * a.seq_len}", f"train.micro_batch_size={a.micro_batch}",
@@ -246,7 +247,7 @@ def train(a, out: str, moe_dir: str, manifest: str, precision: str, steps: int, 
                  *([f"train.max_minutes={train_min:.3f}"] if not a.steps else [])]
     if os.path.isfile(base):
         cfg = load_train_config(base, overrides)
-    else:  # installed without the repository's configs/
+    else:  # no bundled quickstart.yaml (a wheel built without configs/): the same run from the defaults
         cfg = load_train_config(None, ["init.source=megamoe", "data.weights=uniform"] + overrides)
     summary = run(cfg)
     if summary["stopped_by"]:
@@ -383,7 +384,7 @@ def sft_only(a, out: str, device, precision: str, t_start: float) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    setup_logging()
+    setup_logging(a.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)

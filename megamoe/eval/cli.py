@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megamoe import parallel
 from megamoe.config import DTYPES, ParallelConfig
-from megamoe.console import setup_logging
+from megamoe.console import LOG_LEVELS, add_log_level, setup_logging
 from megamoe.errors import InputError, MegamoeError, exit_code
 from megamoe.eval.load import load_model
 from megamoe.eval.perplexity import PPL_CAP, domain_perplexity, jsonl_batches, manifest_batches
@@ -49,6 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size under torchrun")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size under torchrun")
     p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size under torchrun")
+    add_log_level(p)
 
 
 def _setup(a):
@@ -91,6 +92,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def _eval(argv) -> int:
     a = _eval_parser().parse_args(argv)
+    setup_logging(a.log_level)
     for k in ("batch_size", "seq_len"):
         if getattr(a, k) < 1:
             raise InputError(f"--{k.replace('_', '-')}: {getattr(a, k)} must be >= 1")
@@ -198,6 +200,7 @@ def _read_prompts(path: str) -> list[str]:
 
 def _generate(argv) -> int:
     a = _gen_parser().parse_args(argv)
+    setup_logging(a.log_level)
     sampling = any(v is not None for v in (a.temperature, a.top_k, a.top_p))
     if a.greedy and sampling:
         raise InputError("--greedy: cannot be combined with --temperature/--top-k/--top-p")
@@ -250,7 +253,7 @@ def generate_main(argv=None) -> int:
 def _lm_eval(argv) -> int:
     from megamoe.eval import lm_eval_backend  # lm_eval (optional) and its CLI: only for this command
     lm_eval_backend.require_lm_eval()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_log_level(list(sys.argv[1:] if argv is None else argv))
     if not any(x == "--include_path" or x.startswith("--include_path=") for x in argv):
         argv += ["--include_path", SUITES_DIR]
     elif _rank() == 0:
@@ -274,6 +277,23 @@ def _lm_eval(argv) -> int:
     return 0
 
 
+def _take_log_level(argv: list) -> list:
+    """megamoe-lm-eval passes its arguments to lm_eval's CLI: take megamoe's --log-level out of them first."""
+    out, i = [], 0
+    while i < len(argv):
+        x = argv[i]
+        if x == "--log-level" or x.startswith("--log-level="):
+            level = x.split("=", 1)[1] if "=" in x else (argv[i + 1] if i + 1 < len(argv) else "")
+            if level.lower() not in LOG_LEVELS:
+                raise InputError(f"--log-level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+            setup_logging(level.lower())
+            i += 1 if "=" in x else 2
+            continue
+        out.append(x)
+        i += 1
+    return out
+
+
 def lm_eval_main(argv=None) -> int:
     return _run("megamoe-lm-eval", _lm_eval, argv)
 
@@ -287,7 +307,9 @@ def _tasks(argv) -> int:
     b.add_argument("out_dir")
     b.add_argument("--seed", type=int, default=1234)
     sub.add_parser("suites", help="where the paper's task suites are (an lm_eval --include_path)")
+    add_log_level(p)
     a = p.parse_args(argv)
+    setup_logging(a.log_level)
     if a.cmd == "build":
         from megamoe.eval.tasks.offline import build_offline_tasks
         s = build_offline_tasks(a.out_dir, a.seed)

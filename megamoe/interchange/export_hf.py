@@ -17,6 +17,7 @@ from megamoe.formats import mixtral as mx
 from megamoe.formats.hf_dir import HFDir, read_json
 from megamoe.formats.hf_writer import HFWriter, write_json
 from megamoe.formats.layout import expected_shape
+from megamoe.formats.model_card import card_facts, write_model_card
 from megamoe.formats.safetensors_io import DTYPES
 from megamoe.formats.shards import ShardedCheckpoint, check_output, staged_output, write_tensors
 from megamoe.formats.tokenizer_files import copy_tokenizer, special_token_ids
@@ -27,11 +28,16 @@ from megamoe.interchange.reference_v2 import v2_logits
 
 
 def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5 << 30,
-              tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True) -> dict:
+              tolerance: float = DEFAULT_TOLERANCE, guard_tokens: int = 16, progress: bool = True,
+              card: dict | None = None) -> dict:
     """Our shards -> an HF directory: `mixtral` (transformers, no remote code; the model must fit, see
     mixtral.why_not_mixtral), `llama-moe-v1` (for every model its remote code can express), `llama-moe-v2` (attention
     experts, residual blocks, dense first/last layers: llama_moe_v2.why_not_v2), or `auto` (mixtral when it fits,
-    else llama-moe-v2 for attention experts or a residual block, else llama-moe-v1)."""
+    else llama-moe-v2 for attention experts or a residual block, else llama-moe-v1).
+
+    Every export gets a model card, README.md (megamoe.formats.model_card: Hub front matter, construction, experts,
+    parameters, training, evaluation, and the layout's loading notes); `card`: its options (name, base_model,
+    license, evaluation {domain: {loss, ppl}}, tags)."""
     t0 = time.time()
     check_output(os.path.abspath(out))
     ck = ShardedCheckpoint(src)
@@ -83,10 +89,11 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
             config = to_hf[fmt](replace(cfg, **special), dtype_word(ref_dt))
             write_json(os.path.join(tmp, "config.json"), config)
             copy_tokenizer(src, tmp)
-            if fmt == "llama-moe-v1":
-                _write_readme(tmp, V1_README)
-            elif fmt == "llama-moe-v2":
-                _write_readme(tmp, V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else ""))
+            loader = {"llama-moe-v1": V1_README,
+                      "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}.get(fmt)
+            write_model_card(tmp, replace(cfg, **special), fmt=fmt, facts=card_facts(src),
+                             loader_notes=_subsection(loader) if loader else None,
+                             **{"name": os.path.basename(os.path.abspath(out)), **(card or {})})
             ours = shard_logits(ck, ids, progress)
             res = HFDir(tmp)
             try:
@@ -140,9 +147,9 @@ def o_noise(hf_name: str) -> str:
     return f"layers.{i}.mlp.router.noise.weight"
 
 
-def _write_readme(d: str, text: str):
-    with open(os.path.join(d, "README.md"), "w") as f:
-        f.write(text)
+def _subsection(text: str) -> str:
+    """A layout README's text as part of the model card's "How to load" section (headings two levels down)."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
 
 
 V1_README = """# llama-moe v1 checkpoint (exported by megamoe)

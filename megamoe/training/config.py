@@ -472,8 +472,34 @@ def _validate_optim(o: OptimConfig, where: str) -> None:
     pos("clip_grad", o.clip_grad, allow_zero=True)
 
 
+def bundled_configs_dir() -> str | None:
+    """The directory of the configs shipped with megamoe: configs/ of a checkout, or megamoe/configs/ of an
+    installed wheel (package data). None when neither exists."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))        # .../megamoe
+    for d in (os.path.join(pkg, "configs"), os.path.join(os.path.dirname(pkg), "configs")):
+        if os.path.isdir(d) and any(f.endswith(".yaml") for f in os.listdir(d)):
+            return d
+    return None
+
+
+def resolve_config_path(path: str) -> str:
+    """`path` itself when it exists; else a bundled config of that name (`quickstart`, `quickstart.yaml`,
+    `configs/quickstart.yaml`), so that `megamoe-train --config quickstart.yaml` works from an installed wheel."""
+    if os.path.exists(path):
+        return path
+    d = bundled_configs_dir()
+    name = os.path.basename(path)
+    for cand in (name, name + ".yaml"):
+        if d and (os.path.dirname(path) in ("", "configs")) and os.path.isfile(os.path.join(d, cand)):
+            return os.path.join(d, cand)
+    return path    # read_yaml names the missing file
+
+
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """The TrainConfig of a YAML file (megamoe.config.read_yaml) with `a.b=value` overrides applied."""
+    """The TrainConfig of a YAML file (megamoe.config.read_yaml; a bundled config by name, resolve_config_path) with
+    `a.b=value` overrides applied."""
+    if path:
+        path = resolve_config_path(path)
     d = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     try:
         return TrainConfig.from_dict(d)

@@ -1,0 +1,81 @@
+"""Every console command of pyproject.toml answers --help (exit 0, its own name in the usage line) and takes
+--log-level; the flag vocabulary is one (--experts wherever experts per layer are given; old spellings still work);
+tools/*.py are the same commands."""
+
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["scripts"]
+SUBCOMMANDS = {"megamoe-corpus": ["local", "chat"], "megamoe-eval-tasks": ["build", "suites"]}
+
+
+def _entry(cmd):
+    mod, func = SCRIPTS[cmd].split(":")
+    return getattr(importlib.import_module(mod), func)
+
+
+def _help(cmd, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        _entry(cmd)(argv)
+    out = capsys.readouterr()
+    assert e.value.code == 0, out.err
+    return out.out
+
+
+@pytest.mark.parametrize("cmd", sorted(set(SCRIPTS) - {"megamoe-lm-eval"}))
+def test_help_and_log_level(cmd, capsys):
+    text = _help(cmd, ["--help"], capsys)
+    assert text.startswith("usage:"), text[:200]
+    name = {"megamoe-construct": "python -m megamoe.construct"}.get(cmd, cmd)
+    assert name in text.splitlines()[0]
+    subs = [_help(cmd, [sub, "--help"], capsys) for sub in SUBCOMMANDS.get(cmd, [])]
+    assert "--log-level" in text or (subs and all("--log-level" in h for h in subs))
+
+
+def test_lm_eval_help_is_lm_evals_and_takes_log_level(capsys):
+    """megamoe-lm-eval hands its arguments to lm_eval's CLI: --help is lm_eval's, megamoe's --log-level is taken out
+    first (lm_eval would refuse it)."""
+    pytest.importorskip("lm_eval", reason="megamoe-lm-eval is lm_eval's CLI (the lm-eval extra)")
+    assert _entry("megamoe-lm-eval")(["--log-level", "warning", "--help"]) == 0
+    assert "lm-eval" in capsys.readouterr().out.lower()
+    from megamoe.eval.cli import _take_log_level
+    from megamoe.errors import InputError
+    assert _take_log_level(["--tasks", "x", "--log-level=debug", "--limit", "2"]) == ["--tasks", "x", "--limit", "2"]
+    with pytest.raises(InputError, match="--log-level"):
+        _take_log_level(["--log-level", "loud"])
+
+
+def test_bad_log_level_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        _entry("megamoe-plot")(["run", "--log-level", "loud"])
+    assert e.value.code == 2 and "--log-level" in capsys.readouterr().err
+
+
+def test_construct_takes_experts_and_keeps_num_experts(capsys):
+    from megamoe.construct.__main__ import main
+    text = _help("megamoe-construct", ["--help"], capsys)
+    assert "--experts E" in text and "--num-experts" not in text          # the old spelling is a hidden alias
+    # both spellings reach the same field: the error is about the missing model directory, not the flag
+    for flag in ("--experts", "--num-experts"):
+        rc = main(["--model", "/no/such/dir", "--out", "/tmp/x", "--method", "random", flag, "4"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "/no/such/dir" in err, err
+    with pytest.raises(SystemExit):
+        main(["--model", "x", "--out", "y", "--method", "random"])
+    assert "--experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool,cmd", [("plot_routing.py", "megamoe-plot"), ("preprocess_data.py", "megamoe-preprocess"),
+                                      ("build_local_corpus.py", "megamoe-corpus local"),
+                                      ("build_chat_corpus.py", "megamoe-corpus chat")])
+def test_tools_are_the_commands(tool, cmd):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--help"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: {cmd}")
