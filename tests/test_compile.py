@@ -8,11 +8,11 @@ of grouped_mm accepts only bf16 (the CUDA kernel's dtype), although the CPU kern
 
 import pytest
 import torch
+from test_grouped_experts import _moe_layer
 
 from megamoe.moe.experts import Experts
 from megamoe.ops import _ext
 from megamoe.ops import permute as P
-from test_grouped_experts import _moe_layer
 
 pytestmark = pytest.mark.skipif(not _ext.cpp_available(), reason="needs the C++ extension (megamoe._C)")
 

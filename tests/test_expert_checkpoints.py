@@ -5,6 +5,7 @@ optimizer, fp32 and bf16 (mixed precision: fp32 main weights)."""
 
 import pytest
 import torch
+from test_grouped_experts import LegacyExperts
 
 from megamoe import parallel
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
@@ -14,7 +15,6 @@ from megamoe.training.config import OptimConfig
 from megamoe.training.optim import build_optimizer, wrap_model
 from megamoe.training.schedule import LRSchedule
 from megamoe.training.trainer import train_step
-from test_grouped_experts import LegacyExperts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

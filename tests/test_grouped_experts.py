@@ -283,9 +283,9 @@ def test_seeded_init_and_legacy_state_dicts_are_bit_exact(dtype):
 def test_legacy_shards_load_bit_exactly(tmp_path):
     """Our shard format: a state dict of the former per-expert model written with save_shards, read back with
     load_shards (any EP slice) and loaded into stacked experts: bit-exact."""
+    from megamoe import parallel
     from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
     from megamoe.formats.shards import load_shards, save_shards
-    from megamoe import parallel
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=64, num_layers=2, num_heads=2,
                       moe=MoEConfig(num_experts=4, top_k=2, expert_sizes=[24, 8, 16, 16]))
     parallel.initialize(ParallelConfig(), cfg)

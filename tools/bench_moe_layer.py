@@ -284,8 +284,8 @@ def build_megatron(args, dtype, device):
 
 def build_ours(args, dtype, device):
     from megamoe.config import ModelConfig, MoEConfig
-    from megamoe.parallel import megatron_config
     from megamoe.moe.layer import MoELayer
+    from megamoe.parallel import megatron_config
     cfg = ModelConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn * args.experts,
                       num_layers=1, num_heads=8, params_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
                                                                torch.float32: "float32"}[dtype],

@@ -247,7 +247,7 @@ class Experts(nn.Module):
                                                       self._merge_fn("down"), replica)}
 
     def _build_fn(self, which: str, etp: int, etp_rank: int):
-        from megatron.core.dist_checkpointing import ShardedTensor   # see sharded_factories
+        from megatron.core.dist_checkpointing import ShardedTensor  # see sharded_factories
 
         def build(key, data, replica_id, flattened_range):
             if flattened_range is not None:
