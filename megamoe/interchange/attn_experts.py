@@ -42,7 +42,9 @@ def attn_moe_for(dense: ModelConfig, where: str, *, num_experts: int, top_k: int
                  score_order: str = "softmax_topk_renorm") -> AttnMoEConfig:
     """The AttnMoEConfig for the dense model `dense` (read from `where`), or a ConfigError that names the model's
     head layout: attention experts must be num_kv_heads x split with split dividing the query heads per KV head.
-    top_k defaults to all experts but one (v2's top-7 of 8), the scale to 1.0 (v2's AttnMoE-Top7-Scale1.0)."""
+    top_k defaults to all experts but one (v2's top-7 of 8); the scale to k, which keeps each chosen expert at its
+    dense weight under a uniform router (v2's AttnMoE-Top7-Scale1.0 gives each about 1/k of it: measured on SmolLM2
+    with 6 of 9 experts, perplexity 40k-80k before training against 100-1800 at scale k; docs/attention_moe.md)."""
     nkv, nh = dense.kv_heads, dense.num_heads
     g = nh // nkv
     fits = [nkv * s for s in range(1, g + 1) if g % s == 0]
@@ -58,7 +60,7 @@ def attn_moe_for(dense: ModelConfig, where: str, *, num_experts: int, top_k: int
         raise ConfigError(f"--attn-experts: {num_experts} = {nkv} KV heads x split {split}, but split must divide the "
                           f"{g} query heads of each KV head ({layout}); choose one of {fits}")
     k = top_k if top_k is not None else max(1, num_experts - 1)
-    return AttnMoEConfig(num_experts=num_experts, top_k=k, score_scale=float(score_scale or 1.0),
+    return AttnMoEConfig(num_experts=num_experts, top_k=k, score_scale=float(score_scale or k),
                          mode=mode or AttnMoEConfig.mode, score_order=score_order)
 
 
