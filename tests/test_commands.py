@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["scripts"]
-SUBCOMMANDS = {"megamoe-corpus": ["local", "chat"], "megamoe-eval-tasks": ["build", "suites"]}
+SUBCOMMANDS = {"megamoe-corpus": ["local", "chat"], "megamoe-eval-tasks": ["build", "suites"],
+               "megamoe-convert": ["hf-to-moe", "moe-to-hf", "reshard", "inspect", "embedded"]}
 
 
 def _entry(cmd):
@@ -72,6 +73,7 @@ def test_construct_takes_experts_and_keeps_num_experts(capsys):
 
 
 @pytest.mark.parametrize("tool,cmd", [("plot_routing.py", "megamoe-plot"), ("preprocess_data.py", "megamoe-preprocess"),
+                                      ("checkpoint_convert.py", "megamoe-convert"),
                                       ("build_local_corpus.py", "megamoe-corpus local"),
                                       ("build_chat_corpus.py", "megamoe-corpus chat")])
 def test_tools_are_the_commands(tool, cmd):

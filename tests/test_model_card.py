@@ -143,3 +143,29 @@ def test_push_to_hub_uploads_the_export(trained, tmp_path):
         push_to_hub(out, "no-slash", api=hub)
     with pytest.raises(InputError, match="no config.json"):
         push_to_hub(str(tmp_path), "me/x", api=hub)
+
+
+def test_convert_cli_writes_the_card_and_pushes(trained, tmp_path, monkeypatch, capsys):
+    """megamoe-convert moe-to-hf --eval-results --base-model --push-to-hub: the card takes the given results and
+    base model, the upload goes through huggingface_hub.HfApi (replaced by the local stand-in), the summary says
+    where; a failed guard pushes nothing."""
+    import megamoe.interchange.hub as hub_mod
+    from megamoe.cli.convert import main
+    hub = LocalHub(str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_mod, "HfApi", lambda token=None: hub)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"domains": {"code": 7.0}, "loss": {"code": 1.9459101}}))
+    out = tmp_path / "hf"
+    rc = main(["moe-to-hf", "--src", trained["final"], "--out", str(out), "--format", "mixtral", "--quiet",
+               "--eval-results", str(ev), "--base-model", "acme/base", "--push-to-hub", "me/cli-moe", "--private"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "pushed" in text and "me/cli-moe/commit/1" in text
+    pushed = tmp_path / "hub" / "me" / "cli-moe"
+    card = ModelCard.load(str(pushed / "README.md"))
+    assert card.data.base_model == "acme/base"
+    assert [(r.dataset_type, r.metric_value) for r in card.data.eval_results if r.metric_type == "perplexity"] == \
+        [("code", 7.0)]
+    assert hub.calls[0][3] is True                                    # --private
+    rc = main(["moe-to-hf", "--src", trained["final"], "--out", str(tmp_path / "hf2"), "--format", "mixtral",
+               "--quiet", "--eval-results", str(trained["moe"]) + "/manifest.json"])
+    assert rc == 2 and "--eval-results" in capsys.readouterr().err and not (tmp_path / "hf2").exists()

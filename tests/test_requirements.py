@@ -112,7 +112,7 @@ def test_pyproject_project_table_is_complete():
     assert {"test", "plot", "tensorboard", "wandb", "te", "flash-attn", "lm-eval"} <= set(project["optional-dependencies"])
     assert project["urls"]
     scripts = project["scripts"]
-    for cmd in ("megamoe-train", "megamoe-quickstart", "megamoe-preprocess", "megamoe-corpus",
+    for cmd in ("megamoe-train", "megamoe-quickstart", "megamoe-convert", "megamoe-preprocess", "megamoe-corpus",
                 "megamoe-plot", "megamoe-eval", "megamoe-generate"):
         assert cmd in scripts, cmd
     for cmd, target in scripts.items():

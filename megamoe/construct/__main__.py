@@ -5,7 +5,7 @@
         --clusters domain --gate-init centroids
 
 writes PARTS/partition/layers.{i}.mlp.json (+ construction.json, centroids.safetensors); convert with
-`tools/checkpoint_convert.py hf-to-moe --partitions PARTS ...`. Calibration tokens come from `--jsonl [DOMAIN=]FILE`
+`megamoe-convert hf-to-moe --partitions PARTS ...`. Calibration tokens come from `--jsonl [DOMAIN=]FILE`
 (tokenized with the model's tokenizer unless `--tokenizer`) or `--data-prefix [DOMAIN=]PREFIX` (megatron .bin/.idx).
 """
 

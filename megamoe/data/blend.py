@@ -98,7 +98,7 @@ def check_split_sizes(domain: str, prefix: str, split: str, seq_len: int,
     Raises a ValueError naming the domain, prefix and split when a non-empty split holds fewer than `seq_len + 1`
     tokens: megatron-core's index builder loops forever on such a split."""
     if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
-        raise FileNotFoundError(f"domain {domain!r}: {prefix}.bin/.idx not found (run tools/preprocess_data.py)")
+        raise FileNotFoundError(f"domain {domain!r}: {prefix}.bin/.idx not found (run megamoe-preprocess)")
     _, sizes = read_sizes(prefix)
     n = len(sizes)
     out = {}
@@ -230,7 +230,7 @@ class DomainMixture:
     @classmethod
     def from_manifest(cls, manifest_path: str, weights=None, domains: Optional[Sequence[str]] = None,
                       use_valid_files: bool = True, **kwargs) -> "DomainMixture":
-        """From the `manifest.json` that `tools/preprocess_data.py --per-domain` writes (held-out `valid` datasets
+        """From the `manifest.json` that `megamoe-preprocess --per-domain` writes (held-out `valid` datasets
         become `valid_prefixes` unless `use_valid_files=False`)."""
         with open(manifest_path) as f:
             man = json.load(f)
@@ -346,7 +346,7 @@ class DomainMixture:
         if self.model_vocab_size is not None and tokens.size and int(tokens.max()) >= self.model_vocab_size:
             raise DataError(f"{prefix}.bin (domain {domain!r}): token id {int(tokens.max())} is outside the model's "
                             f"vocabulary (vocab_size {self.model_vocab_size}): the data was tokenized with another "
-                            "tokenizer; re-run tools/preprocess_data.py with the model's tokenizer")
+                            "tokenizer; re-run megamoe-preprocess with the model's tokenizer")
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

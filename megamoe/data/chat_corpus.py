@@ -23,7 +23,7 @@ give byte-identical files (tested).
 
 Output: `<out>/<domain>/train.jsonl`, `<out>/<domain>/valid.jsonl` (lines `{"messages": [...], "id", "domain"}`)
 and `<out>/corpus.json` (per domain: conversations, bytes, sources). Files are written under temporary names and
-renamed. Then `tools/preprocess_data.py --per-domain <out> --format chat` tokenizes it.
+renamed. Then `megamoe-preprocess --per-domain <out> --format chat` tokenizes it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ The same interface as `megamoe.data.DomainMixture` (`domains`, `weights`, `set_w
 `(tokens, domain_ids)` pair.
 
 Data: each domain is a `ChatDataset`, a token dataset and its loss-mask dataset written by
-`tools/preprocess_data.py --format chat` (one document = one conversation; mask 1 = assistant token, see
+`megamoe-preprocess --format chat` (one document = one conversation; mask 1 = assistant token, see
 `megamoe.data.chat` for which tokens those are). Sizes must agree document by document (checked when opened).
 
 Rows (S = seq_len, a row holds S+1 token slots)
@@ -93,7 +93,7 @@ class ChatDataset:
         self.mask_prefix = os.path.abspath(_strip_ext(mask_prefix_)) if mask_prefix_ else mask_prefix(self.prefix)
         if not os.path.isfile(self.mask_prefix + ".idx") and os.path.isfile(self.prefix + ".idx"):
             raise FileNotFoundError(f"{self.mask_prefix}.idx: no loss-mask dataset beside {self.prefix}.bin/.idx "
-                                    f"(chat data is written by tools/preprocess_data.py --format chat)")
+                                    f"(chat data is written by megamoe-preprocess --format chat)")
         self.tokens = IndexedReader(self.prefix)
         self.mask = IndexedReader(self.mask_prefix)
         if self.mask.dtype != np.uint8:
@@ -104,7 +104,7 @@ class ChatDataset:
             raise ValueError(f"{self.prefix} and {self.mask_prefix}: document boundaries differ ("
                              + (f"document {bad[0]}: {self.tokens.sizes[bad[0]]} tokens vs {self.mask.sizes[bad[0]]} "
                                 f"mask values" if bad else f"{len(self.tokens)} vs {len(self.mask)} documents")
-                             + "); rewrite both with tools/preprocess_data.py --format chat")
+                             + "); rewrite both with megamoe-preprocess --format chat")
         if len(self.tokens) == 0:
             raise ValueError(f"{self.prefix}: no conversations")
         self.sizes = self.tokens.sizes.astype(np.int64)
@@ -297,14 +297,14 @@ class SFTMixture:
     @classmethod
     def from_manifest(cls, manifest_path: str, weights=None, domains: Optional[Sequence[str]] = None,
                       use_valid_files: bool = True, **kwargs) -> "SFTMixture":
-        """From the `manifest.json` of `tools/preprocess_data.py --per-domain DIR --format chat`; `pad_id` defaults
+        """From the `manifest.json` of `megamoe-preprocess --per-domain DIR --format chat`; `pad_id` defaults
         to the tokenizer's pad id (else its EOS)."""
         with open(manifest_path) as f:
             man = json.load(f)
         if man.get("data_format") != "chat":
             raise ValueError(f"{manifest_path}: not a chat manifest (data_format "
                              f"{man.get('data_format', 'text')!r}); preprocess chat data with "
-                             f"tools/preprocess_data.py --format chat")
+                             f"megamoe-preprocess --format chat")
         root = os.path.dirname(os.path.abspath(manifest_path))
         avail = man.get("domains", {})
         names = list(domains) if domains is not None else sorted(avail)

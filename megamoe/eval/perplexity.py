@@ -15,7 +15,7 @@ transformers model) is scored from its logits. Under TP/EP every rank evaluates 
 numbers. The trainer's evaluation, the quickstart and `megamoe-eval` all come here.
 
 Data sources for `megamoe-eval`:
-- `manifest_batches`: the per-domain validation split of a `tools/preprocess_data.py --per-domain` output
+- `manifest_batches`: the per-domain validation split of a `megamoe-preprocess --per-domain` output
   (megamoe.data.DomainMixture.from_manifest: held-out `valid` files, else megatron's 98/2 split), seq_len+1-token
   samples as in training;
 - `jsonl_batches`: a JSONL file tokenized with the model's tokenizer; each line's text (key `text`) gets the EOS

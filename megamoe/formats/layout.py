@@ -222,7 +222,7 @@ def config_from_hf_llama(hf: dict, where: str = "config.json") -> ModelConfig:
     if mt not in LLAMA_TYPES:
         raise ConfigError(f"{where}: model_type is {mt!r}; expected a dense LLaMA-architecture model "
                           "(model_type 'llama'); llama-moe v1 and Mixtral checkpoints are recognised and imported by "
-                          "`checkpoint_convert.py hf-to-moe`")
+                          "`megamoe-convert hf-to-moe`")
     return validated_config(where, **llama_fields_from_hf(hf, where))
 
 

@@ -1,5 +1,5 @@
 """Checked conversions between Hugging Face checkpoints and our shards: the engine of `megamoe-convert`
-(tools/checkpoint_convert.py). Every conversion streams, writes into a temporary sibling directory and renames it
+(megamoe/cli/convert.py). Every conversion streams, writes into a temporary sibling directory and renames it
 into place only after the guard agreed. File formats themselves live in megamoe.formats.
 
 | module | job |

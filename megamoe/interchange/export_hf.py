@@ -226,7 +226,7 @@ transformers versions, as executed with that code (eager attention, the recipe a
 | 4.57, 5.x | cannot build the config (`dict_torch_dtype_to_str`) | - |
 
 megamoe loads this directory without their code: `megamoe.eval.load_model(dir)`, or
-`checkpoint_convert.py hf-to-moe --src DIR --out SHARDS` (checked against an independent forward of what their code
+`megamoe-convert hf-to-moe --src DIR --out SHARDS` (checked against an independent forward of what their code
 computes).
 """
 

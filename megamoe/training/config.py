@@ -79,7 +79,7 @@ class InitConfig:
 class EmbeddedChatConfig:
     """`data.build_embedded_chat`: when `data.manifest` does not exist yet, build the embedded chat set
     (megamoe.data.chat_corpus: Python docstrings and man pages as `general`, worked arithmetic as `math`) into
-    `<manifest dir>/jsonl/` and tokenize it (tools/preprocess_data.py --format chat --per-domain) into the manifest's
+    `<manifest dir>/jsonl/` and tokenize it (megamoe-preprocess --format chat --per-domain) into the manifest's
     directory. Deterministic; rank 0 builds, the others wait."""
     tokenizer: str = "smollm2"        # "smollm2": the embedded SmolLM2-135M-Instruct (its chat template); or an HF dir
     general: int = 400                # training conversations per domain
@@ -95,12 +95,12 @@ class DataConfig:
     `prefixes`: domain -> megatron dataset prefix (path without .bin/.idx) of the training split.
     `valid_prefixes`: domain -> prefix of the validation split (None: no evaluation).
     `weights`: domain -> weight, or a preset name understood by megamoe.data (e.g. "uniform", "sheared_llama").
-    `manifest`: instead of prefixes, the manifest.json of `tools/preprocess_data.py --per-domain` (train and
+    `manifest`: instead of prefixes, the manifest.json of `megamoe-preprocess --per-domain` (train and
     held-out valid prefixes of every domain).
     `dynamic`: update the domain weights at every evaluation (Sheared-LLaMA rule; needs `reference_losses`:
     a dict domain -> loss, or "llama2_7b").
     `format`: "text" (pre-training documents, every token trained) or "chat" (the manifest of
-    `tools/preprocess_data.py --format chat`: loss on assistant tokens only; `pack` conversations into rows with
+    `megamoe-preprocess --format chat`: loss on assistant tokens only; `pack` conversations into rows with
     attention kept inside each, or one conversation per row, padded)."""
     format: str = "text"
     pack: bool = True
@@ -392,7 +392,7 @@ class TrainConfig:
         if self.data.format == "chat":
             if not self.data.manifest:
                 raise ConfigError("data.manifest: chat data (data.format: chat) is read from the manifest of "
-                                  "tools/preprocess_data.py --format chat --per-domain")
+                                  "megamoe-preprocess --format chat --per-domain")
             if self.data.dynamic:
                 raise ConfigError("data.dynamic: dynamic domain weights are for text data (data.format: text)")
         if self.data.prefixes is not None and not isinstance(self.data.prefixes, dict):
@@ -401,7 +401,7 @@ class TrainConfig:
             raise ConfigError("data.manifest: give either data.manifest or data.prefixes, not both")
         if self.data.manifest and not os.path.isfile(self.data.manifest) and ec is None:
             raise ConfigError(f"data.manifest: {self.data.manifest} does not exist "
-                              "(tools/preprocess_data.py --per-domain writes it)")
+                              "(megamoe-preprocess --per-domain writes it)")
         if self.data.prefixes is not None and not self.data.prefixes:
             raise ConfigError("data.prefixes: empty; give at least one domain")
         if isinstance(self.data.weights, dict) and self.data.prefixes is not None:

@@ -1,4 +1,4 @@
-"""Plots of a run (matplotlib, Agg backend, PNG): what tools/plot_routing.py and the trainer's evaluations draw.
+"""Plots of a run (matplotlib, Agg backend, PNG): what megamoe-plot and the trainer's evaluations draw.
 
 - expert_load.png        layer x expert heat-map of the share of (token, slot) assignments each expert received,
                          summed over the training log steps so far (the paper's Figure 8 view of balance)
