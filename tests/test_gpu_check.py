@@ -3,6 +3,7 @@ shapes on the CPU and writes the report section (without touching docs/benchmark
 steps and says so; --append appends a section; bad arguments are refused."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -34,7 +35,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert section.startswith("### GPU check ") and "DRY RUN" in section and "commit `" in section
     for name in STEPS:
         assert f"| {name} | ok |" in section
-    assert "megatron-core SequentialMLP" in section and "experts loop" in section   # from the benchmarks' JSON
+    assert "megatron-core SequentialMLP" in section                                 # from the benchmarks' JSON
+    assert re.search(r"megamoe \((grouped_mm|loop)\)", section) and re.search(r"experts (grouped_mm|loop):", section)
     for f in ("layer_llama_moe_3.5b.json", "layer_mixtral_proxy.json", "train.json"):
         assert (tmp_path / f).stat().st_size > 0
     assert open(docs).read() == before
