@@ -58,18 +58,42 @@ def test_bad_log_level_is_an_argparse_error(capsys):
     assert e.value.code == 2 and "--log-level" in capsys.readouterr().err
 
 
-def test_construct_takes_experts_and_keeps_num_experts(capsys):
-    from megamoe.construct.__main__ import main
+def test_construct_speaks_the_converters_flags_and_keeps_the_old_ones(capsys):
+    """megamoe-construct spells its flags as megamoe-convert hf-to-moe does (--src, --experts, --moe-layers 0,2,
+    --calib-jsonl, --calib-prefix); the former spellings are hidden aliases onto the same fields."""
+    import argparse
+
+    from megamoe.construct import __main__ as construct_cli
     text = _help("megamoe-construct", ["--help"], capsys)
-    assert "--experts E" in text and "--num-experts" not in text          # the old spelling is a hidden alias
-    # both spellings reach the same field: the error is about the missing model directory, not the flag
-    for flag in ("--experts", "--num-experts"):
-        rc = main(["--model", "/no/such/dir", "--out", "/tmp/x", "--method", "random", flag, "4"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "/no/such/dir" in err, err
+    for new in ("--src", "--experts E", "--moe-layers", "--calib-jsonl", "--calib-prefix"):
+        assert new in text, new
+    opts = text.split("options:", 1)[1].replace("--moe-layers", "").replace("--calib-", "")
+    for old in ("--model", "--num-experts", "--layers", "--jsonl", "--data-prefix"):
+        assert old not in opts, old                                   # hidden aliases
+    seen = []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def spy(self, args=None, namespace=None):
+        ns = real_parse(self, args, namespace)
+        seen.append(ns)
+        return ns
+    argparse.ArgumentParser.parse_args = spy
+    try:
+        for argv in (["--src", "/no/dir", "--experts", "4", "--moe-layers", "0,2", "--calib-jsonl", "a=x.jsonl",
+                      "b=y.jsonl"],
+                     ["--model", "/no/dir", "--num-experts", "4", "--layers", "0", "2", "--jsonl", "a=x.jsonl",
+                      "--jsonl", "b=y.jsonl"]):
+            rc = construct_cli.main([*argv, "--out", "/tmp/x", "--method", "random"])
+            err = capsys.readouterr().err
+            assert rc == 2 and "/no/dir" in err, err        # past the flags: the missing model directory
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse
+    new, old = seen
+    assert (new.model, new.num_experts, new.layers, new.jsonl) == (old.model, old.num_experts, old.layers, old.jsonl) \
+        == ("/no/dir", 4, [0, 2], ["a=x.jsonl", "b=y.jsonl"])
     with pytest.raises(SystemExit):
-        main(["--model", "x", "--out", "y", "--method", "random"])
-    assert "--experts" in capsys.readouterr().err
+        construct_cli.main(["--out", "y", "--method", "random"])
+    assert "--src, --experts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tool,cmd", [("plot_routing.py", "megamoe-plot"), ("preprocess_data.py", "megamoe-preprocess"),

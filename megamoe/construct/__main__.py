@@ -1,12 +1,14 @@
 """Compute expert partitions for a dense HF LLaMA and write them to a directory.
 
-    python -m megamoe.construct --model DIR --out PARTS --method gradient --experts 8 \\
-        --jsonl web=web.jsonl --jsonl code=code.jsonl --seq-len 2048 --token-budget 131072 \\
+    megamoe-construct --src DIR --out PARTS --method gradient --experts 8 \\
+        --calib-jsonl web=web.jsonl code=code.jsonl --seq-len 2048 --token-budget 131072 \\
         --clusters domain --gate-init centroids
 
 writes PARTS/partition/layers.{i}.mlp.json (+ construction.json, centroids.safetensors); convert with
-`megamoe-convert hf-to-moe --partitions PARTS ...`. Calibration tokens come from `--jsonl [DOMAIN=]FILE`
-(tokenized with the model's tokenizer unless `--tokenizer`) or `--data-prefix [DOMAIN=]PREFIX` (megatron .bin/.idx).
+`megamoe-convert hf-to-moe --partitions PARTS ...`. Calibration tokens come from `--calib-jsonl [DOMAIN=]FILE`
+(tokenized with the model's tokenizer unless `--tokenizer`) or `--calib-prefix [DOMAIN=]PREFIX` (megatron .bin/.idx).
+The flags are spelled as in `megamoe-convert hf-to-moe`; the former `--model`, `--num-experts`, `--layers 0 2`,
+`--jsonl`, `--data-prefix` still work.
 """
 
 from __future__ import annotations
@@ -27,20 +29,31 @@ def _pairs(items):
     if all(len(p) == 2 for p in named):
         return {k: v for k, v in named}
     if any(len(p) == 2 for p in named):
-        raise PartitionError("--jsonl/--data-prefix: name every source DOMAIN=PATH or none")
+        raise PartitionError("--calib-jsonl/--calib-prefix: name every source DOMAIN=PATH or none")
     return list(items)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,2,5, got {text!r}") from None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megamoe.construct", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="dense HF LLaMA directory (safetensors)")
+    # flag names as megamoe-convert hf-to-moe spells them; the former spellings stay as hidden aliases
+    ap.add_argument("--src", dest="model", help="dense HF LLaMA directory (safetensors) (required)")
+    ap.add_argument("--model", dest="model", help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="directory to write partition/ into")
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--experts", dest="num_experts", type=int, metavar="E", help="experts per layer (required)")
     ap.add_argument("--num-experts", dest="num_experts", type=int, help=argparse.SUPPRESS)  # the former spelling
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=int, nargs="*", default=None, help="MoE layers (default: all)")
+    ap.add_argument("--moe-layers", dest="layers", type=_int_list, default=None,
+                    help="comma-separated MoE layer indices (default: all)")
+    ap.add_argument("--layers", dest="layers", type=int, nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--gate-init", default="random", choices=("random", "centroids"))
     ap.add_argument("--proj", default="up_proj", choices=("up_proj", "gate_proj"))
     ap.add_argument("--metric", default="l2", choices=("l2", "cos"))
@@ -50,9 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-size", type=int, default=None)
     ap.add_argument("--residual-size", type=int, default=0)
     ap.add_argument("--routed-rule", default="greedy", choices=("greedy", "share"))
-    ap.add_argument("--jsonl", action="append", default=[], metavar="[DOMAIN=]FILE")
-    ap.add_argument("--data-prefix", action="append", default=[], metavar="[DOMAIN=]PREFIX")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer for --jsonl (default: the model directory)")
+    ap.add_argument("--calib-jsonl", dest="jsonl", action="extend", nargs="+", default=[], metavar="[DOMAIN=]FILE",
+                    help="JSONL calibration text; DOMAIN=FILE pairs give per-domain token clusters")
+    ap.add_argument("--jsonl", dest="jsonl", action="extend", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--calib-prefix", dest="data_prefix", action="extend", nargs="+", default=[],
+                    metavar="[DOMAIN=]PREFIX", help="megatron .bin/.idx dataset prefix(es)")
+    ap.add_argument("--data-prefix", dest="data_prefix", action="extend", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer for --calib-jsonl (default: the model directory)")
     ap.add_argument("--text-key", default="text")
     ap.add_argument("--domain-key", default=None)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -64,8 +81,9 @@ def main(argv=None) -> int:
                     help="gradient methods: dtype of the stored hidden states")
     add_log_level(ap)
     args = ap.parse_args(argv)
-    if args.num_experts is None:
-        ap.error("the following arguments are required: --experts")
+    missing = [f for f, v in (("--src", args.model), ("--experts", args.num_experts)) if v is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)}")
     setup_logging(args.log_level, fmt="%(asctime)s %(message)s")
 
     try:
@@ -77,7 +95,7 @@ def main(argv=None) -> int:
                                 offload_dir=args.offload_dir, store_dtype=args.store_dtype).validate()
         data = None
         if args.jsonl and args.data_prefix:
-            raise PartitionError("--jsonl/--data-prefix: give one kind of calibration source")
+            raise PartitionError("--calib-jsonl/--calib-prefix: give one kind of calibration source")
         if args.jsonl:
             data = tokens_from_jsonl(_pairs(args.jsonl), args.tokenizer or args.model, seq_len=args.seq_len,
                                      token_budget=args.token_budget, text_key=args.text_key,
