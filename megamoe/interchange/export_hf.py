@@ -70,7 +70,7 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
             if cfg.attn_moe is not None and cfg.attn_moe.mode != "token_sparse":
                 notes.append(f"attn_moe.mode {cfg.attn_moe.mode}: written with attn_mode \"{cfg.attn_moe.mode}\"; the "
                              "released v2 code ignores it and computes token_sparse attention (other logits): load "
-                             "this export with megamoe (megamoe.eval.load_model, hf-to-moe --src)")
+                             "this export with megamoe (megamoe.eval.load.load_model, hf-to-moe --src)")
         else:
             raise ConfigError(f"format: {fmt!r} is not one of mixtral, llama-moe-v1, llama-moe-v2, auto")
         ref_dt = ck.dtype("embed.weight")
@@ -225,7 +225,7 @@ transformers versions, as executed with that code (eager attention, the recipe a
 | 4.47 - 4.48 | cannot import (`is_quanto_available`) | - |
 | 4.57, 5.x | cannot build the config (`dict_torch_dtype_to_str`) | - |
 
-megamoe loads this directory without their code: `megamoe.eval.load_model(dir)`, or
+megamoe loads this directory without their code: `megamoe.eval.load.load_model(dir)`, or
 `megamoe-convert hf-to-moe --src DIR --out SHARDS` (checked against an independent forward of what their code
 computes).
 """
@@ -237,5 +237,5 @@ The model was trained with megamoe's `attn_moe.mode: full_kv` (each attention ex
 keys and values of every earlier token; only the query/output side is sparse). The v2 layout has no such option:
 config.json carries `"attn_mode": "full_kv"`, a megamoe field that the released v2 code ignores, so **their code
 computes token-sparse attention on these weights and gives other logits**. Load it with megamoe
-(`megamoe.eval.load_model`, `hf-to-moe --src`), which reads `attn_mode`.
+(`megamoe.eval.load.load_model`, `hf-to-moe --src`), which reads `attn_mode`.
 """
