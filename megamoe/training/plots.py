@@ -151,14 +151,15 @@ def plot_train_vs_eval_load(train_load, eval_routing: dict, path: str, title: st
     L, E = tr.shape
     vmax = max(tr.max(), ev.max(), 2.0 / E)
     fig, axes = plt.subplots(1, 2, figsize=(2 * max(4, 0.5 * E + 2), max(3, 0.25 * L + 1.5)), squeeze=False)
-    for ax, a, name in ((axes[0][0], tr, "training (router noise on)"),
+    for ax, a, name in ((axes[0][0], tr, "training (with the router's training noise)"),
                         (axes[0][1], ev, f"evaluation (mean of {len(doms)} domains)")):
         im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         spread = float(a.max(1).mean() * E)
         ax.set_title(f"{name}\nmean max share x E = {spread:.2f} (uniform 1)", fontsize=8)
         ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
+        ax.set_ylabel("MoE layer")
         ax.set_xticks(range(E))
+        ax.set_yticks(range(L))
         fig.colorbar(im, ax=ax)
     fig.suptitle(title or "expert load: training vs evaluation routing", fontsize=10)
     fig.tight_layout()
