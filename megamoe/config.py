@@ -372,50 +372,173 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. Data parallel size is derived: world / (tp * pp) for dense parts; experts use ep * etp."""
+    """Parallel layout. Data parallel size is derived: dp = world / (tp * pp * cp) for the dense parts; experts use
+    their own grid ep * etp * edp = world / pp (megatron's parallel folding, within one pipeline stage).
+
+    Pipeline (docs/parallel.md, "Pipeline parallelism"): `pp` stages, each rank holding `vpp` virtual stages
+    (interleaved 1F1B when vpp > 1). The decoder layers are split over the pp * vpp virtual stages in execution order
+    (virtual stage s = v * pp + pp_rank holds a contiguous block of layers): evenly by default, else `pp_layers` (one
+    count per virtual stage) or megatron's `pp_first_stage_layers` / `pp_last_stage_layers` (the other stages split
+    the rest evenly; with vpp > 1 each rank's count is split evenly over its virtual stages).
+    Context parallelism (`cp`): each sequence split over cp ranks in 2 * cp load-balanced chunks (rank r holds chunks
+    r and 2cp-1-r); attention runs as ring attention over the CP group (megamoe/parallel/context.py)."""
     tp: int = 1               # tensor parallel
     ep: int = 1               # expert parallel
     etp: int = 1              # expert tensor parallel
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    pp: int = 1               # pipeline parallel stages
+    vpp: int = 1              # virtual pipeline stages per pipeline rank (interleaved schedule when > 1)
+    pp_layers: list | None = None          # decoder layers per virtual stage, in execution order (pp * vpp counts)
+    pp_first_stage_layers: int | None = None   # megatron's num_layers_in_first_pipeline_stage
+    pp_last_stage_layers: int | None = None    # megatron's num_layers_in_last_pipeline_stage
+    cp: int = 1               # context parallel: the sequence split over cp ranks
 
-    def validate(self, model: ModelConfig | None = None, world_size: int | None = None) -> "ParallelConfig":
-        for f in ("tp", "ep", "etp"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"parallel.{f}: {getattr(self, f)} must be >= 1")
+    @property
+    def virtual_stages(self) -> int:
+        return self.pp * self.vpp
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers of each virtual stage, in execution order (length pp * vpp); ConfigError naming the field
+        when the layers do not split as asked."""
+        pp, vpp, n = self.pp, self.vpp, self.virtual_stages
+        if self.pp_layers is not None:
+            counts = self.pp_layers
+            if not isinstance(counts, (list, tuple)) or len(counts) != n or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in counts):
+                raise ConfigError(f"parallel.pp_layers: {counts!r} must list {n} layer counts, one per virtual "
+                                  f"pipeline stage (pp {pp} x vpp {vpp}) in execution order")
+            if sum(counts) != num_layers:
+                raise ConfigError(f"parallel.pp_layers: {list(counts)} add up to {sum(counts)} layers, the model has "
+                                  f"num_layers {num_layers}")
+            if min(counts) < 1:
+                raise ConfigError(f"parallel.pp_layers: {list(counts)}: every pipeline stage needs at least one layer")
+            return [int(c) for c in counts]
+        first, last = self.pp_first_stage_layers, self.pp_last_stage_layers
+        if first is None and last is None:
+            if num_layers % n:
+                raise ConfigError(f"parallel.pp: num_layers {num_layers} do not split evenly over pp * vpp = {n} "
+                                  f"pipeline stages; give parallel.pp_layers (one count per stage) or "
+                                  f"parallel.pp_first_stage_layers / pp_last_stage_layers")
+            return [num_layers // n] * n
+        per_rank: list[int | None] = [None] * pp
+        rest, free = num_layers, pp
+        for name, val, idx in (("pp_first_stage_layers", first, 0), ("pp_last_stage_layers", last, pp - 1)):
+            if val is None:
+                continue
+            if pp == 1:
+                raise ConfigError(f"parallel.{name}: needs pp > 1")
+            if val < 1:
+                raise ConfigError(f"parallel.{name}: {val} must be >= 1")
+            if val % vpp:
+                raise ConfigError(f"parallel.{name}: {val} layers do not split over vpp = {vpp} virtual stages")
+            per_rank[idx] = val
+            rest, free = rest - val, free - 1
+        if free == 0 and rest != 0 or free > 0 and (rest < free * vpp or rest % (free * vpp)):
+            raise ConfigError(f"parallel.pp_first_stage_layers / pp_last_stage_layers: the remaining {rest} of "
+                              f"num_layers {num_layers} do not split evenly over the other {free} pipeline stages "
+                              f"x vpp {vpp}")
+        per_rank = [c if c is not None else rest // free for c in per_rank]
+        return [per_rank[r] // vpp for v in range(vpp) for r in range(pp)]
+
+    def validate(self, model: ModelConfig | None = None, world_size: int | None = None,
+                 batch: "BatchShape | None" = None) -> "ParallelConfig":
+        for f in ("tp", "ep", "etp", "pp", "vpp", "cp"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"parallel.{f}: {v} must be >= 1")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel: needs tp > 1")
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(f"parallel.vpp: {self.vpp} virtual stages need pipeline parallelism (pp > 1)")
+        if self.pp_layers is not None and (self.pp_first_stage_layers is not None
+                                           or self.pp_last_stage_layers is not None):
+            raise ConfigError("parallel.pp_layers: give either pp_layers or pp_first_stage_layers / "
+                              "pp_last_stage_layers, not both")
         if world_size is not None:
             if world_size % self.tp:
                 raise ConfigError(f"parallel.tp: {self.tp} does not divide the world size {world_size}")
-            if world_size % (self.ep * self.etp):
-                raise ConfigError(f"parallel.ep: ep*etp = {self.ep * self.etp} does not divide the world size "
+            if world_size % (self.tp * self.pp):
+                raise ConfigError(f"parallel.pp: tp*pp = {self.tp * self.pp} does not divide the world size "
                                   f"{world_size}")
+            if world_size % (self.tp * self.pp * self.cp):
+                raise ConfigError(f"parallel.cp: tp*pp*cp = {self.tp * self.pp * self.cp} does not divide the world "
+                                  f"size {world_size}")
+            stage_world = world_size // self.pp
+            if stage_world % (self.ep * self.etp):
+                where = f"the world size {world_size}" if self.pp == 1 else \
+                    f"the {stage_world} ranks of one pipeline stage (world {world_size} / pp {self.pp})"
+                raise ConfigError(f"parallel.ep: ep*etp = {self.ep * self.etp} does not divide {where}")
         if model is not None:
-            if model.num_heads % self.tp:
-                raise ConfigError(f"parallel.tp: {self.tp} does not divide num_heads ({model.num_heads})")
-            if model.kv_heads % self.tp:
-                raise ConfigError(f"parallel.tp: {self.tp} does not divide num_kv_heads ({model.kv_heads})")
-            if model.attn_moe is not None and model.attn_moe.num_experts % self.tp:
-                raise ConfigError(f"parallel.tp: {self.tp} does not divide attn_moe.num_experts "
-                                  f"({model.attn_moe.num_experts}): attention experts partition over TP like heads")
-            if model.vocab_size % self.tp:
-                raise ConfigError(f"parallel.tp: {self.tp} does not divide vocab_size ({model.vocab_size})")
-            if model.moe is not None:
-                if model.moe.num_experts % self.ep:
-                    raise ConfigError(f"parallel.ep: {self.ep} does not divide moe.num_experts "
-                                      f"({model.moe.num_experts})")
-                for i in range(model.num_layers):
-                    if model.moe_index(i) is None:
-                        continue
-                    bad = [s for s in model.expert_sizes(i) if s % self.etp]
-                    if bad:
-                        raise ConfigError(f"parallel.etp: {self.etp} does not divide expert sizes {bad} of layer {i}")
-                if model.moe.residual_size % self.tp:
-                    raise ConfigError(f"parallel.tp: {self.tp} does not divide moe.residual_size")
-            if any(model.moe_index(i) is None for i in range(model.num_layers)) and model.intermediate_size % self.tp:
-                raise ConfigError(f"parallel.tp: {self.tp} does not divide intermediate_size ({model.intermediate_size})")
+            self._validate_model(model)
+        if batch is not None:
+            self._validate_batch(batch, model, world_size)
         return self
+
+    def _validate_model(self, model: ModelConfig) -> None:
+        if model.num_heads % self.tp:
+            raise ConfigError(f"parallel.tp: {self.tp} does not divide num_heads ({model.num_heads})")
+        if model.kv_heads % self.tp:
+            raise ConfigError(f"parallel.tp: {self.tp} does not divide num_kv_heads ({model.kv_heads})")
+        if model.attn_moe is not None and model.attn_moe.num_experts % self.tp:
+            raise ConfigError(f"parallel.tp: {self.tp} does not divide attn_moe.num_experts "
+                              f"({model.attn_moe.num_experts}): attention experts partition over TP like heads")
+        if model.vocab_size % self.tp:
+            raise ConfigError(f"parallel.tp: {self.tp} does not divide vocab_size ({model.vocab_size})")
+        if model.moe is not None:
+            if model.moe.num_experts % self.ep:
+                raise ConfigError(f"parallel.ep: {self.ep} does not divide moe.num_experts "
+                                  f"({model.moe.num_experts})")
+            for i in range(model.num_layers):
+                if model.moe_index(i) is None:
+                    continue
+                bad = [s for s in model.expert_sizes(i) if s % self.etp]
+                if bad:
+                    raise ConfigError(f"parallel.etp: {self.etp} does not divide expert sizes {bad} of layer {i}")
+            if model.moe.residual_size % self.tp:
+                raise ConfigError(f"parallel.tp: {self.tp} does not divide moe.residual_size")
+        if any(model.moe_index(i) is None for i in range(model.num_layers)) and model.intermediate_size % self.tp:
+            raise ConfigError(f"parallel.tp: {self.tp} does not divide intermediate_size ({model.intermediate_size})")
+        if self.pp > 1 or self.pp_layers is not None or self.pp_first_stage_layers is not None \
+                or self.pp_last_stage_layers is not None:
+            self.stage_layers(model.num_layers)
+        if self.cp > 1 and model.attn_moe is not None:
+            raise ConfigError(f"parallel.cp: attention experts (attn_moe, mode {model.attn_moe.mode}) do not run under "
+                              "context parallelism: an expert's tokens would have to be exchanged around the CP ring "
+                              "per expert; train them with cp 1 (tp / pp / ep split the model instead)")
+
+    def _validate_batch(self, b: "BatchShape", model: ModelConfig | None, world_size: int | None) -> None:
+        if self.cp > 1 and b.seq_len % (2 * self.cp):
+            raise ConfigError(f"parallel.cp: data.seq_len {b.seq_len} does not split into 2 * cp = {2 * self.cp} "
+                              f"equal chunks (context parallelism balances the causal work with 2 chunks per rank)")
+        if self.sequence_parallel and (b.seq_len // self.cp) % self.tp:
+            raise ConfigError(f"parallel.sequence_parallel: data.seq_len {b.seq_len} / cp {self.cp} does not split "
+                              f"over tp {self.tp} ranks")
+        if world_size is None or self.pp == 1:
+            return
+        dp = world_size // (self.tp * self.pp * self.cp)
+        per_step = b.micro_batch_size * b.seq_len * dp
+        if b.global_batch_tokens % per_step:
+            return  # the training config reports this one (train.global_batch_tokens)
+        m = b.global_batch_tokens // per_step
+        if m < self.pp:
+            raise ConfigError(f"train.global_batch_tokens: {m} micro-batch(es) per step on each data-parallel rank "
+                              f"(global_batch_tokens {b.global_batch_tokens} / (micro_batch_size {b.micro_batch_size}"
+                              f" x seq_len {b.seq_len} x dp {dp})) for parallel.pp {self.pp} stages: the 1F1B "
+                              f"schedule needs at least one micro-batch per stage (megatron); raise "
+                              f"train.global_batch_tokens or lower train.micro_batch_size")
+        if self.vpp > 1 and m % self.pp:
+            raise ConfigError(f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({m}) to be "
+                              f"a multiple of parallel.pp ({self.pp}) (megatron)")
+
+
+@dataclass
+class BatchShape:
+    """What the parallel layout is checked against before a run: the sequence length, the micro-batch size and the
+    tokens of one optimizer step (all ranks together)."""
+    seq_len: int
+    micro_batch_size: int
+    global_batch_tokens: int
 
 
 # ---------------------------------------------------------------------------------------------------------------

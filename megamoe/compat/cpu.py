@@ -93,6 +93,17 @@ def cuda_to_cpu():
         yield
 
 
+@contextlib.contextmanager
+def without_cuda_to_cpu():
+    """Inside `cuda_to_cpu()`: run a block (model compute called back from megatron code that needs the mode, e.g.
+    the pipeline schedules) without CudaToCpuMode's per-op overhead. A no-op when the mode is not the current one."""
+    if _applied and isinstance(torch.overrides._get_current_function_mode(), CudaToCpuMode):
+        with torch.overrides._pop_mode_temporarily():
+            yield
+        return
+    yield
+
+
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's local_multi_tensor_l2_norm (one torch.norm per tensor, then a norm of the list), as one foreach
     norm: same value up to rounding order."""

@@ -47,6 +47,7 @@ from megamoe.config import ModelConfig
 from megamoe.layers.init import init_normal
 from megamoe.layers.kv_cache import LayerKVCache
 from megamoe.layers.rope import apply_rope
+from megamoe.parallel.context import ring_attention
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class AttentionContext:
         self.key_positions = positions if key_positions is None else key_positions
         self.key_segments = segments if key_segments is None else key_segments
         self._mask = self._varlen = None
+        self.ring = None   # context parallelism: megamoe.parallel.context.RingContext (ring attention)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -193,6 +195,12 @@ class Attention(nn.Module):
             if ctx is None:
                 raise ValueError("Attention: a cache needs the AttentionContext of the forward (the model builds it)")
             k, v = cache.update(k, v, ctx.positions, ctx.segments)      # [B, n_kv, T, d]: every token seen
+        if ctx is not None and ctx.ring is not None:
+            # context parallelism: this rank's queries against every CP rank's keys, K/V passed around the ring
+            _log_path_once("ring attention over the context-parallel group (megamoe/parallel/context.py)")
+            o = ring_attention(q, k, v, ctx.positions, ctx.segments, ctx.ring).permute(2, 0, 1, 3).to(dt)
+            out, _ = self.o_proj(o.reshape(S, B, self.n_heads * self.d))
+            return out
         backend = _pick_attention_backend(self.cfg, q)
         if ctx is not None:
             o = self._masked(q, k, v, ctx, backend).to(dt)                # [S, B, h, d]

@@ -49,19 +49,22 @@ def all_reduce_sum(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Ten
 
 
 def stats_group(sequence_parallel: bool):
-    """The group holding the rest of the global batch: TP x DP under sequence parallelism, DP otherwise."""
+    """The group holding the rest of the global batch: TP x DP under sequence parallelism, DP otherwise; with
+    context parallelism the CP ranks too (each holds part of every sequence)."""
+    cp = ps.get_context_parallel_world_size() > 1
     if sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
-        return ps.get_tensor_and_data_parallel_group()
-    return ps.get_data_parallel_group()
+        return ps.get_tensor_and_data_parallel_group(with_context_parallel=cp)
+    return ps.get_data_parallel_group(with_context_parallel=cp)
 
 
 def make_stats_reducer(sequence_parallel: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """`Router.stats_reducer` for the layout in force: sum over `stats_group`, gradient scaled by the DP size
-    (module docstring). None in a world where one rank holds the whole batch."""
+    """`Router.stats_reducer` for the layout in force: sum over `stats_group`, gradient scaled by the size of the
+    group megatron's DDP averages gradients over, DP (x CP) (module docstring). None in a world where one rank holds
+    the whole batch."""
     group = stats_group(sequence_parallel)
     if dist.get_world_size(group) == 1:
         return None
-    dp = ps.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return AllReduceSum.apply(t, group, float(dp))

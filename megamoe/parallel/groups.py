@@ -30,7 +30,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megamoe.compat import cpu
-from megamoe.config import DTYPES, ModelConfig, ParallelConfig
+from megamoe.config import DTYPES, BatchShape, ModelConfig, ParallelConfig
 from megamoe.errors import ConfigError, DistributedError
 
 log = logging.getLogger(__name__)
@@ -88,31 +88,41 @@ def init_distributed(timeout_s: float | None = None) -> None:
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
-def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = None, seed: int = 1234) -> ParallelConfig:
-    """Set up torch.distributed and megatron-core's model-parallel groups. Idempotent for the same layout."""
+def initialize(pcfg: ParallelConfig | None = None, model: ModelConfig | None = None, seed: int = 1234,
+               batch: BatchShape | None = None) -> ParallelConfig:
+    """Set up torch.distributed and megatron-core's model-parallel groups. Idempotent for the same layout.
+    `model` and `batch` (sequence length, micro-batch size, tokens per step) are validated against the layout with
+    the real world size before any group exists."""
     global _config
     pcfg = pcfg or ParallelConfig()
     cpu.apply()
     init_distributed()
-    pcfg.validate(model, dist.get_world_size())
+    pcfg.validate(model, dist.get_world_size(), batch)
     if ps.model_parallel_is_initialized():
-        if _config is not None and (_config.tp, _config.ep, _config.etp) != (pcfg.tp, pcfg.ep, pcfg.etp):
+        if _config is not None and _layout(_config) != _layout(pcfg):
             raise RuntimeError(f"parallel state already initialised as {_config}; call megamoe.parallel.destroy() first")
         _config = pcfg
         return pcfg
     # megatron's groups get the same timeout as the world (its default is 30 minutes); it passes it to every
     # new_group, the gloo twins included
     ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tp, expert_model_parallel_size=pcfg.ep,
-                                 expert_tensor_parallel_size=pcfg.etp,
+                                 expert_tensor_parallel_size=pcfg.etp, pipeline_model_parallel_size=pcfg.pp,
+                                 virtual_pipeline_model_parallel_size=pcfg.vpp if pcfg.vpp > 1 else None,
+                                 context_parallel_size=pcfg.cp,
                                  distributed_timeout_minutes=timeout_seconds() / 60)
     _timeout_on_every_group(datetime.timedelta(seconds=timeout_seconds()))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _config = pcfg
     if dist.get_rank() == 0:
-        log.info("parallel layout: world %d = tp %d x dp %d; experts: ep %d x etp %d x edp %d; sequence parallel %s",
-                 dist.get_world_size(), pcfg.tp, ps.get_data_parallel_world_size(), pcfg.ep, pcfg.etp,
+        log.info("parallel layout: world %d = tp %d x cp %d x dp %d x pp %d%s; experts: ep %d x etp %d x edp %d; "
+                 "sequence parallel %s", dist.get_world_size(), pcfg.tp, pcfg.cp, ps.get_data_parallel_world_size(),
+                 pcfg.pp, f" (vpp {pcfg.vpp})" if pcfg.vpp > 1 else "", pcfg.ep, pcfg.etp,
                  ps.get_expert_data_parallel_world_size(), pcfg.sequence_parallel)
     return pcfg
+
+
+def _layout(p: ParallelConfig) -> tuple:
+    return p.tp, p.ep, p.etp, p.pp, p.vpp, p.cp
 
 
 _TIMEOUT_RE = re.compile(r"timed out|timeout", re.I)

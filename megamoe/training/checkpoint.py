@@ -165,18 +165,25 @@ def restore_rng(tensors: dict, js: dict):
 # sharded state dict of our model
 
 def model_sharded_state_dict(model) -> dict:
-    """ShardedTensors for every tensor of `model` (our LlamaMoEModel, possibly DDP-wrapped), keyed by name.
+    """ShardedTensors for every tensor of `model` (our LlamaMoEModel, possibly DDP-wrapped, or the list of a
+    pipeline rank's model chunks), keyed by name (GLOBAL layer indices on every pipeline stage).
 
     - megatron TP layers tag their weights (`tensor_model_parallel`, `partition_dim`): sharded over TP on that axis;
     - experts (`allreduce = False`) are stored under global names; under expert-TP, gate/up split on dim 0 and
       down on dim 1; replicas over the expert-data-parallel group;
-    - everything else (norms, routers) is replicated; rank (tp 0, dp 0) writes it.
+    - everything else (norms, routers) is replicated; rank (tp 0, dp 0, cp 0) writes it;
+    - the last pipeline stage's copy of a tied embedding (`shared`) is a replica of the first stage's `embed.weight`.
     If the model defines its own `sharded_state_dict`, that is used instead."""
+    if isinstance(model, (list, tuple)):
+        out = {}
+        for chunk in model:
+            out.update(model_sharded_state_dict(chunk))
+        return out
     module = unwrap(model)
     if hasattr(module, "sharded_state_dict"):
         return module.sharded_state_dict()
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    dp_rank = ps.get_data_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     edp_rank = ps.get_expert_data_parallel_rank()
     out = {}
@@ -186,6 +193,7 @@ def model_sharded_state_dict(model) -> dict:
     for name, t in module.state_dict(keep_vars=True).items():
         if not torch.is_tensor(t) or getattr(t, "stacked_expert_view", False):
             continue
+        shared = 1 if getattr(t, "shared", False) else 0    # the last stage's tied-embedding copy: never written
         if getattr(t, "allreduce", True) is False:                       # expert weight
             if etp > 1:
                 axis = 1 if "down_proj" in name else 0
@@ -194,9 +202,10 @@ def model_sharded_state_dict(model) -> dict:
                 out[name] = ShardedTensor.from_rank_offsets(name, t, replica_id=(etp_rank, edp_rank))
         elif getattr(t, "tensor_model_parallel", False) and tp > 1:
             out[name] = ShardedTensor.from_rank_offsets(name, t, (t.partition_dim, tp_rank, tp),
-                                                        replica_id=dp_rank)
+                                                        replica_id=(shared, dp_rank) if shared else dp_rank)
         else:
-            out[name] = ShardedTensor.from_rank_offsets(name, t, replica_id=(tp_rank, dp_rank))
+            out[name] = ShardedTensor.from_rank_offsets(
+                name, t, replica_id=(shared, tp_rank, dp_rank) if shared else (tp_rank, dp_rank))
     return out
 
 
@@ -455,7 +464,8 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: the model/optimizer state does not load ({type(e).__name__}: "
                                       f"{str(e)[:300]})") from e
             with torch.no_grad():
-                unwrap(model).load_state_dict(loaded["model"], strict=False)
+                for chunk in model if isinstance(model, (list, tuple)) else [model]:   # pipeline: every chunk
+                    unwrap(chunk).load_state_dict(loaded["model"], strict=False)
                 if optimizer is not None:
                     load_optimizer_state(optimizer, loaded["optimizer"])  # one `step` per parameter
         ts_path = os.path.join(path, "train_state.json")

@@ -29,12 +29,13 @@ def export_final_model(ddp, model_cfg: ModelConfig, out_dir: str, training: dict
     ranks other than 0. `training` (tokens, steps, the initial checkpoint, the data) goes into the manifest as
     "training": the model card of a later HF export (megamoe.formats.model_card) reads it."""
     if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_expert_model_parallel_world_size() > 1 \
-            or ps.get_expert_tensor_parallel_world_size() > 1:
+            or ps.get_expert_tensor_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1 \
+            or isinstance(ddp, (list, tuple)):
         if dist.get_rank() == 0:
             log.info("final model not exported from a model-parallel run; write it from the last checkpoint in a "
                      "world of one (the checkpoint reshards):  megamoe-train --config %s --resume "
-                     "--set parallel.tp=1 --set parallel.ep=1 --set parallel.etp=1 "
-                     "--set parallel.sequence_parallel=false",
+                     "--set parallel.tp=1 --set parallel.ep=1 --set parallel.etp=1 --set parallel.pp=1 "
+                     "--set parallel.vpp=1 --set parallel.cp=1 --set parallel.sequence_parallel=false",
                      os.path.join(os.path.dirname(out_dir), "config.yaml"))
         return None
     if dist.get_rank() != 0:

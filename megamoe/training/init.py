@@ -13,6 +13,7 @@ import json
 import logging
 import os
 
+import torch
 from megatron.core import parallel_state as ps
 
 from megamoe.config import ModelConfig
@@ -79,6 +80,16 @@ def load_initial_weights(cfg: TrainConfig, model) -> None:
             raise ConfigError("init.source: 'hf' loads full tensors; convert to our shards first for tp > 1 "
                               "(megamoe-convert hf-to-moe / reshard)")
         _, sd = load_hf_llama(path)
+    if isinstance(model, (list, tuple)):   # pipeline stages: each loads its own (globally named) tensors
+        dtype = next(model[0].parameters()).dtype
+        for m in model:
+            mine = {k for k, v in m.state_dict().items() if torch.is_tensor(v)}
+            missing = sorted(mine - set(sd))
+            if missing:
+                raise ConfigError(f"init.path: {path} does not match the model: missing {missing[:3]}")
+            m.load_state_dict({k: v.to(dtype) for k, v in sd.items() if k in mine}, strict=False)
+        log.info("loaded initial weights from %s (%s) into this rank's pipeline stages", path, src)
+        return
     dtype = next(model.parameters()).dtype
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     if missing or unexpected:

@@ -2,6 +2,7 @@
 
     ddp = wrap_model(model, model_cfg, pcfg, precision)          # megatron.core.distributed.DistributedDataParallel
     opt = build_optimizer(ddp, optim_cfg, pcfg, precision)        # megatron-core optimizer (distributed or not)
+    chunks = wrap_model([stage0, stage1], ...)                   # pipeline: one DDP per model chunk (virtual stage)
 
 Gradients accumulate in DDP's fp32 main-grad buffers over micro-batches; `finalize_model_grads([ddp])` all-reduces
 them over the data-parallel group (experts over the expert-data-parallel group, sequence-parallel norm weights over
@@ -22,12 +23,15 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer import TransformerConfig
 
 from megamoe.compat.cpu import cuda_to_cpu
-from megamoe.compat.megatron import single_rank_ddp
+from megamoe.compat.megatron import empty_optimizer_fix, single_rank_ddp
 
 __all__ = ["transformer_config", "wrap_model", "build_optimizer", "unwrap"]
 
 
 def unwrap(model):
+    """The model inside megatron's / torch's DDP wrappers; a list of pipeline chunks -> the list of their models."""
+    if isinstance(model, (list, tuple)):
+        return [unwrap(m) for m in model]
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -45,6 +49,11 @@ def transformer_config(model_cfg, pcfg, precision: str):
         sequence_parallel=pcfg.sequence_parallel,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=pcfg.vpp if pcfg.vpp > 1 else None,
+        # pipeline p2p as separate isend/irecv ordered by stage parity: megatron's batched ops post both directions
+        # to the same peer at pp = 2 (interleaved schedule), where the activation and the gradient then cross
+        batch_p2p_comm=False,
         use_cpu_initialization=True, gradient_accumulation_fusion=False,
         # megatron validates expert parallelism against these (the experts themselves are ours)
         num_moe_experts=model_cfg.moe.num_experts if model_cfg.moe is not None else None, add_bias_linear=False,
@@ -53,16 +62,22 @@ def transformer_config(model_cfg, pcfg, precision: str):
 
 def wrap_model(model, model_cfg, pcfg, precision: str):
     """megatron DDP around our model (fp32 main-grad buffers); at one data-parallel rank without the self-copies
-    (compat/megatron.py: single_rank_ddp)."""
+    (compat/megatron.py: single_rank_ddp). A list of pipeline model chunks gives a list of DDPs sharing one
+    TransformerConfig (bucketing off after the first chunk, as megatron's get_model)."""
     tcfg = transformer_config(model_cfg, pcfg, precision)
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=pcfg.distributed_optimizer,
-                                            check_for_nan_in_grad=False)
-    with cuda_to_cpu():
-        ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
-    if ps.get_data_parallel_world_size() == 1 and ps.get_expert_data_parallel_world_size() == 1:
-        single_rank_ddp(ddp, pcfg.distributed_optimizer)
-    return ddp
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    out = []
+    for i, m in enumerate(chunks):
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=pcfg.distributed_optimizer,
+                                                check_for_nan_in_grad=False)
+        with cuda_to_cpu():
+            ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=m, disable_bucketing=i > 0)
+        if ps.get_data_parallel_world_size(with_context_parallel=True) == 1 \
+                and ps.get_expert_data_parallel_world_size() == 1:
+            single_rank_ddp(ddp, pcfg.distributed_optimizer)
+        out.append(ddp)
+    return out if isinstance(model, (list, tuple)) else out[0]
 
 
 def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
@@ -76,7 +91,8 @@ def build_optimizer(ddp_model, optim_cfg, pcfg, precision: str):
         use_distributed_optimizer=pcfg.distributed_optimizer,
     )
     with cuda_to_cpu():
-        opt = get_megatron_optimizer(ocfg, [ddp_model])
+        opt = get_megatron_optimizer(ocfg, list(ddp_model) if isinstance(ddp_model, (list, tuple)) else [ddp_model])
+    empty_optimizer_fix(opt)   # pipeline: a stage without experts has an empty expert optimizer
     _use_fast_adam(opt)
     return opt
 

@@ -45,7 +45,10 @@ def local_slice(name: str, local: torch.Tensor, full: torch.Tensor) -> torch.Ten
 
 
 def shard_full_state_dict(model, full: dict) -> dict:
-    """{name: this rank's slice} for every tensor of `model` (DDP-wrapped or not) found in `full`."""
+    """{name: this rank's slice} for every tensor of `model` (DDP-wrapped or not; a list of pipeline chunks) found
+    in `full`. Layer names are global on every pipeline stage, so a full state dict needs no renaming."""
+    if isinstance(model, (list, tuple)):
+        return {k: v for chunk in model for k, v in shard_full_state_dict(chunk, full).items()}
     module = unwrap(model)
     out = {}
     for name, t in module.state_dict(keep_vars=True).items():
@@ -55,7 +58,12 @@ def shard_full_state_dict(model, full: dict) -> dict:
 
 
 def load_full_state_dict(model, full: dict, strict: bool = True):
-    """Load full (single-process) tensors into a model built under any TP/EP/ETP layout."""
+    """Load full (single-process) tensors into a model built under any TP/EP/ETP/PP layout (a list of pipeline
+    chunks: each its own layers)."""
+    if isinstance(model, (list, tuple)):
+        for chunk in model:
+            load_full_state_dict(chunk, full, strict)
+        return
     module = unwrap(model)
     local = shard_full_state_dict(module, full)
     missing = sorted(n for n, t in module.state_dict().items() if torch.is_tensor(t) and n not in local)

@@ -44,11 +44,11 @@ from megatron.core.distributed import finalize_model_grads
 
 from megamoe import parallel
 from megamoe.compat.cpu import cuda_to_cpu
+from megamoe.config import BatchShape
 from megamoe.data import SFTBatch, update_domain_weights
 from megamoe.errors import ConfigError
 from megamoe.eval.lm_eval_backend import PeriodicTasks
 from megamoe.fileio import atomic_write_text
-from megamoe.model import LlamaMoEModel
 from megamoe.parallel.collectives import stats_group
 from megamoe.training.checkpoint import CheckpointManager
 from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, build_schedule, cpu_has_native_bf16,
@@ -62,6 +62,8 @@ from megamoe.training.metrics import (RouterStatsAccumulator, ThroughputMeter, f
 from megamoe.training.monitor import Monitor
 from megamoe.training.nan_guard import NonFiniteGuard
 from megamoe.training.optim import build_optimizer, guarded_step, unwrap, wrap_model
+from megamoe.training.pipeline import (PipelineModel, build_model, gather_router_stats, local_moe_layer_ids,
+                                       pipeline_forward_backward, pipelined)
 from megamoe.training.plots import plot_run
 from megamoe.training.signals import StopSignal
 from megamoe.training.stages import fresh_parameters, set_router_freeze, stage_index
@@ -81,10 +83,24 @@ def run(cfg: TrainConfig, callbacks: dict | None = None) -> dict:
     model_cfg.recompute = bool(cfg.train.activation_checkpointing or model_cfg.recompute)
     cfg.model = model_cfg
     cfg.validate()
-    parallel.initialize(cfg.parallel, model_cfg, seed=cfg.train.seed)
+    _check_model_parallel_features(cfg)
+    parallel.initialize(cfg.parallel, model_cfg, seed=cfg.train.seed,
+                        batch=BatchShape(cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens))
     prepare_embedded_chat(cfg.data)          # data.build_embedded_chat: the chat set, when not built yet
     cfg.validate_stage_data()                # stage mixtures name datasets of the (now existing) manifest
     return Trainer(cfg, precision, callbacks).fit()
+
+
+def _check_model_parallel_features(cfg: TrainConfig) -> None:
+    """Features that need the logits or the whole model on one rank are refused under pipeline / context
+    parallelism, before any work (docs/parallel.md, Limits); token-loss rows and chat samples are skipped there."""
+    p = cfg.parallel
+    if p.pp == 1 and p.cp == 1:
+        return
+    what = f"parallel.pp {p.pp}" if p.pp > 1 else f"parallel.cp {p.cp}"
+    if cfg.eval.lm_eval_tasks:
+        raise ConfigError(f"eval.lm_eval_tasks: lm-eval scores logits on one rank; not available under {what} "
+                          f"(evaluate the exported model with megamoe-eval instead)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,13 +149,19 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
     (or an SFTBatch: all micro-batches are drawn first, and the loss is the global token-weighted mean, see the
     module docstring); finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the
     data-parallel group; then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient
-    norm skips the update)."""
-    ddp.zero_grad_buffer()
+    norm skips the update). Pipeline parallelism: `ddp` is the list of this rank's model chunks, and the
+    micro-batches run through megatron's schedule (megamoe/training/pipeline.py)."""
+    chunks = list(ddp) if pipelined(ddp) else [ddp]
+    for c in chunks:
+        c.zero_grad_buffer()
     opt.zero_grad()
     lm_sum = aux_sum = 0.0
     stats, attn_stats, batch = [], [], None
     first = next_batch()
-    if isinstance(first, SFTBatch):
+    if pipelined(ddp):
+        micro = [first] + [next_batch() for _ in range(n_micro - 1)]
+        lm_sum, aux_sum, stats, attn_stats, batch = pipeline_forward_backward(chunks, micro, n_micro, device)
+    elif isinstance(first, SFTBatch):
         micro = [first] + [next_batch() for _ in range(n_micro - 1)]
         trained = _dp_sum(sum(float(b.loss_mask.sum()) for b in micro), device or first.tokens.device)
         denominator = max(trained, 1.0) / ps.get_data_parallel_world_size()
@@ -162,7 +184,7 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
             stats.append(out.router_stats)
             attn_stats.append(out.attn_router_stats)
     with cuda_to_cpu():
-        finalize_model_grads([ddp])
+        finalize_model_grads(chunks)   # under PP also the embedding-group all-reduce of a tied embedding's grad
         lm_loss, aux_loss = _dp_mean([lm_sum, aux_sum], batch.device)
         ok, grad_norm = False, float("nan")
         if finite(lm_loss, aux_loss):
@@ -200,10 +222,13 @@ class Trainer:
         resume_step = self._checkpoint_step(resume_path) if resume_path else 0
         self.stage_idx = stage_index(self.plan, max(resume_step - 1, 0))   # the stage that wrote the checkpoint
         stage = self.plan[self.stage_idx]
-        torch.manual_seed(cfg.train.seed)                           # identical initial weights on every rank
-        model = LlamaMoEModel(model_cfg)
+        # identical initial weights on every rank of a pipeline stage (megatron's seed offset per stage under PP)
+        torch.manual_seed(cfg.train.seed + 100 * ps.get_pipeline_model_parallel_rank())
+        model = build_model(model_cfg, cfg.parallel)   # pipeline parallelism: the list of this rank's stages
         load_initial_weights(cfg, model)
-        model.to(self.device)
+        self.chunks = model if pipelined(model) else [model]
+        for m in self.chunks:
+            m.to(self.device)
         self.model, self.ddp, self.opt = model, None, None
         self._wrap(stage)
         self.sched = build_schedule(stage.optim, stage.steps)
@@ -211,9 +236,10 @@ class Trainer:
         self.counts = model_cfg.param_counts()
         self.fpt = flops_per_token(model_cfg, cfg.data.seq_len)
         self.peak = cfg.log.peak_flops or peak_flops_for_device(self.device, precision)
-        self.moe_layer_ids = [i for i in range(model_cfg.num_layers) if model_cfg.moe_index(i) is not None]
+        self.moe_layer_ids = local_moe_layer_ids(model, model_cfg)   # this rank's (its pipeline stages')
+        self.attn_layer_ids = [i for m in self.chunks for i in m.stage.layer_ids if model_cfg.is_attn_moe_layer(i)]
         log.info("model: %d layers (%d MoE), %.1fM total / %.1fM activated parameters, %.3g FLOPs per token; "
-                 "MFU peak %s", model_cfg.num_layers, len(self.moe_layer_ids), self.counts["total"] / 1e6,
+                 "MFU peak %s", model_cfg.num_layers, model_cfg.num_moe_layers, self.counts["total"] / 1e6,
                  self.counts["active"] / 1e6, self.fpt,
                  f"{self.peak:.4g} FLOP/s" if self.peak else "unknown (CPU: achieved FLOP/s reported instead)")
         self.stats_group = stats_group(cfg.parallel.sequence_parallel)  # ranks holding the global batch once
@@ -236,7 +262,10 @@ class Trainer:
                                wandb=dataclasses.asdict(cfg.log.wandb) if cfg.log.wandb is not None else None)
         # token-level loss rows (megamoe/training/token_loss.py): a fixed held-out batch at log steps, every domain at
         # evaluations
-        self.token_probe = TokenLossProbe(self.data, cfg.eval.batch_size, self.device) if cfg.log.token_loss else None
+        token_loss = cfg.log.token_loss and cfg.parallel.pp == 1 and cfg.parallel.cp == 1
+        if cfg.log.token_loss and not token_loss:
+            log.info("token-loss rows skipped: they need the logits of whole sequences on one rank (pp 1, cp 1)")
+        self.token_probe = TokenLossProbe(self.data, cfg.eval.batch_size, self.device) if token_loss else None
         self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
         self.router_acc = RouterStatsAccumulator()
         self.attn_router_acc = RouterStatsAccumulator()   # attention experts' routers (LLaMA-MoE v2), "attn_" rows
@@ -262,12 +291,13 @@ class Trainer:
         second call replaces both: megamoe/training/stages.py)."""
         cfg = self.cfg
         if self.ddp is not None:
-            fresh_parameters(self.model)
+            for m in self.chunks:
+                fresh_parameters(m)
             self.ddp = self.opt = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        frozen = set_router_freeze(self.model, stage.freeze_routers)
+        frozen = sum(set_router_freeze(m, stage.freeze_routers) for m in self.chunks)
         if frozen:
             log.info("stage %s: %d router parameter tensors frozen", stage.name, frozen)
         self.ddp = wrap_model(self.model, self.model_cfg, cfg.parallel, self.precision)
@@ -303,8 +333,9 @@ class Trainer:
         cfg = self.cfg
         if not self.chat or not cfg.eval.sample_tokens or not cfg.eval.samples_per_domain:
             return
-        if cfg.parallel.sequence_parallel:
-            log.info("chat samples skipped: generation needs sequence_parallel off")
+        if cfg.parallel.sequence_parallel or cfg.parallel.pp > 1 or cfg.parallel.cp > 1:
+            log.info("chat samples skipped: generation needs sequence_parallel off and the whole sequence and model "
+                     "on one rank (pp 1, cp 1)")
             return
         tok = chat_manifest(cfg.data.manifest).get("tokenizer", {}).get("path")
         samples = chat_samples(self.ddp, self.data, tok, cfg.eval.sample_tokens, cfg.eval.samples_per_domain,
@@ -410,15 +441,18 @@ class Trainer:
         else:
             log.warning("step %d: non-finite loss/grad (lm %s, aux %s, grad norm %s); update skipped (%d in a row)",
                         done, r.lm_loss, r.aux_loss, r.grad_norm, self.guard.consecutive + 1)
-        self.guard.record(r.ok, done, self.ddp, list(zip(self.moe_layer_ids, r.router_stats[-1])), r.last_batch)
+        self.guard.record(r.ok, done, None if pipelined(self.ddp) else self.ddp,
+                          list(zip(self.moe_layer_ids, r.router_stats[-1])), r.last_batch)
         return r
 
     # ---- log ----
     def log(self, done: int, r: StepResult):
         self.router_acc.reduce(self.stats_group)
+        gather_router_stats(self.router_acc, self.moe_layer_ids)       # pipeline: every stage's layers, in order
         rs = self.router_acc.summary()
         self.router_acc.reset()
         self.attn_router_acc.reduce(self.stats_group)
+        gather_router_stats(self.attn_router_acc, self.attn_layer_ids)
         ars = self.attn_router_acc.summary()
         self.attn_router_acc.reset()
         tgs = self.meter.tgs
@@ -445,7 +479,8 @@ class Trainer:
     # ---- evaluate ----
     def evaluate(self, step: int):
         cfg = self.cfg
-        res, routing = evaluate(self.ddp, self.data, cfg.eval.batch_size, cfg.eval.batches, self.device)
+        model = PipelineModel(self.ddp) if pipelined(self.ddp) else self.ddp   # pipeline: forward-only, all stages
+        res, routing = evaluate(model, self.data, cfg.eval.batch_size, cfg.eval.batches, self.device)
         self.eval_results = res
         self.eval_history.append({"step": step, "stage": self.stage.name, "results": res, "routing": routing})
         rec = {"kind": "eval", "step": step, "stage": self.stage.name, "tokens": self.tokens_seen,
