@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STEPS = ["env", "install", "build", "tests", "kernels", "layer_llama_moe_3.5b", "layer_mixtral_proxy", "train"]
+STEPS = ["env", "install", "build", "tests", "kernels", "layer_llama_moe_3.5b", "layer_mixtral_proxy", "train",
+         "pipeline"]
 
 
 def _run(*args, env=None, timeout=900):

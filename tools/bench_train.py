@@ -5,6 +5,7 @@ a plain torch loop (AdamW, clip_grad_norm_), same weights, same batch, same proc
     python tools/bench_train.py                      # CPU: small LLaMA-MoE (8 experts, top-2); prints the ratio
     python tools/bench_train.py --json out.json
     python tools/bench_train.py --shape llama-moe-3.5b --layers 4 --seq-len 4096   # GPU: TGS and MFU
+    python tools/bench_train.py --pp 2               # pipeline parallel: tokens/s, bubble vs (p-1)/(m+p-1)
 
 megamoe's step is the trainer's own (megamoe.train.train_step): megatron-core DDP (fp32 grad buffers) + megatron AdamW + the NaN-guarded
 step (prepare grads, global norm, clip, update) + the LR schedule, with the C++ permute/unpermute. The reference
@@ -151,7 +152,16 @@ def timed(fn, device):
 
 
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--pp", type=int, default=1)
+    known, rest = pre.parse_known_args(argv)
+    if known.pp > 1:   # pipeline parallelism: tokens/s and the bubble vs the 1F1B formula (tools/bench_pipeline.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_pipeline
+        return bench_pipeline.main(["--pp", str(known.pp)] + rest)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pp", type=int, default=1, help="> 1: pipeline-parallel throughput and bubble under torchrun "
+                                                     "(tools/bench_pipeline.py; its options apply)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (truncate the shape)")
     p.add_argument("--seq-len", type=int, default=256)
