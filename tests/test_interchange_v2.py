@@ -139,6 +139,10 @@ def test_v2_export_import_is_bit_exact_and_computes_the_v2_reference(tmp_path):
     assert lm.layout == "llama-moe-v2"
     with torch.no_grad():
         assert torch.allclose(lm.model(IDS).logits, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))
+    lm = load_model(str(tmp_path / "back"))              # and our TP2 shards with attention experts
+    assert lm.layout == "megamoe" and lm.cfg.attn_moe.num_experts == 4
+    with torch.no_grad():
+        assert torch.equal(lm.model(IDS).logits, ours)
 
 
 def test_residual_models_export_to_v2(tmp_path):
