@@ -37,6 +37,10 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter also needs triton.language's own @jit helpers (tl.zeros, tl.sum, tl.max, ...) decorated under
+# TRITON_INTERPRET=1, i.e. triton imported with it set; a process that imported triton earlier (megatron does) cannot
+# interpret these kernels (megamoe.ops.gating then falls back to the plain-torch path and says why).
+LANG_INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
 
 
 @contextlib.contextmanager

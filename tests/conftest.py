@@ -5,6 +5,29 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _import_triton_interpreted():
+    """On a machine without CUDA the gating kernels run in the Triton interpreter (tests/triton_import.py), which needs
+    triton.language itself decorated under TRITON_INTERPRET=1: import triton with it set, before any test module
+    (megatron imports triton), then restore the variable so the other tests keep the plain-torch path."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+_import_triton_interpreted()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
     if torch.cuda.is_available():

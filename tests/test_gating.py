@@ -279,3 +279,24 @@ def test_triton_kernels_compile_for_sm90():
                          timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.count(" ok") == 4
+
+
+def test_triton_imported_before_interpret_falls_back_with_the_reason():
+    """A process that imported triton before setting TRITON_INTERPRET=1 (megatron imports it) has triton.language's
+    own helpers compiled-mode only: the interpreted kernel cannot run there, so gating takes the plain-torch path and
+    says why instead of raising inside the interpreter (CI saw "Cannot call @triton.jit'd outside of a kernel")."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = ("import os, torch, triton.language\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "from megamoe.kernels import topk_gating as K\n"
+              "from megamoe.ops import gating as G\n"
+              "assert K.INTERPRETED and not K.LANG_INTERPRETED\n"
+              "ok, why = G._triton_can_run(torch.device('cpu'), forced=True)\n"
+              "assert not ok and 'TRITON_INTERPRET' in why, why\n"
+              "print(G.select_backend(torch.device('cpu')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "torch"
