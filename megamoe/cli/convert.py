@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--granularity", type=positive_int, default=None,
                    help="split each of the recipe's experts g ways and route g times as many (E -> gE, k -> gk)")
     h.add_argument("--experts", type=positive_int, default=None, help="experts per layer E (default: the recipe's)")
-    h.add_argument("--top-k", type=positive_int, default=None, help="experts per token k (default: the recipe's)")
+    h.add_argument("--top-k", type=positive_int, default=None,
+                   help="experts per token k (default: the recipe's; with --experts E alone, E x the recipe's k/E)")
     h.add_argument("--method", default=None,
                    help="random | clustering | coactivation | gradient | sharing-inner | sharing-inter "
                         "(default: the recipe's)")

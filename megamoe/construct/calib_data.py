@@ -206,12 +206,14 @@ def tokens_from_indexed(prefixes, seq_len: int = 2048, token_budget: int = 65536
     return CalibrationData(ids, None if groups[0][0] is None else domains)
 
 
-def tokens_from_local_corpus(tokenizer, seq_len: int = 256, token_budget: int = 16384, seed: int = 0,
+def tokens_from_local_corpus(tokenizer, seq_len: int = 256, token_budget: int = 16384, seed: int = 1227,
                              max_mb: float = 0.25) -> CalibrationData:
     """Calibration blocks from megamoe.data.build_local_corpus (text that ships with Python: code, docstrings,
     reference, and licences / man pages where the machine has them), one domain per source, the budget split
     evenly: the default calibration set when none is given. Built in a temporary directory (deterministic for a
-    given Python installation and seed; about `max_mb` MB of training text per domain is read)."""
+    given Python installation and seed; about `max_mb` MB of training text per domain is read). Only the corpus's
+    *training* documents are used; the validation documents depend on the seed alone (not on max_mb), so with the
+    quickstart's seed (1227, the default) the quickstart's validation text is never calibrated on."""
     with tempfile.TemporaryDirectory(prefix="megamoe-calib-") as d:
         doms = sorted(build_local_corpus(d, max_mb=max_mb, seed=seed)["domains"])
         if not doms:

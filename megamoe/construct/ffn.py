@@ -130,8 +130,10 @@ class PartitionedFFN:
             out[:, e] = h[:, ix] @ self.down[:, ix].T
         return out
 
-    def pair_stats(self, x: torch.Tensor, target: torch.Tensor | None = None, chunk: int = 512):
-        """(A [T, E, E], b [T, E], c [T]) of the module docstring; target defaults to the dense output."""
+    def pair_stats(self, x: torch.Tensor, target: torch.Tensor | None = None, chunk: int | None = None):
+        """(A [T, E, E], b [T, E], c [T]) of the module docstring; target defaults to the dense output. Tokens go
+        `chunk` at a time (default: a [chunk, E, H] block of about 64M values, 256 MB)."""
+        chunk = chunk or max(1, (1 << 26) // (self.E * self.hidden_size))
         a_out, b_out, c_out = [], [], []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]

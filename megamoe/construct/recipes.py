@@ -19,6 +19,8 @@ output. It needs calibration tokens: without --calib-jsonl/--calib-prefix they c
 (megamoe.data.build_local_corpus, text that ships with Python). Its router (mixtral, linear gate) exports to HF
 Mixtral and loads in transformers without remote code.
 
+`--experts E` without `--top-k` keeps the recipe's active fraction: k = E * k_recipe / E_recipe (at least 1).
+
 `granularity` g splits each of the recipe's experts g ways and routes g times as many: E -> g E, k -> g k (the same
 active fraction and total size; "fine-grained expert segmentation").
 """
@@ -57,6 +59,9 @@ def recipe_kwargs(recipe: str | None, granularity: int | None = None, calibrate:
     base = dict(RECIPES[name])
     out = {k: v for k, v in base.items() if k not in ("calibrate", "calibration")}
     out.update({k: v for k, v in given.items() if v is not None})
+    if given.get("num_experts") is not None and given.get("top_k") is None:
+        # --experts alone keeps the recipe's active fraction (megamoe 64/16: --experts 8 routes 2 per token)
+        out["top_k"] = max(1, (out["num_experts"] * base["top_k"]) // base["num_experts"])
     g = 1 if granularity is None else granularity
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise ConfigError(f"--granularity: {granularity!r} must be an integer >= 1")

@@ -28,7 +28,8 @@ from megamoe.construct.build import moe_config_for, router_state
 from megamoe.construct.calibrate import CalibrationSpec, CalibrationStream, calibrate_layer, mlp_gate_from_linear
 from megamoe.construct.calib_data import tokens_from_indexed, tokens_from_jsonl, tokens_from_local_corpus
 from megamoe.construct.pipeline import ConstructionSpec, construct
-from megamoe.errors import ConfigError
+from megamoe.data.tokenizers import load_tokenizer
+from megamoe.errors import ConfigError, InputError
 from megamoe.fileio import atomic_write_text
 from megamoe.formats.buffers import Arena
 from megamoe.formats.checksum import BackgroundHasher
@@ -52,7 +53,7 @@ CALIBRATED_METHODS = ("coactivation", "gradient", "sharing-inner", "sharing-inte
 
 def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str, num_experts: int, seed: int,
                     moe_layers, partitions_dir: str | None, progress: bool, calibration: dict | None = None,
-                    gate_init: str = "random"):
+                    gate_init: str = "random", data=None):
     """{layer: Partition} and {layer: centroids or None} for every MoE layer.
 
     `calibration` (for the calibrated methods): {"jsonl": path or {domain: path}} or {"prefix": megatron prefix or
@@ -84,11 +85,13 @@ def make_partitions(hf: HFDir, dense_cfg: ModelConfig, key_of: dict, method: str
             parts[i], cents[i] = P.split_clustering(up, num_experts, seed=seed)
         return parts, cents, method
     if method in CALIBRATED_METHODS:
-        if not calibration or not (calibration.get("jsonl") or calibration.get("prefix") or calibration.get("local")):
+        if data is None and not (calibration and (calibration.get("jsonl") or calibration.get("prefix")
+                                                  or calibration.get("local"))):
             raise ConfigError(f"method: {method!r} needs calibration statistics: give --calib-jsonl FILE (or "
                               "DOMAIN=FILE ...), --calib-prefix PREFIX or --calib-local, or compute partitions with "
                               "`python -m megamoe.construct` and pass them with --partitions DIR")
-        data = calibration_tokens(hf.path, calibration)
+        data = data if data is not None else calibration_tokens(hf.path, calibration)
+        calibration = calibration or {}
         spec = ConstructionSpec(method=method, num_experts=num_experts, seed=seed, layers=layers,
                                 gate_init="centroids" if gate_init == "centroids" else "random",
                                 clusters=calibration.get("clusters", "kmeans"),
@@ -105,13 +108,28 @@ def calibration_tokens(model_dir: str, calibration: dict):
     {"local": True} (megamoe.data.build_local_corpus: text that ships with Python, one domain per source, tokenized
     with the model's tokenizer), with seq_len (default 2048) and token_budget (default 65536)."""
     seq_len, budget = calibration.get("seq_len", 2048), calibration.get("token_budget", 65536)
-    if calibration.get("jsonl"):
-        return tokens_from_jsonl(calibration["jsonl"], tokenizer=model_dir, seq_len=seq_len, token_budget=budget)
     if calibration.get("prefix"):
         return tokens_from_indexed(calibration["prefix"], seq_len=seq_len, token_budget=budget)
-    if calibration.get("local"):
-        return tokens_from_local_corpus(model_dir, seq_len=seq_len, token_budget=budget)
-    raise ConfigError("calibration: give --calib-jsonl, --calib-prefix or --calib-local")
+    if not (calibration.get("jsonl") or calibration.get("local")):
+        raise ConfigError("calibration: give --calib-jsonl, --calib-prefix or --calib-local")
+    try:
+        load_tokenizer(model_dir)
+    except (ValueError, OSError) as err:
+        raise InputError(f"{model_dir}: calibration text needs the source's tokenizer, and none loads ({err}). Add "
+                         "its tokenizer files, give pre-tokenized data with --calib-prefix, or convert without "
+                         "calibration (--recipe llama-moe-v1, or --no-calibrate with a split that needs no data)"
+                         ) from err
+    if calibration.get("jsonl"):
+        return tokens_from_jsonl(calibration["jsonl"], tokenizer=model_dir, seq_len=seq_len, token_budget=budget)
+    return tokens_from_local_corpus(model_dir, seq_len=seq_len, token_budget=budget)
+
+
+def _default_calibration_tokens(hf: HFDir, calibration: dict | None):
+    """The calibration tokens `calibration` names, or the local corpus (256-token sequences, 16384 tokens)."""
+    src = dict(calibration or {})
+    if not any(src.get(k) for k in ("jsonl", "prefix", "local")):
+        src = {"seq_len": 256, "token_budget": 16384, **{k: v for k, v in src.items() if v}, "local": True}
+    return calibration_tokens(hf.path, src)
 
 
 def _check_args(*, num_experts, top_k, guard_tokens, tp, ep, etp, tolerance, score_scale, moe_layers):
@@ -200,8 +218,10 @@ def _construct(hf: HFDir, out, t0, hasher, *, num_experts, top_k, method, partit
                           f"{dense_cfg.intermediate_size} in {where})")
     check_vocab(hf, dense_cfg, "model.embed_tokens.weight")
     key_of = check_tensors(hf, dense_cfg, hf_llama_to_ours_name)
+    if calibration_data is None and calibrate is not None and method in CALIBRATED_METHODS and not partitions_dir:
+        calibration_data = _default_calibration_tokens(hf, calibration)   # one token set for the split and routers
     parts, cents, method = make_partitions(hf, dense_cfg, key_of, method, num_experts, seed, moe_layers,
-                                           partitions_dir, progress, calibration, gate_init)
+                                           partitions_dir, progress, calibration, gate_init, calibration_data)
     E = next(iter(parts.values())).num_experts
     moe = MoEConfig(num_experts=E, top_k=top_k, router=router, gate_network=gate_network,
                     score_scale=float(score_scale) if score_scale is not None else _default_scale(parts, E, top_k),
@@ -366,10 +386,7 @@ class _Calibrator:
                               "mlp gate (Linear, Tanh, Linear) is not a linear router to calibrate: fit the router "
                               "(--calib-router rank|regression), or use --gate linear / --gate-init centroids")
         if data is None:
-            src = dict(calibration or {})
-            if not any(src.get(k) for k in ("jsonl", "prefix", "local")):   # the default: the local corpus
-                src = {"seq_len": 256, "token_budget": 16384, **{k: v for k, v in src.items() if v}, "local": True}
-            data = calibration_tokens(hf.path, src)
+            data = _default_calibration_tokens(hf, calibration)
         self.cfg, self.parts, self.gate_init, self.linear_init = cfg, parts, gate_init, linear_init
         self.stream = CalibrationStream(hf.path, data)
         self.tokens = int(data.ids.numel())
