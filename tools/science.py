@@ -5,6 +5,7 @@
     python tools/science.py fig3   --out science_out   # construction methods compared after the same training
     python tools/science.py fig7   --out science_out   # upcycled vs the same MoE trained from scratch
     python tools/science.py fig89  --out science_out   # routing by domain, shallow vs deep layers (heat-maps, JS)
+    python tools/science.py memory --layers 2          # peak RSS of the megamoe recipe at the LLaMA-2-7B shape
 
 Every command writes <out>/<command>/results.json, results.md (the table) and PNG plots (matplotlib), and reuses
 what an earlier run left in <out> (the corpus, tokenized data, calibration tokens, conversions, finished arms), so an
@@ -583,6 +584,55 @@ def _write(out: str, result: dict, lines: list):
 
 # ---------------------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------------------
+# memory: peak RSS of a calibrated conversion at the LLaMA-2-7B shape
+
+_MEMORY_CHILD = """
+import sys, json, resource, time, torch
+from megamoe.construct.calib_data import CalibrationData
+from megamoe.construct.recipes import recipe_kwargs
+from megamoe.interchange import hf_to_moe
+src, out, tokens, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ids = torch.randint(0, 32000, (max(1, tokens // seq), seq), generator=torch.Generator().manual_seed(0))
+kw = recipe_kwargs("megamoe")
+kw["calibration"] = None
+t = time.time()
+s = hf_to_moe(src, out, progress=False, calibration_data=CalibrationData(ids), **kw)
+print(json.dumps({"seconds": time.time() - t, "guard": s["guard"], "calibration": s.get("calibration"),
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def cmd_memory(a) -> int:
+    """The megamoe recipe (coactivation split, fitted routers, refitted down_proj) on a LLaMA-2-7B-shaped
+    checkpoint (hidden 4096, FFN 11008, vocabulary 32000, fp16 random weights; tools/bench_convert.py's source) of
+    --layers layers, in a child process: its peak RSS (ru_maxrss). Memory is bounded per layer, so a few full-width
+    layers show the peak of the 32-layer model; the time grows with the layers."""
+    import subprocess
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_convert import make_source
+    work = os.path.abspath(a.work)
+    src = os.path.join(work, f"llama2-7b-shape-{a.layers}l")
+    make_source(src, a.layers)
+    out = os.path.join(work, "moe")
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, src, out, str(a.tokens), str(a.calib_seq_len)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        return 1
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res.update(layers=a.layers, tokens=a.tokens, peak_rss_gib=round(res["maxrss_kb"] / (1 << 20), 2),
+               load_average=os.getloadavg())
+    print(json.dumps(res, indent=1))
+    os.makedirs(os.path.join(os.path.abspath(a.out), "memory"), exist_ok=True)
+    atomic_write_text(os.path.join(os.path.abspath(a.out), "memory", f"rss_{a.layers}l_{a.tokens}.json"),
+                      json.dumps(res, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tools/science.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -621,6 +671,12 @@ def build_parser():
     f8 = sub.add_parser("fig89", help="routing specialisation by domain (heat-maps, JS distance per layer)")
     common(f8)
     f8.add_argument("--models", nargs="*", metavar="[NAME=]DIR", help="MoE shard directories (default: fig7's)")
+    mem = sub.add_parser("memory", help="peak RSS of the megamoe recipe on a LLaMA-2-7B-shaped checkpoint")
+    mem.add_argument("--out", default="science_out")
+    mem.add_argument("--work", default="bench_work", help="where the synthetic source is written (reused)")
+    mem.add_argument("--layers", type=int, default=2, help="decoder layers of the synthetic source (32: the full 7B)")
+    mem.add_argument("--tokens", type=int, default=1024, help="calibration tokens (random ids)")
+    mem.add_argument("--calib-seq-len", type=int, default=256)
     return p
 
 
@@ -628,7 +684,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t = time.time()
-    rc = {"report": cmd_report, "fig3": cmd_fig3, "fig7": cmd_fig7, "fig89": cmd_fig89}[a.cmd](a)
+    rc = {"report": cmd_report, "fig3": cmd_fig3, "fig7": cmd_fig7, "fig89": cmd_fig89, "memory": cmd_memory}[a.cmd](a)
     print(f"\n{a.cmd} done in {time.time() - t:.0f}s -> {os.path.join(os.path.abspath(a.out), a.cmd)}")
     return rc
 
