@@ -340,6 +340,8 @@ def sft_leg(a, out: str, hf_dir: str, moe_dir: str, precision: str, device) -> d
     t = time.time()
     summary = run(cfg)
     secs = time.time() - t
+    if summary["final_model"] is None:
+        raise _Interrupted(summary, cfg.out_dir)
     evals = {(h["step"], h["stage"]): h["results"] for h in summary["eval_history"]}
     cols = [("dense", loss_dense)] + [(f"MoE {'before' if step == 0 else 'after ' + st}", res)
                                       for (step, st), res in sorted(evals.items())]
@@ -360,6 +362,16 @@ def sft_leg(a, out: str, hf_dir: str, moe_dir: str, precision: str, device) -> d
     return {"loss": {name: res for name, res in cols}, "losses": losses, "samples": summary["samples"],
             "seconds": secs, "final_model": summary["final_model"], "metrics": summary["metrics"],
             "chat_data": os.path.dirname(cfg.data.manifest), "run": cfg.out_dir}
+
+
+class _Interrupted(Exception):
+    """A signal (SIGTERM, SIGINT) stopped training: the trainer saved a checkpoint and wrote no final model, so the
+    stages after it have nothing to work on (main: one line, exit status 130)."""
+
+    def __init__(self, summary: dict, run_dir: str):
+        super().__init__(f"interrupted ({summary['stopped_by']}) at step {summary['steps']}; the checkpoint is in "
+                         f"{summary['checkpoint_dir']} (continue with megamoe-train --config "
+                         f"{os.path.join(run_dir, 'config.yaml')} --resume)")
 
 
 def sft_only(a, out: str, device, precision: str, t_start: float) -> int:
@@ -383,6 +395,17 @@ def sft_only(a, out: str, device, precision: str, t_start: float) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except _Interrupted as e:
+        print(f"megamoe-quickstart: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("megamoe-quickstart: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     a = parse_args(argv)
     setup_logging(a.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -426,6 +449,8 @@ def main(argv=None) -> int:
     t_train = time.time()
     summary = train(a, out, moe_dir, manifest, precision, steps, train_min)
     t_train = time.time() - t_train
+    if summary["final_model"] is None:
+        raise _Interrupted(summary, os.path.join(out, "train"))
 
     stage("export to the Hugging Face Mixtral layout")
     hf_out = export(out, summary["final_model"], hf_dir)
