@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import warnings
 
 __all__ = ["setup_logging", "quiet_library_warnings", "add_log_level", "LOG_LEVELS"]
@@ -37,14 +38,48 @@ def _asked(level: str | None) -> int | None:
     return value if isinstance(value, int) else None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is emitted (not the one at set-up): a command run
+    twice in one process, under redirected or captured stderr, never writes to a stream closed since."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _rebind_closed_streams():
+    """Handlers that libraries bound to a sys.stderr/stdout closed since (lm_eval's, set up once per process) write
+    to the current sys.stderr instead of failing with a '--- Logging error ---' traceback on every record."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                        if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if (type(h) is logging.StreamHandler and getattr(h.stream, "closed", False)):
+                with h.lock:          # not setStream: it flushes the closed stream first
+                    h.stream = sys.stderr
+
+
 def setup_logging(level: str | None = None, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"):
     """Configure the root logger of a command. A level asked for explicitly is applied even when a handler is
     already installed (basicConfig alone would ignore it)."""
     asked = _asked(level)
     default = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING
-    logging.basicConfig(level=default if asked is None else asked, format=fmt, datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    if not root.handlers:   # as logging.basicConfig, with a handler that follows sys.stderr
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(default if asked is None else asked)
     if asked is not None:
-        logging.getLogger().setLevel(asked)
+        root.setLevel(asked)
+    _rebind_closed_streams()
     quiet_library_warnings()
 
 

@@ -105,3 +105,34 @@ def test_tools_are_the_commands(tool, cmd):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: {cmd}")
+
+
+def test_logging_follows_the_current_stderr_and_rebinds_closed_streams(capsys, monkeypatch):
+    """CI ran megamoe-lm-eval twice in one process: lm_eval's own handler (set up once per process) still held the
+    stderr of an earlier, closed capture, and every record printed a '--- Logging error ---' traceback. After
+    setup_logging such handlers write to the current stderr, and megamoe's own handler follows sys.stderr."""
+    import io
+    import logging
+
+    from megamoe import console
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    lib = logging.getLogger("some_library_like_lm_eval")
+    dead = io.StringIO()
+    stale = logging.StreamHandler(dead)
+    lib.addHandler(stale)
+    dead.close()
+    try:
+        console.setup_logging("info")
+        lib.warning("library says hello")
+        logging.getLogger("megamoe.test").warning("megamoe says hello")
+        err = capsys.readouterr().err
+        assert "library says hello" in err and "megamoe says hello" in err, err
+        assert "Logging error" not in err and "Traceback" not in err, err
+        assert isinstance(root.handlers[0], console._StderrHandler)
+        other = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", other)
+        logging.getLogger("megamoe.test").warning("to the new stderr")
+        assert "to the new stderr" in other.getvalue()
+    finally:
+        lib.removeHandler(stale)
