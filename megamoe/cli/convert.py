@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform router; LLaMA-MoE v2's scripts use 1.0 or 4.0)")
     a.add_argument("--attn-mode", choices=["token_sparse", "full_kv"],
                    help="token_sparse: a token attends only to earlier tokens routed to the same expert (the released "
-                        "v2); full_kv: every earlier token's K/V, sparse queries (default token_sparse)")
+                        "v2; its llama-moe-v2 exports load in their code); full_kv: every earlier token's K/V, sparse "
+                        "queries (default: measured better, docs/attention_moe.md; only megamoe computes it)")
     h.add_argument("--seed", type=nonnegative_int, default=0, help="split seed (layer i uses seed+i) and router seed")
     h.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the shards")
     h.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (must divide E)")

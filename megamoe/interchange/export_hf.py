@@ -4,6 +4,7 @@ v2 forwards, written from what the released code computes)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
@@ -89,6 +90,11 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
             config = to_hf[fmt](replace(cfg, **special), dtype_word(ref_dt))
             write_json(os.path.join(tmp, "config.json"), config)
             copy_tokenizer(src, tmp)
+            if fmt == "llama-moe-v2" and "attn_mode" in config:
+                logging.getLogger(__name__).warning(
+                    "%s: attention experts are full_kv: the released LLaMA-MoE v2 code loads this directory but "
+                    "computes token-sparse attention (other logits); only megamoe computes it (README.md says so). "
+                    "Train with attn_moe.mode: token_sparse for an export their code reproduces", out)
             loader = {"llama-moe-v1": V1_README,
                       "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}.get(fmt)
             write_model_card(tmp, replace(cfg, **special), fmt=fmt, facts=card_facts(src),
