@@ -108,7 +108,7 @@ def test_llama_moe_v1_recipe_is_bit_identical_to_the_former_conversion(tmp_path,
 
 
 def test_experts_alone_keep_the_recipes_active_fraction():
-    """--experts E without --top-k: k = E * k_r / E_r (megamoe 64/16 -> 8/2, 4/1; v1 8/2 -> 16/4), never 0."""
+    """--experts E without --top-k: k = E * k_r / E_r (megamoe 128/32 -> 8/2, 4/1; v1 8/2 -> 16/4), never 0."""
     assert recipe_kwargs("megamoe", num_experts=8)["top_k"] == 2
     assert recipe_kwargs("megamoe", num_experts=4)["top_k"] == 1
     assert recipe_kwargs("megamoe", num_experts=2)["top_k"] == 1
@@ -119,7 +119,7 @@ def test_experts_alone_keep_the_recipes_active_fraction():
 
 def test_recipe_resolution_and_errors():
     kw = recipe_kwargs("megamoe", granularity=2, top_k=4)
-    assert kw["num_experts"] == 128 and kw["top_k"] == 8 and kw["calibrate"].router == "rank"
+    assert kw["num_experts"] == 256 and kw["top_k"] == 8 and kw["calibrate"].router == "rank"
     assert kw["calibration"]["local"] is True
     kw = recipe_kwargs("megamoe", calibrate={"off": True}, calibration={"jsonl": "x.jsonl"})
     assert kw["calibrate"] is None and "local" not in kw["calibration"]

@@ -657,7 +657,7 @@ def build_parser():
     common(r)
     r.add_argument("--methods", nargs="+", default=["random", "clustering"],
                    help="random clustering coactivation gradient (default: random clustering)")
-    r.add_argument("--granularities", nargs="+", default=["8/2", "64/16"], help="E/k pairs (default 8/2 64/16)")
+    r.add_argument("--granularities", nargs="+", default=["8/2", "64/16", "128/32"], help="E/k pairs (default 8/2 64/16 128/32)")
     r.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=list(ROUTERS))
     f3 = sub.add_parser("fig3", help="construction methods compared after the same training")
     common(f3)

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--src", required=True, help="HF directory (LLaMA, llama-moe v1, Mixtral), or 'smollm2'/'embedded'")
     h.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     h.add_argument("--recipe", default=None, choices=["megamoe", "llama-moe-v1"],
-                   help="construction recipe (default megamoe: 64 experts top-16, clustered split, router fitted "
+                   help="construction recipe (default megamoe: 128 experts top-32, clustered split, router fitted "
                         "on calibration tokens, calibrated score scale, refitted down_proj; llama-moe-v1: the "
                         "paper's 8 experts top-2, random split, random mlp gate, topk_noisy, scale 4). The flags "
                         "below override the recipe's values. See megamoe/construct/recipes.py")
