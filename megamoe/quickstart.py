@@ -266,7 +266,9 @@ def train(a, out: str, moe_dir: str, manifest: str, precision: str, steps: int, 
                  "eval.batches=1", f"eval.batch_size={a.micro_batch}", "eval.interval=0",
                  "checkpoint.interval=0", f"log.interval={max(1, steps // 40)}",
                  # the step count is an estimate: training stops (with a checkpoint) when its time is up
-                 *([f"train.max_minutes={train_min:.3f}"] if not a.steps else [])]
+                 *([f"train.max_minutes={train_min:.3f}"] if not a.steps else []),
+                 # calibrated routers (weights ~1e-4) are re-routed by a single AdamW step: keep them as fitted
+                 *(["train.freeze_routers=true"] if construction(a).get("calibrate") is not None else [])]
     if os.path.isfile(base):
         cfg = load_train_config(base, overrides)
     else:  # no bundled quickstart.yaml (a wheel built without configs/): the same run from the defaults

@@ -196,6 +196,9 @@ class LoopConfig:
     activation_checkpointing: bool = False
     max_consecutive_nonfinite: int = 5    # NaN/Inf losses in a row before the run stops
     max_minutes: float | None = None      # wall-clock limit of the loop: save and stop (resumable) before passing it
+    freeze_routers: bool = False          # routers get no update (without `stages:`; a stage has its own flag). For
+    #                                       calibrated routers (the megamoe recipe): their weights are ~1e-4, so
+    #                                       one AdamW step at lr 1e-4 re-routes every token
 
 
 @dataclass
@@ -290,7 +293,8 @@ class TrainConfig:
         train.steps to the sum of the stages' steps. Raises ConfigError naming the field."""
         if not self.stages:
             return [Stage(0, "main", 0, self.train.steps, self.optim,
-                          self.data.weights if isinstance(self.data.weights, dict) else None, False, True)]
+                          self.data.weights if isinstance(self.data.weights, dict) else None,
+                          bool(self.train.freeze_routers), True)]
         plan, start, names = [], 0, set()
         base = dataclasses.asdict(self.optim)
         for i, st in enumerate(self.stages):

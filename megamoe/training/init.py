@@ -44,7 +44,12 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
             raise ConfigError(f"init.path: {path} has no manifest.json (not a megamoe shard directory)")
         ck = ShardedCheckpoint(path)
         model_cfg = ck.config
+        calibrated = bool((ck.manifest.get("calibration") or {}).get("spec"))
         ck.close()
+        if calibrated and not cfg.train.freeze_routers and not any(st.freeze_routers for st in cfg.stages or []):
+            log.warning("init.path: %s was converted with calibrated routers (weights ~1e-4): with routers training, "
+                        "the first AdamW steps re-route every token and the loss jumps; set train.freeze_routers=true "
+                        "(or a stage's freeze_routers) to keep them as fitted (docs/training.md)", path)
     else:
         cj = os.path.join(path, "config.json")
         if not os.path.isfile(cj):
