@@ -322,7 +322,9 @@ def sft_config(a, out: str, hf_dir: str, moe_dir: str, precision: str) -> TrainC
         # the v2 recipe's shape (cosine, warmup ratio, no weight decay, AdamW betas of HF's Trainer), sized for minutes
         "optim": {"lr": a.sft_lr, "warmup_ratio": 0.1, "decay_style": "cosine", "min_lr_ratio": 0.0,
                   "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "clip_grad": 1.0},
-        "stages": [{"name": "general", "mixture": {"general": 1.0}, "steps": a.sft_steps},
+        # stage 1 trains the routers (v2's recipe) unless they were calibrated (weights ~1e-4: kept as fitted)
+        "stages": [{"name": "general", "mixture": {"general": 1.0}, "steps": a.sft_steps,
+                    "freeze_routers": construction(a).get("calibrate") is not None},
                    {"name": "math_replay", "mixture": {"math": 0.7, "general": 0.3}, "steps": a.sft_steps,
                     "freeze_routers": True}],
         "train": {"global_batch_tokens": a.sft_batch * a.sft_seq_len, "micro_batch_size": micro,
