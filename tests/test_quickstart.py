@@ -10,19 +10,23 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory, smollm2_dir):
+def write_tiny_dense(dense, smollm2_dir):
+    """A tiny dense LLaMA (2 layers, hidden 32) with the embedded SmolLM2 tokenizer, as the quickstart's --hf-dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megamoe.quickstart import main
-    tmp = tmp_path_factory.mktemp("quickstart")
-    dense = tmp / "dense"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                                  max_position_embeddings=512)).save_pretrained(dense, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(smollm2_dir, f), dense / f)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory, smollm2_dir):
+    from megamoe.quickstart import main
+    tmp = tmp_path_factory.mktemp("quickstart")
+    dense = write_tiny_dense(tmp / "dense", smollm2_dir)
     out = tmp / "qs"
     rc = main(["--hf-dir", str(dense), "--out", str(out), "--experts", "8", "--steps", "4", "--seq-len", "32",
                "--batch", "4", "--micro-batch", "2", "--corpus-mb", "0.1", "--eval-batches", "1", "--lr", "1e-2"])
@@ -84,14 +88,7 @@ def test_sigterm_during_training_is_one_line_and_exit_130(tmp_path, smollm2_dir)
     import sys
     import time
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-    dense = tmp_path / "dense"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                 max_position_embeddings=512)).save_pretrained(dense, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm2_dir, f), dense / f)
+    dense = write_tiny_dense(tmp_path / "dense", smollm2_dir)
     out = tmp_path / "qs"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "megamoe.quickstart", "--hf-dir", str(dense), "--out",
                              str(out), "--experts", "8", "--steps", "100000", "--seq-len", "32", "--batch", "4", "--micro-batch", "2",

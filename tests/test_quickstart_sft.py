@@ -3,23 +3,13 @@ and chat template (the real leg on SmolLM2-135M: `megamoe-quickstart --sft-only`
 converted MoE measured on held-out replies, two SFT stages, chat replies before and after."""
 
 import json
-import os
-import shutil
 
-import torch
+from test_quickstart import write_tiny_dense
 
 
 def test_quickstart_sft_only(tmp_path, smollm2_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from megamoe.quickstart import main
-    dense = tmp_path / "dense"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                 max_position_embeddings=512)).save_pretrained(dense, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm2_dir, f), dense / f)
+    dense = write_tiny_dense(tmp_path / "dense", smollm2_dir)
     out = tmp_path / "qs"
     rc = main(["--hf-dir", str(dense), "--out", str(out), "--sft-only", "--sft-steps", "3", "--sft-batch", "2",
                "--sft-seq-len", "128", "--sft-conversations", "60", "--sft-lr", "1e-2", "--eval-batches", "1",
