@@ -419,3 +419,25 @@ def test_dense_dir_is_complete_for_every_loader(smollm2_dir, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert after.apply_chat_template(msgs, tokenize=False) == before.apply_chat_template(msgs, tokenize=False)
     assert complete_for_every_loader(str(d)) == []  # idempotent
+
+
+def test_mixtral_export_past_llama_cpps_top_k_says_so(tmp_path, caplog):
+    """llama.cpp aborts at context creation on a Mixtral GGUF routing more than 16 experts per token (measured on
+    SmolLM2: top-16 runs, top-24 and the megamoe recipe's top-32 abort): such an export warns and its model card
+    says which loader runs it; a top-2 export does neither."""
+    import logging
+    path = str(tmp_path / "dense")
+    tiny_llama(path, intermediate_size=96)   # 24 experts of 4 neurons (transformers' grouped_mm: 16-byte rows)
+    for k, E in ((17, 24), (2, 4)):
+        shards, hf = str(tmp_path / f"moe{k}"), str(tmp_path / f"mixtral{k}")
+        convert.hf_to_moe(path, shards, num_experts=E, top_k=k, router="mixtral", gate_network="linear",
+                          progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            convert.moe_to_hf(shards, hf, "mixtral", progress=False)
+        card = open(os.path.join(hf, "README.md")).read()
+        if k > 16:
+            assert "17 experts per token" in caplog.text and "llama.cpp does not" in caplog.text
+            assert "## llama.cpp" in card and "GGML_ASSERT(obj_new)" in card
+        else:
+            assert "llama.cpp" not in caplog.text and "GGML_ASSERT" not in card

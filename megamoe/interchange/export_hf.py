@@ -95,8 +95,17 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
                     "%s: attention experts are full_kv: the released LLaMA-MoE v2 code loads this directory but "
                     "computes token-sparse attention (other logits); only megamoe computes it (README.md says so). "
                     "Train with attn_moe.mode: token_sparse for an export their code reproduces", out)
-            loader = {"llama-moe-v1": V1_README,
-                      "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}.get(fmt)
+            llamacpp = fmt == "mixtral" and cfg.moe is not None and cfg.moe.top_k > LLAMACPP_MAX_TOP_K
+            if llamacpp:
+                logging.getLogger(__name__).warning(
+                    "%s: %d experts per token: transformers runs this export, llama.cpp does not (its graph budget "
+                    "aborts with GGML_ASSERT(obj_new) above %d; docs/interchange.md)", out, cfg.moe.top_k,
+                    LLAMACPP_MAX_TOP_K)
+            notes = {"llama-moe-v1": V1_README,
+                     "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}
+            if llamacpp:
+                notes["mixtral"] = MIXTRAL_LLAMACPP_NOTE.format(k=cfg.moe.top_k, max_k=LLAMACPP_MAX_TOP_K)
+            loader = notes.get(fmt)
             write_model_card(tmp, replace(cfg, **special), fmt=fmt, facts=card_facts(src),
                              loader_notes=_subsection(loader) if loader else None,
                              **{"name": os.path.basename(os.path.abspath(out)), **(card or {})})
@@ -234,6 +243,19 @@ transformers versions, as executed with that code (eager attention, the recipe a
 megamoe loads this directory without their code: `megamoe.eval.load.load_model(dir)`, or
 `megamoe-convert hf-to-moe --src DIR --out SHARDS` (checked against an independent forward of what their code
 computes).
+"""
+
+# llama.cpp (llama-cpp-python 0.3.36's tree, docs/interchange.md) sizes its compute graph by the model's tensor count,
+# not by the experts used per token: a 30-layer Mixtral GGUF runs at top-16 and aborts at context creation at top-24
+LLAMACPP_MAX_TOP_K = 16
+
+MIXTRAL_LLAMACPP_NOTE = """
+## llama.cpp
+
+This model routes {k} experts per token. transformers runs it (`MixtralForCausalLM`); llama.cpp converts it to GGUF
+but aborts when it creates a context (`GGML_ASSERT(obj_new)`: its graph budget grows with the number of tensors, not
+with the experts used per token; measured: top-16 runs, top-24 does not). For llama.cpp, convert with at most
+{max_k} experts per token (e.g. `megamoe-convert hf-to-moe --experts 64 --top-k 16`).
 """
 
 V2_FULL_KV_NOTE = """
