@@ -113,15 +113,15 @@ def calibration_tokens(model_dir: str, calibration: dict):
     if not (calibration.get("jsonl") or calibration.get("local")):
         raise ConfigError("calibration: give --calib-jsonl, --calib-prefix or --calib-local")
     try:
-        load_tokenizer(model_dir)
+        tok = load_tokenizer(model_dir)
     except (ValueError, OSError) as err:
         raise InputError(f"{model_dir}: calibration text needs the source's tokenizer, and none loads ({err}). Add "
                          "its tokenizer files, give pre-tokenized data with --calib-prefix, or convert without "
                          "calibration (--recipe llama-moe-v1, or --no-calibrate with a split that needs no data)"
                          ) from err
     if calibration.get("jsonl"):
-        return tokens_from_jsonl(calibration["jsonl"], tokenizer=model_dir, seq_len=seq_len, token_budget=budget)
-    return tokens_from_local_corpus(model_dir, seq_len=seq_len, token_budget=budget)
+        return tokens_from_jsonl(calibration["jsonl"], tokenizer=tok, seq_len=seq_len, token_budget=budget)
+    return tokens_from_local_corpus(tok, seq_len=seq_len, token_budget=budget)
 
 
 def _default_calibration_tokens(hf: HFDir, calibration: dict | None):

@@ -139,7 +139,7 @@ def _triton_can_run(device: torch.device, forced: bool) -> tuple[bool, str]:
                            else "CPU tensors need TRITON_INTERPRET=1 set before megamoe.kernels is imported")
         if not mod.INTERPRETED:
             return False, "megamoe.kernels.topk_gating was imported before TRITON_INTERPRET=1 was set"
-        if not getattr(mod, "LANG_INTERPRETED", True):
+        if not mod.LANG_INTERPRETED:
             return False, ("triton was imported before TRITON_INTERPRET=1 was set (the interpreter needs triton.language "
                            "decorated under it too)")
         if not (forced or interpret_env):
