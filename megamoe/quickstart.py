@@ -60,6 +60,7 @@ from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, load_train_conf
                                      resolve_precision)
 from megamoe.training.data import prepare_embedded_chat
 from megamoe.training.evaluate import evaluate
+from megamoe.training.init import calibrated_routers
 from megamoe.training.trainer import run
 
 log = logging.getLogger("megamoe.quickstart")
@@ -168,12 +169,27 @@ def corpus(a, out: str, hf_dir: str) -> tuple[DomainMixture, str]:
 
 
 def convert(a, out: str, hf_dir: str) -> str:
-    """[3] dense -> LLaMA-MoE shards (megamoe-convert hf-to-moe; reused when complete)."""
+    """[3] dense -> LLaMA-MoE shards (megamoe-convert hf-to-moe; reused when complete and made from the same source
+    with the same construction flags)."""
     moe_dir = os.path.join(out, "moe")
-    if not os.path.isfile(os.path.join(moe_dir, "manifest.json")):
+    made_by = {"hf_dir": os.path.abspath(hf_dir), "recipe": a.recipe, "experts": a.experts, "top_k": a.top_k,
+               "score_scale": a.score_scale, "seed": a.seed}
+    stamp = os.path.join(out, "moe.construction.json")
+    reuse = os.path.isfile(os.path.join(moe_dir, "manifest.json")) and os.path.isfile(stamp)
+    if reuse:
+        with open(stamp) as f:
+            reuse = json.load(f) == made_by
+    if not reuse:
         shutil.rmtree(moe_dir, ignore_errors=True)
         hf_to_moe(hf_dir, moe_dir, seed=a.seed, progress=False, **construction(a))
+        atomic_write_text(stamp, json.dumps(made_by, indent=1))
     return moe_dir
+
+
+def routers_calibrated(moe_dir: str) -> bool:
+    """The converted model's routers were fitted (the megamoe recipe): training keeps them frozen."""
+    with open(os.path.join(moe_dir, "manifest.json")) as f:
+        return calibrated_routers(json.load(f))
 
 
 def construction(a) -> dict:
@@ -268,7 +284,7 @@ def train(a, out: str, moe_dir: str, manifest: str, precision: str, steps: int, 
                  # the step count is an estimate: training stops (with a checkpoint) when its time is up
                  *([f"train.max_minutes={train_min:.3f}"] if not a.steps else []),
                  # calibrated routers (weights ~1e-4) are re-routed by a single AdamW step: keep them as fitted
-                 *(["train.freeze_routers=true"] if construction(a).get("calibrate") is not None else [])]
+                 *(["train.freeze_routers=true"] if routers_calibrated(moe_dir) else [])]
     if os.path.isfile(base):
         cfg = load_train_config(base, overrides)
     else:  # no bundled quickstart.yaml (a wheel built without configs/): the same run from the defaults
@@ -324,7 +340,7 @@ def sft_config(a, out: str, hf_dir: str, moe_dir: str, precision: str) -> TrainC
                   "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "clip_grad": 1.0},
         # stage 1 trains the routers (v2's recipe) unless they were calibrated (weights ~1e-4: kept as fitted)
         "stages": [{"name": "general", "mixture": {"general": 1.0}, "steps": a.sft_steps,
-                    "freeze_routers": construction(a).get("calibrate") is not None},
+                    "freeze_routers": routers_calibrated(moe_dir)},
                    {"name": "math_replay", "mixture": {"math": 0.7, "general": 0.3}, "steps": a.sft_steps,
                     "freeze_routers": True}],
         "train": {"global_batch_tokens": a.sft_batch * a.sft_seq_len, "micro_batch_size": micro,

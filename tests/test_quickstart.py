@@ -111,3 +111,26 @@ def test_sigterm_during_training_is_one_line_and_exit_130(tmp_path, smollm2_dir)
     ckpts = out / "train" / "checkpoints"
     assert ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
     assert not (out / "hf_mixtral").exists()
+
+
+def test_converted_model_is_reused_only_for_the_same_construction(tmp_path, smollm2_dir):
+    """The quickstart reuses a complete conversion in its output directory, but only one made from the same source
+    with the same flags: a run with --recipe llama-moe-v1 after a default run used to train the calibrated 8-expert
+    model it found there (and freeze its routers) instead of converting anew."""
+    from megamoe.quickstart import convert, parse_args, routers_calibrated
+    dense = write_tiny_dense(tmp_path / "dense", smollm2_dir)
+    out = tmp_path / "qs"
+    out.mkdir()
+
+    def run(*flags):
+        a = parse_args(["--hf-dir", str(dense), "--out", str(out), "--experts", "8", *flags])
+        moe = convert(a, str(out), str(dense))
+        path = os.path.join(moe, "manifest.json")
+        with open(path) as f:
+            return f.read(), os.stat(path).st_mtime_ns, routers_calibrated(moe)
+
+    first, when, calibrated = run()
+    assert calibrated
+    assert run() == (first, when, True)                             # reused: the same file, not re-written
+    v1, _, calibrated = run("--recipe", "llama-moe-v1")
+    assert v1 != first and not calibrated and json.loads(v1)["model"]["moe"]["router"] == "topk_noisy"

@@ -24,11 +24,17 @@ from megamoe.training.config import TrainConfig
 
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["resolve_model_config", "load_initial_weights"]
+__all__ = ["resolve_model_config", "load_initial_weights", "calibrated_routers"]
 
 # may differ from the source's: runtime choices, and the special token ids (not architecture)
 RUNTIME_FIELDS = ("recompute", "attention_backend", "params_dtype", "init_std", "bos_token_id", "eos_token_id",
                   "pad_token_id")
+
+
+def calibrated_routers(manifest: dict) -> bool:
+    """Whether a shard directory's routers were fitted by hf-to-moe's calibration (its manifest.json holds the spec):
+    their weights are ~1e-4, and training them re-routes every token at once (train.freeze_routers keeps them)."""
+    return bool((manifest.get("calibration") or {}).get("spec"))
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -44,7 +50,7 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
             raise ConfigError(f"init.path: {path} has no manifest.json (not a megamoe shard directory)")
         ck = ShardedCheckpoint(path)
         model_cfg = ck.config
-        calibrated = bool((ck.manifest.get("calibration") or {}).get("spec"))
+        calibrated = calibrated_routers(ck.manifest)
         ck.close()
         if calibrated and not cfg.train.freeze_routers and not any(st.freeze_routers for st in cfg.stages or []):
             log.warning("init.path: %s was converted with calibrated routers (weights ~1e-4): with routers training, "
