@@ -441,3 +441,14 @@ def test_mixtral_export_past_llama_cpps_top_k_says_so(tmp_path, caplog):
             assert "## llama.cpp" in card and "GGML_ASSERT(obj_new)" in card
         else:
             assert "llama.cpp" not in caplog.text and "GGML_ASSERT" not in card
+
+
+def test_mixtral_export_summary_notes_are_the_exports_own(dense, tmp_path):
+    """The summary's `notes` are the export's remarks (a list of lines), never the layouts' loading READMEs (a
+    variable of the llama.cpp check once shadowed them: every Mixtral summary carried a dict of READMEs)."""
+    path, _ = dense
+    shards, hf = str(tmp_path / "moe"), str(tmp_path / "mixtral")
+    convert.hf_to_moe(path, shards, num_experts=4, top_k=2, router="mixtral", gate_network="linear", progress=False)
+    s = convert.moe_to_hf(shards, hf, "mixtral", progress=False)
+    assert isinstance(s.get("notes", []), list)
+    assert not any("llama-moe" in str(n) and "checkpoint (exported by megamoe)" in str(n) for n in s.get("notes", []))

@@ -101,11 +101,11 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
                     "%s: %d experts per token: transformers runs this export, llama.cpp does not (its graph budget "
                     "aborts with GGML_ASSERT(obj_new) above %d; docs/interchange.md)", out, cfg.moe.top_k,
                     LLAMACPP_MAX_TOP_K)
-            notes = {"llama-moe-v1": V1_README,
-                     "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}
+            how_to_load = {"llama-moe-v1": V1_README,
+                           "llama-moe-v2": V2_README + (V2_FULL_KV_NOTE if "attn_mode" in config else "")}
             if llamacpp:
-                notes["mixtral"] = MIXTRAL_LLAMACPP_NOTE.format(k=cfg.moe.top_k, max_k=LLAMACPP_MAX_TOP_K)
-            loader = notes.get(fmt)
+                how_to_load["mixtral"] = MIXTRAL_LLAMACPP_NOTE.format(k=cfg.moe.top_k, max_k=LLAMACPP_MAX_TOP_K)
+            loader = how_to_load.get(fmt)
             write_model_card(tmp, replace(cfg, **special), fmt=fmt, facts=card_facts(src),
                              loader_notes=_subsection(loader) if loader else None,
                              **{"name": os.path.basename(os.path.abspath(out)), **(card or {})})
