@@ -51,7 +51,8 @@ from megamoe.parallel.context import ring_attention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Attention", "AttentionContext", "attention_mask", "attention_mask_reference", "cu_seqlens_from_segments"]
+__all__ = ["Attention", "AttentionContext", "attention_mask", "attention_mask_reference", "cu_seqlens_from_segments",
+           "qkvo_projections"]
 
 _attn_backend_logged = False
 _paths_logged: set[str] = set()
@@ -155,6 +156,22 @@ class AttentionContext:
         return self._varlen
 
 
+def qkvo_projections(cfg: ModelConfig, mp_cfg, kv_heads: int):
+    """LLaMA attention's four projections, megatron-initialised (created in this order: the RNG stream is part of a
+    seeded model): q [num_heads*d, H], k and v [kv_heads*d, H] column-parallel (heads split over TP), o [H,
+    num_heads*d] row-parallel, no biases. `kv_heads`: the model's KV heads, or one per attention expert
+    (megamoe/moe/attention.py)."""
+    d, H = cfg.dim_head, cfg.hidden_size
+    out_init = init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    col = dict(config=mp_cfg, init_method=init_normal(cfg.init_std), bias=False, gather_output=False)
+    q = ColumnParallelLinear(H, cfg.num_heads * d, **col)
+    k = ColumnParallelLinear(H, kv_heads * d, **col)
+    v = ColumnParallelLinear(H, kv_heads * d, **col)
+    o = RowParallelLinear(cfg.num_heads * d, H, config=mp_cfg, init_method=out_init, bias=False,
+                          input_is_parallel=True, skip_bias_add=False)
+    return q, k, v, o
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE. q/k/v are column-parallel (heads split over TP), o is row-parallel."""
 
@@ -164,15 +181,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.d = cfg.dim_head
         self.n_heads, self.n_kv = cfg.num_heads // tp, cfg.kv_heads // tp
-        H = cfg.hidden_size
-        init = init_normal(cfg.init_std)
-        out_init = init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-        col = dict(config=mp_cfg, init_method=init, bias=False, gather_output=False)
-        self.q_proj = ColumnParallelLinear(H, cfg.num_heads * self.d, **col)
-        self.k_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
-        self.v_proj = ColumnParallelLinear(H, cfg.kv_heads * self.d, **col)
-        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mp_cfg, init_method=out_init, bias=False,
-                                        input_is_parallel=True, skip_bias_add=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_projections(cfg, mp_cfg, cfg.kv_heads)
         self._te = None  # transformer-engine attention module, built on first use when that backend runs
 
     def forward(self, x, cos, sin, ctx: AttentionContext | None = None, cache: LayerKVCache | None = None):

@@ -44,12 +44,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as tpar
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from megamoe.config import DTYPES, ModelConfig
-from megamoe.layers.attention import AttentionContext, attention_mask
-from megamoe.layers.init import init_normal
+from megamoe.layers.attention import AttentionContext, attention_mask, qkvo_projections
 from megamoe.layers.kv_cache import LayerKVCache
 from megamoe.layers.rope import apply_rope
 from megamoe.moe.router import Router
@@ -154,14 +152,8 @@ class AttentionMoE(nn.Module):
         self.local = a.num_experts // self.tp
         self.first = ps.get_tensor_model_parallel_rank() * self.local
         H = cfg.hidden_size
-        init = init_normal(cfg.init_std)
-        out_init = init_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-        col = dict(config=mp_cfg, init_method=init, bias=False, gather_output=False)
-        self.q_proj = ColumnParallelLinear(H, cfg.num_heads * self.d, **col)
-        self.k_proj = ColumnParallelLinear(H, a.num_experts * self.d, **col)
-        self.v_proj = ColumnParallelLinear(H, a.num_experts * self.d, **col)
-        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, H, config=mp_cfg, init_method=out_init, bias=False,
-                                        input_is_parallel=True, skip_bias_add=False)
+        # one KV head per expert (module docstring: k/v rows [e*d, (e+1)*d))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_projections(cfg, mp_cfg, a.num_experts)
         self.router = Router(a.router_moe(), H, a.score_scale, self.sp, DTYPES[cfg.params_dtype])
         self.router.noise = None   # the top-k-then-softmax order runs the topk_noisy router without its noise
         self.router.stats_reducer = make_stats_reducer(self.sp)
