@@ -49,7 +49,7 @@ from megamoe.data import DomainMixture, build_local_corpus  # noqa: E402
 from megamoe.data.preprocess import PreprocessConfig, preprocess_domains  # noqa: E402
 from megamoe.eval.load import load_model  # noqa: E402
 from megamoe.eval.perplexity import domain_perplexity  # noqa: E402
-from megamoe.fileio import atomic_write_text  # noqa: E402
+from megamoe.fileio import atomic_write_text, temp_path  # noqa: E402
 from megamoe.formats.embedded import materialize_smollm2  # noqa: E402
 from megamoe.formats.hf_llama import load_hf_llama  # noqa: E402
 from megamoe.formats.shards import ShardedCheckpoint  # noqa: E402
@@ -100,7 +100,7 @@ class Setup:
                 root = os.path.dirname(self.manifest)
                 pre = {d: os.path.join(root, v["train"]) for d, v in sorted(man["domains"].items())}
                 self._calib = tokens_from_indexed(pre, seq_len=self.a.calib_seq_len, token_budget=self.a.calib_tokens)
-                torch.save({"ids": self._calib.ids, "domains": self._calib.domains}, p)
+                _save_tensors({"ids": self._calib.ids, "domains": self._calib.domains}, p)
         return self._calib
 
     def evaluate(self, model) -> tuple[dict, dict]:
@@ -123,6 +123,15 @@ class Setup:
         res, _ = self.evaluate(m)
         atomic_write_text(p, json.dumps(res, indent=1))
         return res
+
+
+def _save_tensors(obj, path: str) -> None:
+    """torch.save to a temporary name beside `path` (its directory made), then rename: a cache file is whole or
+    absent."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def gmean(res: dict) -> float:
@@ -304,9 +313,11 @@ def _plt():
 def train_arm(s: Setup, name: str, init_path: str | None, steps: int, model_cfg=None) -> dict:
     """Continual pre-training of one arm with megamoe.train's run() on configs/quickstart.yaml: `steps` steps of
     --batch x --seq-len tokens (the same for every arm), no intermediate evaluation. init_path None: from scratch
-    (random init of `model_cfg`). Returns {"losses", "ppl", "tokens", "seconds", "final_model"} (cached)."""
+    (random init of `model_cfg`). Calibrated routers (the megamoe recipe) stay frozen, as in the quickstart.
+    Returns {"losses", "ppl", "tokens", "seconds", "final_model"} (cached)."""
     from megamoe.config import read_yaml
     from megamoe.training.config import TrainConfig, apply_overrides
+    from megamoe.training.init import calibrated_routers
     from megamoe.training.trainer import run
     d = os.path.join(s.out, "runs", name)
     done = os.path.join(d, "arm.json")
@@ -324,6 +335,9 @@ def train_arm(s: Setup, name: str, init_path: str | None, steps: int, model_cfg=
         over += ["init.source=random", "init.path=null"]
     else:
         over += ["init.source=megamoe", f"init.path={init_path}"]
+        with open(os.path.join(init_path, "manifest.json")) as f:
+            if calibrated_routers(json.load(f)):    # fitted routers (weights ~1e-4): kept as fitted, as the
+                over.append("train.freeze_routers=true")   # quickstart and megamoe-train's warning do
     raw = apply_overrides(read_yaml(os.path.join(ROOT, "configs", "quickstart.yaml")), over)
     if model_cfg is not None:
         raw["model"] = model_cfg.to_dict()
@@ -377,7 +391,7 @@ FIG3_METHODS = {
     "independent-clustering": ("clustering", 8, 2, "random", {}),
     "sharing-inner": ("sharing-inner", 8, 2, "random", {}),
     "sharing-inter": ("sharing-inter", 7, 1, "random", {}),       # 1 residual block + 7 routed, top-1 (v2's 1+7)
-    "megamoe": (None, 64, 16, None, {}),                         # the default recipe
+    "megamoe": (None, 128, 32, None, {}),                        # the default recipe (recipe_kwargs("megamoe"))
 }
 
 
@@ -401,7 +415,7 @@ def _gradient_partitions(s: Setup, name: str) -> str:
         g = gradient_importance(LayerStream(s.hf), sub, clusters="kmeans", num_clusters=8)
         print(f"   gradient importance ({sub.num_tokens} tokens) in {time.time() - t:.0f}s", flush=True)
         imp = g.importance
-        torch.save({str(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in imp.items()}, imp_path)
+        _save_tensors({str(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in imp.items()}, imp_path)
     f = next(iter(imp.values())).shape[1]
     if name == "sharing-inner":                   # each of 8 experts: its cluster's top F/8 neurons (overlaps)
         parts = {i: split_sharing_inner(v, f // 8) for i, v in imp.items()}
