@@ -17,6 +17,7 @@ Sections (all optional; see configs/*.yaml and docs/training.md):
   eval        validation every N steps (loss and perplexity per domain)
   checkpoint  directory, interval, keep-last-K, resume
   log         console / JSONL / TensorBoard, TGS window, device peak FLOP/s for MFU
+  distill     knowledge distillation from a teacher (the dense source): its KL beside the cross entropy
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from megamoe.fileio import atomic_write_text
 from megamoe.training.schedule import LRSchedule
 
 __all__ = ["TrainConfig", "InitConfig", "DataConfig", "EmbeddedChatConfig", "OptimConfig", "StageConfig", "Stage",
-           "LoopConfig", "EvalConfig", "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config",
+           "LoopConfig", "EvalConfig", "DistillConfig", "CheckpointConfig", "LogConfig", "load_train_config", "save_train_config",
            "build_schedule", "warmup_steps_of"]
 
 INIT_SOURCES = ("random", "megamoe", "hf")
@@ -202,6 +203,17 @@ class LoopConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`distill`: knowledge distillation from a teacher (megamoe/training/distill.py):
+    loss = (1 - weight) * CE + weight * T^2 * KL(teacher || student) + the routers' aux losses, over the tokens the
+    cross entropy counts. teacher: a directory megamoe-eval loads (typically the dense source of the conversion);
+    null: off. Tensor, pipeline and context parallelism are refused (the student's logits must be whole on a rank)."""
+    teacher: str | None = None
+    weight: float = 1.0                # alpha, in [0, 1]
+    temperature: float = 1.0
+
+
+@dataclass
 class EvalConfig:
     interval: int = 0                  # steps between evaluations; 0: only at the end (if at_end)
     batches: int = 4                   # validation batches per domain
@@ -266,6 +278,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: list | None = None         # list of StageConfig (see there); None: one stage of train.steps
 
     @property
@@ -442,10 +455,28 @@ class TrainConfig:
             raise ConfigError(f"log.wandb.mode: {self.log.wandb.mode!r} is not one of {WANDB_MODES}")
         if self.log.peak_flops is not None:
             pos("log.peak_flops", self.log.peak_flops)
+        self._validate_distill()
         self.parallel.validate(self.model)
         self.stage_plan()
         self.validate_stage_data()
         return self
+
+    def _validate_distill(self) -> None:
+        d = self.distill
+        if not 0 <= d.weight <= 1:
+            raise ConfigError(f"distill.weight: {d.weight} must be in [0, 1] (the KD share of the loss)")
+        if not isinstance(d.temperature, (int, float)) or d.temperature <= 0:
+            raise ConfigError(f"distill.temperature: {d.temperature!r} must be > 0")
+        if d.teacher is None:
+            return
+        if not os.path.isdir(d.teacher):
+            raise ConfigError(f"distill.teacher: {d.teacher} is not a directory (a Hugging Face model or a megamoe "
+                              "shard directory)")
+        p = self.parallel
+        for name, v in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp)):
+            if v > 1:
+                raise ConfigError(f"distill.teacher: distillation needs the student's logits whole on one rank; "
+                                  f"parallel.{name} is {v} (data and expert parallelism work)")
 
     def micro_batches_per_step(self, dp_size: int) -> int:
         """Gradient-accumulation steps on each rank for the global batch in tokens."""

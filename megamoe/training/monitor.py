@@ -190,6 +190,9 @@ class Monitor:
             if v is not None:
                 parts.append(fmt.format(v))
         add("loss {:.4f}", "loss")
+        if rec.get("kd_loss") is not None:   # distillation: the cross entropy and the teacher's KL apart
+            add("ce {:.4f}", "lm_loss")
+            add("kd {:.4f}", "kd_loss")
         add("bal {:.4f}", "balance_loss")
         add("lr {:.2e}", "lr")
         add("gnorm {:.3f}", "grad_norm")

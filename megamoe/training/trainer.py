@@ -54,6 +54,7 @@ from megamoe.training.checkpoint import CheckpointManager
 from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, build_schedule, cpu_has_native_bf16,
                                      resolve_precision, save_train_config)
 from megamoe.training.data import build_data, chat_manifest, full_weights, prepare_embedded_chat
+from megamoe.training.distill import Teacher, kd_loss
 from megamoe.training.evaluate import chat_samples, evaluate
 from megamoe.training.export import export_final_model
 from megamoe.training.init import load_initial_weights, resolve_model_config
@@ -115,6 +116,7 @@ class StepResult:
     router_stats: list          # the model's per-layer router statistics, one list per micro-batch
     last_batch: torch.Tensor    # the last micro-batch's token ids (for the NaN guard's report)
     attn_router_stats: list = dataclasses.field(default_factory=list)  # attention experts' routers, likewise
+    kd_loss: float | None = None  # distillation: the teacher's KL (mean over the tokens lm_loss counts); else None
 
 
 def _dp_mean(values: list[float], device) -> list[float]:
@@ -134,28 +136,48 @@ def _dp_sum(value: float, device) -> float:
     return float(t[0])
 
 
-def _sft_forward(ddp, b: SFTBatch, device, denominator: float):
+def _sft_forward(ddp, b: SFTBatch, device, denominator: float, distill=None):
     if device is not None:
         b = SFTBatch(*(t.to(device, non_blocking=True) for t in (b.tokens, b.loss_mask, b.position_ids,
                                                                   b.segment_ids, b.domain_ids)))
-    out = ddp(b.inputs, labels=b.labels, loss_mask=b.loss_mask, return_logits=False, position_ids=b.position_ids,
-              segment_ids=b.segment_ids, loss_denominator=denominator)
-    return out, b.tokens
+    out = ddp(b.inputs, labels=b.labels, loss_mask=b.loss_mask, return_logits=distill is not None,
+              position_ids=b.position_ids, segment_ids=b.segment_ids, loss_denominator=denominator)
+    kd = None
+    if distill is not None:   # the cross entropy's weights: mask / N
+        kd = _kd(distill, out, b.inputs, b.loss_mask.float() / denominator, b.position_ids, b.segment_ids)
+    return out, b.tokens, kd
 
 
-def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True) -> StepResult:
+def _kd(distill, out, inputs, weights, position_ids=None, segment_ids=None) -> torch.Tensor:
+    """The distillation term of one micro-batch (megamoe/training/distill.py): teacher forward, then the KL."""
+    teacher, dcfg = distill
+    t_logits = teacher.logits(inputs, position_ids=position_ids, segment_ids=segment_ids)
+    return kd_loss(out.logits, t_logits, weights, dcfg.temperature)
+
+
+def _mix(out, kd, distill, scale: float = 1.0) -> torch.Tensor:
+    """The loss to differentiate: lm + aux, or (1 - alpha) lm + alpha kd + aux when distilling; times `scale`."""
+    if kd is None:
+        return out.loss * scale if scale != 1.0 else out.loss
+    a = distill[1].weight
+    return ((1.0 - a) * out.lm_loss + a * kd + out.aux_loss) * scale
+
+
+def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True,
+               distill=None) -> StepResult:
     """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
     forward/backward `n_micro` micro-batches, each `next_batch()` -> [B, S+1] token ids, the loss scaled by 1/n_micro
     (or an SFTBatch: all micro-batches are drawn first, and the loss is the global token-weighted mean, see the
     module docstring); finalize the grads (data-parallel reduction, skipped at DP = 1); average the losses over the
     data-parallel group; then, when `finite(lm, aux)` allows, clip and update (guarded_step: a non-finite gradient
     norm skips the update). Pipeline parallelism: `ddp` is the list of this rank's model chunks, and the
-    micro-batches run through megatron's schedule (megamoe/training/pipeline.py)."""
+    micro-batches run through megatron's schedule (megamoe/training/pipeline.py). `distill`: (Teacher, DistillConfig)
+    adds the teacher's KL to each micro-batch's loss (megamoe/training/distill.py); StepResult.kd_loss reports it."""
     chunks = list(ddp) if pipelined(ddp) else [ddp]
     for c in chunks:
         c.zero_grad_buffer()
     opt.zero_grad()
-    lm_sum = aux_sum = 0.0
+    lm_sum = aux_sum = kd_sum = 0.0
     stats, attn_stats, batch = [], [], None
     first = next_batch()
     if pipelined(ddp):
@@ -166,8 +188,14 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
         trained = _dp_sum(sum(float(b.loss_mask.sum()) for b in micro), device or first.tokens.device)
         denominator = max(trained, 1.0) / ps.get_data_parallel_world_size()
         for b in micro:
-            out, batch = _sft_forward(ddp, b, device, denominator)
-            (out.lm_loss + out.aux_loss / n_micro).backward()
+            out, batch, kd = _sft_forward(ddp, b, device, denominator, distill)
+            # lm and kd are already global token means; aux is per micro-batch
+            loss = out.lm_loss + out.aux_loss / n_micro
+            if kd is not None:
+                a = distill[1].weight
+                loss = (1.0 - a) * out.lm_loss + a * kd + out.aux_loss / n_micro
+                kd_sum += float(kd.detach())
+            loss.backward()
             lm_sum += float(out.lm_loss.detach())
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
@@ -177,19 +205,25 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
             batch = first if i == 0 else next_batch()
             if device is not None:
                 batch = batch.to(device, non_blocking=True)
-            out = ddp(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-            (out.loss / n_micro).backward()
+            inputs = batch[:, :-1]
+            out = ddp(inputs, labels=batch[:, 1:], return_logits=distill is not None)
+            kd = None
+            if distill is not None:   # the cross entropy's weights: the mean over the micro-batch's tokens
+                kd = _kd(distill, out, inputs, torch.full(inputs.shape, 1.0 / inputs.numel(), device=inputs.device))
+                kd_sum += float(kd.detach()) / n_micro
+            _mix(out, kd, distill, 1.0 / n_micro).backward()
             lm_sum += float(out.lm_loss.detach()) / n_micro
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
             attn_stats.append(out.attn_router_stats)
     with cuda_to_cpu():
         finalize_model_grads(chunks)   # under PP also the embedding-group all-reduce of a tied embedding's grad
-        lm_loss, aux_loss = _dp_mean([lm_sum, aux_sum], batch.device)
+        lm_loss, aux_loss, kd_loss_ = _dp_mean([lm_sum, aux_sum, kd_sum], batch.device)
         ok, grad_norm = False, float("nan")
-        if finite(lm_loss, aux_loss):
+        if finite(lm_loss, aux_loss + kd_loss_):
             ok, grad_norm = guarded_step(opt)
-    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch, attn_stats)
+    return StepResult(lm_loss, aux_loss, ok, grad_norm, stats, batch, attn_stats,
+                      kd_loss_ if distill is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +277,11 @@ class Trainer:
                  self.counts["active"] / 1e6, self.fpt,
                  f"{self.peak:.4g} FLOP/s" if self.peak else "unknown (CPU: achieved FLOP/s reported instead)")
         self.stats_group = stats_group(cfg.parallel.sequence_parallel)  # ranks holding the global batch once
+        # knowledge distillation (megamoe/training/distill.py): the teacher, frozen, on this rank
+        self.distill = None
+        if cfg.distill.teacher:
+            self.distill = (Teacher.load(cfg.distill, model_cfg.vocab_size, self.device, model_cfg.params_dtype),
+                            cfg.distill)
 
         # ---- data, state, resume ----
         self.data = build_data(cfg.data, model_cfg.vocab_size, self.dp_rank, dp_size)
@@ -427,7 +466,8 @@ class Trainer:
         self.lr = self.sched.apply(self.opt, step - self.stage.start)
         B = cfg.train.micro_batch_size
         next_batch = (lambda: self.data.next_batch(B)) if self.chat else (lambda: self.data.next_batch(B)[0])
-        r = train_step(self.ddp, self.opt, next_batch, self.n_micro, device=self.device, finite=self.guard.finite)
+        r = train_step(self.ddp, self.opt, next_batch, self.n_micro, device=self.device, finite=self.guard.finite,
+                       distill=self.distill)
         done = step + 1
         if self.logs_at(done):
             for micro_stats in r.router_stats:
@@ -462,6 +502,10 @@ class Trainer:
                "step_time": self.step_time, "tgs": tgs, "flops_per_s": tgs * self.fpt,
                "mfu": mfu(tgs, self.fpt, self.peak), "skipped_steps": self.guard.skipped,
                "domain_weights": dict(self.data.weights)}
+        if r.kd_loss is not None:   # distillation: the teacher's KL, and the loss the update followed
+            a = self.cfg.distill.weight
+            rec["kd_loss"] = r.kd_loss
+            rec["loss"] = (1 - a) * r.lm_loss + a * r.kd_loss + r.aux_loss
         if rs:
             rec.update({k: rs[k] for k in ("expert_load", "expert_importance", "dropped_tokens", "dropped_total",
                                            "z_loss")})
