@@ -130,6 +130,60 @@ def test_backends_equal_the_formula_fp32(sizes, local, etp, counts, with_probs, 
     assert torch.count_nonzero(ggu[pad_gu]) == 0 and torch.count_nonzero(gdn[pad_dn]) == 0   # exactly zero
 
 
+@pytest.mark.parametrize("sizes", [[32, 32, 32, 32], [48, 16, 40, 24], [12] * 8])
+def test_dense_backend_equals_the_routed_formula(sizes):
+    """forward_dense(x, combine): every expert on every token, weighted, equals routing each token to its top-k
+    experts and summing their weighted outputs (the formula per expert, fp64): values, the input's, the combine
+    weights' and every expert weight's gradients; experts a token skips get exactly zero gradient from it."""
+    torch.manual_seed(1)
+    H, T, k = 24, 19, 2
+    E = len(sizes)
+    ex = Experts(H, sizes, list(range(E)), std=0.2)
+    x0, dy = torch.randn(T, H), torch.randn(T, H)
+    idx = torch.rand(T, E).topk(k, -1).indices
+    w0 = torch.rand(T, k)
+    comb0 = torch.zeros(T, E).scatter(1, idx, w0)
+    x, comb = x0.clone().requires_grad_(), comb0.clone().requires_grad_()
+    y = ex.forward_dense(x, comb)
+    y.backward(dy)
+    w64 = per_expert_weights(ex, torch.float64)
+    x64, c64 = x0.double().requires_grad_(), comb0.double().requires_grad_()
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for e in idx[t].tolist():
+            wg, wu, wd = w64[e]
+            ref[t] += c64[t, e] * ((F.silu(x64[t] @ wg.t()) * (x64[t] @ wu.t())) @ wd.t())
+    ref.backward(dy.double())
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    picked = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, True)
+    torch.testing.assert_close(comb.grad.double()[picked], c64.grad[picked], **tol)   # the router's gradient
+    rgu, rdn = _stacked_grads(ex, w64)
+    torch.testing.assert_close(ex.gate_up.grad.double(), rgu, **tol)
+    torch.testing.assert_close(ex.down.grad.double(), rdn, **tol)
+    pad_gu, pad_dn = _padding_masks(ex)
+    assert torch.count_nonzero(ex.gate_up.grad[pad_gu]) == 0 and torch.count_nonzero(ex.down.grad[pad_dn]) == 0
+    unused = [e for e in range(E) if not picked[:, e].any()]
+    for e in unused:
+        assert torch.count_nonzero(ex.gate_up.grad[e]) == 0 and torch.count_nonzero(ex.down.grad[e]) == 0
+
+
+def test_dense_backend_choice():
+    """The CPU default picks the dense backend for many fine-grained experts a caller can run densely (top_k given),
+    never without top_k (dispatched rows) or for a few wide experts; forced without top_k it is refused."""
+    x = torch.randn(4, 32)
+    fine = Experts(32, [12] * 128, list(range(128)))
+    assert fine.select_backend(x, top_k=32) == "dense"
+    assert fine.select_backend(x, top_k=16) != "dense"           # E/k = 8: it would compute 8x the FLOPs
+    assert Experts(32, [24] * 64, list(range(64))).select_backend(x, top_k=16) != "dense"   # 24 wide: GEMMs pay
+    assert fine.select_backend(x) != "dense"                     # dispatched rows (EP > 1, expert-TP): not here
+    assert Experts(32, [192] * 8, list(range(8))).select_backend(x, top_k=2) == "grouped_mm"
+    assert Experts(32, [12] * 8, list(range(8))).select_backend(x, top_k=2) == "grouped_mm"   # few experts
+    with pytest.raises(ValueError, match="dense backend .* every expert on this rank"):
+        Experts(32, [12] * 128, list(range(128)), backend="dense")(torch.randn(4, 32), [4] + [0] * 127)
+
+
 def test_loop_fp64_gradcheck_with_probs():
     """fp64 (grouped_mm does not take fp64: the loop backend runs it): torch.autograd.gradcheck over the input, the
     row weights and both stacked parameters, uneven widths and an empty expert."""

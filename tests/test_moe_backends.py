@@ -4,7 +4,8 @@ Reference: MEGAMOE_PERMUTE_BACKEND=torch, MEGAMOE_GATING_BACKEND=torch and MEGAM
 the C++ permute/unpermute, the Triton gating kernel (interpreted on CPU, native with CUDA), both together, and the
 grouped_mm experts (stacked weights, torch's grouped GEMM; CPU: this layer is fp32), for the three
 routers (llama-moe noisy top-k in training, so noise, thresholds and Shazeer's load estimate take part; Mixtral;
-switch with capacity and token dropping), with a residual expert and uneven expert sizes.
+switch with capacity and token dropping), with a residual expert and uneven expert sizes; and the dense experts
+(every expert on every token, weighted by the routing, no dispatch).
 """
 
 import pytest
@@ -31,6 +32,7 @@ PATHS = [   # (permute, gating, experts); the reference: torch, torch, loop
     ("torch", "triton", "loop"),
     ("cpp", "triton", "loop"),
     ("cpp", "torch", "grouped_mm"),
+    ("torch", "torch", "dense"),      # every expert on every token, weighted (no dispatch)
 ]
 
 

@@ -12,6 +12,9 @@ Shapes (`--shape`; the flags below override single fields):
                    (its published 4.33 ms fwd / 7.68 ms bwd on H100 are with a non-gated GELU and EP8; both layers
                    here are SwiGLU, so the FLOPs are 1.5x those of that proxy)
   cpu              H 512, 8 experts of 176, 1024 tokens (the CPU default)
+  smollm2-fine     H 576, 128 experts of 12, top-32, 512 tokens: the megamoe recipe on SmolLM2-135M (the quickstart's
+                   MoE layer); `--experts-backend dense|grouped_mm|loop` compares our backends, each against the same
+                   megatron-core layer in its run
 Defaults: llama-moe-3.5b in bf16 on a GPU, cpu in fp32 on a CPU. `--device cpu` forces the CPU (a dry run of the
 script on a GPU machine, or tiny shapes anywhere).
 
@@ -63,7 +66,8 @@ warnings.filterwarnings("ignore")
 
 SHAPES = {"llama-moe-3.5b": dict(hidden=4096, ffn=1376, experts=8, top_k=2, tokens=4096),
           "mixtral-proxy": dict(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=4096),
-          "cpu": dict(hidden=512, ffn=176, experts=8, top_k=2, tokens=1024)}
+          "cpu": dict(hidden=512, ffn=176, experts=8, top_k=2, tokens=1024),
+          "smollm2-fine": dict(hidden=576, ffn=12, experts=128, top_k=32, tokens=512)}
 ATTN_SHAPES = {"attn-llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, seq_len=4096, batch=1),
                "attn-cpu": dict(hidden=512, heads=8, kv_heads=2, seq_len=512, batch=2)}
 
@@ -81,7 +85,8 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None, help="default: bf16 GPU, fp32 CPU")
     p.add_argument("--iters", type=int, default=None, help="default: 20 GPU, 5 CPU")
     p.add_argument("--warmup", type=int, default=None, help="default: 5 GPU, 2 CPU")
-    p.add_argument("--experts-backend", choices=("auto", "grouped_mm", "loop", "te"), default="auto")
+    p.add_argument("--experts-backend", choices=("auto", "grouped_mm", "loop", "te", "dense"), default="auto",
+                   help="ours: auto = the default for the device, dtype and expert shape (megamoe/moe/experts.py)")
     p.add_argument("--megatron-experts", choices=("auto", "te-grouped", "sequential"), default="auto")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device dense peak for MFU (default: by device name, metrics.peak_flops_for_device)")
@@ -387,7 +392,7 @@ def main(argv=None):
     flops = 3 * (k * 3 * 2 * H * Fh + 2 * H * E) * T          # per rank per fwd+bwd
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for_device(device, args.dtype)
     import megamoe.ops.permute as perm
-    backend = ours.experts.select_backend(x.view(-1, H))
+    backend = ours.experts.select_backend(x.view(-1, H), ours._dense_top_k)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world, "ep": world,
            "dtype": args.dtype, "hidden": H, "ffn": Fh, "experts": E, "top_k": k, "tokens_per_rank": T,
            "megamoe_experts_backend": backend, "permute_backend": perm.select_backend(device),

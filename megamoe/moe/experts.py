@@ -35,6 +35,13 @@ the device and dtype; one log line on `megamoe.moe.experts` says which runs):
               bf16/fp16 (rows padded for oneDNN), fp64, and where grouped_mm cannot run.
   te          transformer-engine's GroupedLinear (cuBLAS grouped GEMM) run on views of the stacked weights; only
               where transformer_engine imports (a GPU). Unverified: no machine with TE has run it yet.
+  dense       every local expert on every token, weighted by its routing weight (0 where the token is not routed
+              there): y = (silu(x G^T) * (x U^T) * w_neuron) D^T with G, U, D every expert's neurons side by side
+              (padding dropped), two GEMMs on the tokens themselves and no dispatch. E/k times the experts' FLOPs,
+              but a few large GEMMs instead of E small ones on k-times-replicated rows and no permute/unpermute:
+              the CPU default for fine-grained experts (DENSE_CPU_RULE; tools/bench_moe_layer.py --experts-backend
+              measures it). Runs through `forward_dense(x, combine)`, which MoELayer calls when every expert is on
+              this rank (EP = expert-TP = 1); anywhere else it is not available.
   `forward_reference` is the plain per-expert computation (F.linear on the views), what the backends are tested
   against.
 """
@@ -55,7 +62,7 @@ from megamoe.ops import _ext
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("grouped_mm", "loop", "te")
+BACKENDS = ("grouped_mm", "loop", "te", "dense")
 ENV_VAR = "MEGAMOE_EXPERTS_BACKEND"
 ALIGN = 8                     # Fm is a multiple of this many elements (16-byte rows at 2 bytes, 32 at 4)
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -64,6 +71,12 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 # weights and losses; docs/benchmarks.md): fp32 grouped_mm 1.39-1.57x the loop's step rate; bf16 0.68x (the loop pads
 # rows to a few shapes for oneDNN's per-shape half-precision kernels, torch's CPU grouped_mm cannot)
 CPU_DEFAULT = {torch.float32: "grouped_mm", torch.bfloat16: "loop", torch.float16: "loop"}
+# ... unless the experts are fine-grained: on a CPU the dense backend runs for at least MIN_EXPERTS local experts of
+# at most MAX_WIDTH neurons on average when a token uses at least 1/MAX_RATIO of them (it computes E/k times the
+# experts' FLOPs). Measured per MoE layer, forward + backward, 512 tokens, H 576 (tools/bench_moe_layer.py;
+# docs/benchmarks.md): 128 experts of 12, top-32: dense 85 ms vs grouped_mm 109 (fp32), 31 vs 75 (bf16); 64 of 24,
+# top-16: dense 76 vs 43 (fp32), 36 vs 36 (bf16); 16 of 96, top-4: dense 3.4x slower than grouped_mm.
+DENSE_CPU_RULE = SimpleNamespace(MIN_EXPERTS=32, MAX_WIDTH=16, MAX_RATIO=4)
 
 
 def _grouped_mm_fn():
@@ -170,18 +183,25 @@ class Experts(nn.Module):
         return len(self.local_ids)
 
     # ---- compute ---------------------------------------------------------------------------------------------
-    def select_backend(self, x: torch.Tensor) -> str:
+    def select_backend(self, x: torch.Tensor, top_k: int | None = None) -> str:
         """The backend that runs for x: Experts(backend=...), else MEGAMOE_EXPERTS_BACKEND, else the default for the
-        device/dtype (CUDA bf16: grouped_mm; CPU: CPU_DEFAULT; else loop). A forced backend that cannot run raises."""
+        device/dtype (CUDA bf16: grouped_mm; CPU: dense for fine-grained experts (DENSE_CPU_RULE), else CPU_DEFAULT;
+        else loop). `top_k`: the experts a token uses, given by a caller that can run the dense backend
+        (`forward_dense`); None: it cannot. A forced backend that cannot run raises."""
         forced = self.backend or _ext.forced_backend(ENV_VAR, BACKENDS, logger, "experts")
         if forced:
-            why = self._unsupported(forced, x)
+            why = self._unsupported(forced, x, top_k)
             if why:
                 raise ValueError(f"experts backend {forced!r} cannot run here: {why}")
             _ext.log_backend_once(logger, "experts", forced, "forced" + ("" if self.backend else f" by {ENV_VAR}"))
             return forced
         if x.device.type == "cuda":
             want = "grouped_mm"
+        elif self.dense_by_default(top_k):
+            _ext.log_backend_once(logger, "experts", "dense", f"all {len(self.local_ids)} experts on every token in "
+                                  f"two GEMMs (fine-grained: {sum(self.widths) / len(self.widths):g} neurons each, "
+                                  f"top-{top_k}), the CPU default for such experts")
+            return "dense"
         else:
             want = CPU_DEFAULT.get(x.dtype, "loop")
         why = self._unsupported(want, x) if want != "loop" else ""
@@ -193,7 +213,21 @@ class Experts(nn.Module):
         _ext.log_backend_once(logger, "experts", want, detail[want])
         return want
 
-    def _unsupported(self, backend: str, x: torch.Tensor) -> str:
+    def dense_by_default(self, top_k: int | None) -> bool:
+        """DENSE_CPU_RULE: many fine-grained experts (>= MIN_EXPERTS, mean width <= MAX_WIDTH) of which a token uses
+        at least 1/MAX_RATIO."""
+        if top_k is None or not self.local_ids or self.etp != 1:
+            return False
+        E, mean_width = len(self.local_ids), sum(self.widths) / len(self.widths)
+        r = DENSE_CPU_RULE
+        return E >= r.MIN_EXPERTS and mean_width <= r.MAX_WIDTH and E <= r.MAX_RATIO * top_k
+
+    def _unsupported(self, backend: str, x: torch.Tensor, top_k: int | None = None) -> str:
+        if backend == "dense":
+            if top_k is None:
+                return ("the dense backend runs every expert on the tokens themselves: it needs every expert on this "
+                        "rank (expert parallelism and expert-TP 1) and is called by MoELayer, not on dispatched rows")
+            return ""
         if backend == "grouped_mm":
             return grouped_mm_unsupported(x, self.gate_up)
         if backend == "te":
@@ -217,6 +251,47 @@ class Experts(nn.Module):
         if backend == "te":
             return _te_swiglu(self, x, counts, probs)
         return _LoopSwiGLU.apply(x, counts, tuple(self.widths), self.gate_up, self.down, probs)
+
+    def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """The dense backend: x [T, H] (the tokens, not dispatched), combine [T, E_local] (each token's weight for each
+        local expert, 0 where it is not routed there) -> sum_e combine[:, e] * expert_e(x) [T, H].
+
+            gu = x [G; U]^T            [T, 2 F]   G, U: every expert's gate / up rows, padding dropped (F = sum F_e)
+            h = silu(g) * u * c        [T, F]     c: combine repeated over each expert's neurons
+            y = h D^T                  [T, H]     D: every expert's down columns
+
+        Plain autograd (index_select / matmul / elementwise): gradients reach the experts a token is routed to and,
+        through combine, the router; a zero weight gives its expert exactly zero gradient from that token."""
+        E = len(self.local_ids)
+        if combine.shape != (x.shape[0], E):
+            raise ValueError(f"experts.forward_dense: combine {tuple(combine.shape)} for {x.shape[0]} tokens and {E} "
+                             "local experts")
+        H, Fm = self.hidden, self.fmax
+        rows, cols, owner = self._dense_index(x.device)
+        w_gu = self.gate_up.reshape(E * 2 * Fm, H).index_select(0, rows)      # [G; U] [2F, H], no padding
+        w_d = self.down.permute(1, 0, 2).reshape(H, E * Fm).index_select(1, cols)   # D [H, F]
+        F_ = w_d.shape[1]
+        gu = F.linear(x, w_gu.to(x.dtype))                                     # [T, 2F]
+        c = combine.to(x.dtype).index_select(1, owner)                         # [T, F]
+        h = F.silu(gu[:, :F_]) * gu[:, F_:] * c
+        return F.linear(h, w_d.to(x.dtype))
+
+    def _dense_index(self, device):
+        """(rows of [G; U] in gate_up.reshape(E * 2 Fm, H): every gate row, then every up row, expert by expert;
+        columns of D in down.permute(1, 0, 2).reshape(H, E * Fm); the expert owning each of the F neurons), cached."""
+        key = (str(device),)
+        cache = getattr(self, "_dense_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        Fm = self.fmax
+        gate = [e * 2 * Fm + j for e, f in enumerate(self.widths) for j in range(f)]
+        up = [e * 2 * Fm + Fm + j for e, f in enumerate(self.widths) for j in range(f)]
+        cols = [e * Fm + j for e, f in enumerate(self.widths) for j in range(f)]
+        owner = [e for e, f in enumerate(self.widths) for _ in range(f)]
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=device)   # noqa: E731
+        out = (t(gate + up), t(cols), t(owner))
+        self._dense_cache = (key, out)
+        return out
 
     def forward_reference(self, x: torch.Tensor, tokens_per_expert, probs: torch.Tensor | None = None):
         """The plain per-expert computation (one F.linear per projection on the views): the tests' reference."""

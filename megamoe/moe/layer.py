@@ -9,6 +9,10 @@ forward(x [S, B, H]) -> (y [S, B, H], RouterStats). A (token, expert) slot dropp
 applied in the experts' activation, y_e = down(silu(g) * u * w), and the combine sums unweighted, so the expert
 output [N, H] is not kept for the backward (megatron's "memory-efficient permutation"). Same values and gradients
 (router's included) to rounding; tests/test_grouped_experts.py.
+
+With every expert on this rank (EP = expert-TP = 1) the experts may run densely instead (Experts backend "dense",
+the CPU default for fine-grained experts): every expert on every token, weighted by `combine_weights(routing)`
+[T, E] (0 for the experts a token is not routed to), no dispatch; the same y to rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ from megamoe.moe.experts import Experts
 from megamoe.moe.router import Router
 from megamoe.ops.precision import upcast
 from megamoe.parallel.collectives import gather_tokens, make_stats_reducer, split_tokens, token_split_sizes
+
+
+def combine_weights(routing, num_experts: int) -> torch.Tensor:
+    """[T, E]: each token's router weight for each expert (the score scale included), 0 where it is not routed there
+    or its slot was dropped by the capacity (the dense experts backend; what the dispatcher's combine applies)."""
+    w = routing.weights if routing.dropped is None else routing.weights.masked_fill(routing.dropped, 0.0)
+    return w.new_zeros(w.shape[0], num_experts).scatter(1, routing.indices, w)
 
 
 class MoELayer(nn.Module):
@@ -51,6 +62,8 @@ class MoELayer(nn.Module):
         tp = ps.get_tensor_model_parallel_world_size()
         self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 and not mp_cfg.sequence_parallel else None
         self.probs_in_experts: bool | None = None
+        # the dense experts backend runs on the tokens themselves: every expert must be here (no dispatch)
+        self._dense_top_k = moe.top_k if ep == 1 and etp == 1 else None
 
     def _probs_in_experts(self, device: torch.device) -> bool:
         if self.probs_in_experts is not None:
@@ -59,6 +72,8 @@ class MoELayer(nn.Module):
         return env == "1" if env in ("0", "1") else device.type == "cuda"
 
     def _experts(self, x: torch.Tensor, routing) -> torch.Tensor:
+        if self.experts.select_backend(x, self._dense_top_k) == "dense":
+            return self.experts.forward_dense(x, combine_weights(routing, self.moe.num_experts))
         expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x, routing, self._probs_in_experts(x.device))
         return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert, probs=handle.row_probs), handle)
 
