@@ -452,3 +452,37 @@ def test_mixtral_export_summary_notes_are_the_exports_own(dense, tmp_path):
     s = convert.moe_to_hf(shards, hf, "mixtral", progress=False)
     assert isinstance(s.get("notes", []), list)
     assert not any("llama-moe" in str(n) and "checkpoint (exported by megamoe)" in str(n) for n in s.get("notes", []))
+
+
+def test_mixtral_export_of_half_precision_shards_with_a_calibrated_scale_is_exact(dense, tmp_path, caplog):
+    """bf16 shards whose score scale is not a power of two (calibrated scales are ~32.2): w2 = scale * down rounded
+    to bf16 is not the model (on SmolLM2 at 128 x top-32 the routing then flips, logits off by 1-4 of 28, and the
+    guard refused the quickstart's bf16 export), so the export is written in float32 and matches our model on the
+    shards in transformers; a power-of-two scale (v1's 4) multiplies exactly and the export stays bf16."""
+    import logging
+    from safetensors import safe_open
+    from transformers import MixtralForCausalLM
+    from megamoe.model import LlamaMoEModel
+    path, _ = dense
+    ids = ids_for()
+    for scale, want in ((3.3, "F32"), (4.0, "BF16")):
+        shards, hf = str(tmp_path / f"moe{scale}"), str(tmp_path / f"mixtral{scale}")
+        convert.hf_to_moe(path, shards, num_experts=4, top_k=2, router="mixtral", gate_network="linear",
+                          score_scale=scale, dtype="bfloat16", progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            s = convert.moe_to_hf(shards, hf, "mixtral", progress=False)
+        with safe_open(os.path.join(hf, "model.safetensors"), "pt") as f:
+            dts = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        assert dts == {want}, (scale, dts)
+        cfgj = json.load(open(os.path.join(hf, "config.json")))
+        assert cfgj.get("torch_dtype", cfgj.get("dtype")) == ("float32" if want == "F32" else "bfloat16")
+        assert ("writing the export in float32" in caplog.text) == (want == "F32")
+        assert any("float32" in n for n in s.get("notes", [])) == (want == "F32")
+        mix = MixtralForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        ck = ShardedCheckpoint(shards)
+        ours = LlamaMoEModel(ck.config).eval()
+        ours.load_state_dict({k: v.float() for k, v in load_shards(shards).items()}, strict=True)
+        with torch.no_grad():
+            a, b = mix(ids).logits, ours(ids).logits
+        assert (a - b).abs().max() < 1e-5 * b.abs().max(), (scale, float((a - b).abs().max()))

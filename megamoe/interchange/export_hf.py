@@ -5,6 +5,7 @@ v2 forwards, written from what the released code computes)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -75,7 +76,19 @@ def moe_to_hf(src: str, out: str, fmt: str = "auto", *, max_shard_bytes: int = 5
         else:
             raise ConfigError(f"format: {fmt!r} is not one of mixtral, llama-moe-v1, llama-moe-v2, auto")
         ref_dt = ck.dtype("embed.weight")
-        hplan = [(h, ck.dtype(o) if o else ref_dt,
+        upcast = False
+        if fmt == "mixtral" and ref_dt in ("BF16", "F16") and any(op and not _power_of_two(op[1]) for _, _, op in plan):
+            # scale * down rounded to 8 (bf16) or 11 (fp16) bits is not the model: with fine-grained routing the
+            # difference flips near-tied experts layer after layer (SmolLM2 128 x top-32 in bf16: logits off by 1-4
+            # of 28). Written in fp32, the export computes what the shards do; cast it down after loading if wanted.
+            logging.getLogger(__name__).info(
+                "%s: the score scales (%s) are folded into w2 and the shards are %s: writing the export in float32, "
+                "so that it computes what the shards do (2x the bytes)", out,
+                ", ".join(sorted({f"{op[1]:.4g}" for _, _, op in plan if op})[:4]) + ", ...", dtype_word(ref_dt))
+            notes.append(f"written in float32 from {dtype_word(ref_dt)} shards: Mixtral has no score scale, so it is "
+                         "folded into w2, and rounding that product to half precision changes the routing")
+            ref_dt, upcast = "F32", True
+        hplan = [(h, "F32" if upcast else ck.dtype(o) if o else ref_dt,
                   v2.piece_shape(ck.shape(o), op[1]) if op and op[0] == "piece"
                   else (ck.shape(o) if o else expected_shape(cfg, o_noise(h))))
                  for h, o, op in plan]
@@ -153,7 +166,16 @@ def _tensors(ck, plan, hplan):
             dim, a, b = op[1]
             yield h, last[1].narrow(dim, a, b - a)
             continue
-        yield h, mx.apply_scale(ck.get(o), op[1] if op else None)
+        t = ck.get(o)
+        if op is not None:      # the folded score scale, multiplied in fp32, then in the export's dtype
+            t = (t.float() * op[1])
+        yield h, t.to(DTYPES[dt])
+
+
+def _power_of_two(x: float) -> bool:
+    """x * w is exact in any binary float format (no rounding) when x is a power of two (v1's scale 4, for one)."""
+    m, _ = math.frexp(float(x))
+    return m == 0.5
 
 
 def o_noise(hf_name: str) -> str:
