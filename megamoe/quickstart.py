@@ -181,7 +181,7 @@ def convert(a, out: str, hf_dir: str) -> str:
             reuse = json.load(f) == made_by
     if not reuse:
         shutil.rmtree(moe_dir, ignore_errors=True)
-        hf_to_moe(hf_dir, moe_dir, seed=a.seed, progress=False, **construction(a))
+        hf_to_moe(hf_dir, moe_dir, seed=a.seed, progress=True, **construction(a))
         atomic_write_text(stamp, json.dumps(made_by, indent=1))
     return moe_dir
 
