@@ -245,3 +245,20 @@ def test_science_oracle_router_agrees_with_the_calibration_oracle(tmp_path):
     assert torch.equal(routing.weights, torch.ones(40, 4))
     m = science.routing_specialisation({"a": [[0.5, 0.5], [1.0, 0.0]], "b": [[0.5, 0.5], [0.0, 1.0]]})
     assert m["js_mean_per_layer"] == pytest.approx([0.0, 1.0])
+
+
+def test_science_loss_curves_are_the_cross_entropy(tmp_path):
+    """fig3/fig7 plot each arm's training cross entropy from its run's metrics.jsonl, not the summary's losses (which
+    add the balance loss: ~9.7 for a 128/32 mixtral router, ~0.01 for top-2 noisy, so a better arm looked worse)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("science", os.path.join(ROOT, "tools", "science.py"))
+    science = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(science)
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    rows = [{"kind": "train", "step": 1, "lm_loss": 5.0, "loss": 14.7}, {"kind": "eval", "step": 1},
+            {"kind": "train", "step": 2, "lm_loss": 4.5, "loss": 14.2}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arm = {"losses": {"1": 14.7, "2": 14.2}, "final_model": str(run / "final_model")}
+    assert science._lm_losses(arm) == {1: 5.0, 2: 4.5}
+    assert science._lm_losses({"losses": {"1": 14.7}, "final_model": None}) == {1: 14.7}

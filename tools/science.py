@@ -351,18 +351,35 @@ def train_arm(s: Setup, name: str, init_path: str | None, steps: int, model_cfg=
     return out
 
 
+def _lm_losses(r: dict) -> dict:
+    """{step: the training cross entropy} of an arm, from its run's metrics.jsonl (the summary's losses add the
+    routers' balance loss, which differs between routers by orders of magnitude: the mixtral balance loss of a
+    128/32 model is ~9.7 summed over 30 layers, a top-2 noisy router's ~0.01)."""
+    path = os.path.join(os.path.dirname(r["final_model"]), "metrics.jsonl") if r.get("final_model") else ""
+    if not os.path.isfile(path):
+        return {int(k): v for k, v in r["losses"].items()}
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "train" and "lm_loss" in rec:
+                out[int(rec["step"])] = rec["lm_loss"]
+    return out
+
+
 def _plot_losses(arms: dict, path: str, title: str, before: dict | None = None):
     plt = _plt()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in arms.items():
-        steps = sorted(int(k) for k in r["losses"])
-        ax.plot(steps, [r["losses"][str(k)] if str(k) in r["losses"] else r["losses"][k] for k in steps],
+        lm = _lm_losses(r)
+        steps = sorted(lm)
+        ax.plot(steps, [lm[k] for k in steps],
                 label=f"{name}: ppl {gmean(r['ppl']):,.1f}" + (f" (before {gmean(before[name]):,.0f})"
                                                               if before and name in before else ""))
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training cross entropy (balance loss not included)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
