@@ -308,7 +308,8 @@ class Trainer:
         self.meter = ThroughputMeter(cfg.log.tgs_window, self.world)
         self.router_acc = RouterStatsAccumulator()
         self.attn_router_acc = RouterStatsAccumulator()   # attention experts' routers (LLaMA-MoE v2), "attn_" rows
-        self.losses: dict[int, float] = {}
+        self.losses: dict[int, float] = {}       # lm + aux per step (what the update followed, without distillation)
+        self.lm_losses: dict[int, float] = {}    # the cross entropy alone
         self.eval_results, self.eval_history, self.samples = None, [], []
         ev = cfg.eval  # eval.lm_eval_tasks: lm-eval tasks at every evaluation (megamoe.eval.lm_eval_backend)
         self.lm_tasks = PeriodicTasks(ev.lm_eval_tasks, ev.lm_eval_include_path, ev.lm_eval_limit, ev.batch_size, [
@@ -478,6 +479,7 @@ class Trainer:
         self.step_time = self.meter.stop(cfg.train.global_batch_tokens)
         if r.ok:
             self.losses[done] = r.lm_loss + r.aux_loss
+            self.lm_losses[done] = r.lm_loss
         else:
             log.warning("step %d: non-finite loss/grad (lm %s, aux %s, grad norm %s); update skipped (%d in a row)",
                         done, r.lm_loss, r.aux_loss, r.grad_norm, self.guard.consecutive + 1)
@@ -575,7 +577,7 @@ class Trainer:
                                                      "init": cfg.init.path, "init_source": cfg.init.source,
                                                      "data": cfg.data.manifest or cfg.data.prefixes})
         summary = {"steps": steps, "start_step": self.start_step, "tokens": self.tokens_seen,
-                   "stopped_by": stopped_by, "skipped_steps": self.guard.skipped, "losses": self.losses,
+                   "stopped_by": stopped_by, "skipped_steps": self.guard.skipped, "losses": self.losses, "lm_losses": self.lm_losses,
                    "eval": self.eval_results, "eval_history": self.eval_history, "params": self.counts,
                    "out_dir": os.path.abspath(cfg.out_dir), "checkpoint_dir": self.ckpt.root,
                    "metrics": os.path.abspath(self.monitor.jsonl_path), "final_model": final_dir,
@@ -583,6 +585,6 @@ class Trainer:
                    "stages": [{"name": s.name, "start": s.start, "end": s.end} for s in self.plan]}
         if self.is_main:
             atomic_write_text(os.path.join(cfg.out_dir, "summary.json"),
-                              json.dumps({k: v for k, v in summary.items() if k not in ("losses", "eval_history")},
+                              json.dumps({k: v for k, v in summary.items() if k not in ("losses", "lm_losses", "eval_history")},
                                          indent=1, default=str))
         return summary
