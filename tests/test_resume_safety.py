@@ -205,3 +205,32 @@ def test_byte_objects_in_distcp_are_checked(tmp_path):
     assert not marker.exists()
     dcp.load({"obj": io.BytesIO()}, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
     assert marker.exists(), "the reference path no longer runs the payload: this test lost its point"
+
+
+@pytest.mark.parametrize("how", ["enospc", "zip"])
+def test_full_disk_during_a_save_is_a_clear_error(tmp_path, monkeypatch, how):
+    """A save that fails because the disk is full (ENOSPC, or torch's zip writer's bare "unexpected pos 704 vs 598"
+    with no space left, as seen when the VM's disk filled) is one CheckpointError naming the disk and the last
+    complete checkpoint, which stays the one --resume finds; any other failure propagates unchanged."""
+    import errno
+    from megamoe.training import checkpoint as C
+    from megamoe.training.trainer import run
+    real, real_usage = C.CheckpointManager._write, shutil.disk_usage
+
+    def failing(self, tmp, step, *a, **k):
+        if step == 4:
+            if how == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(C.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 30, 100 << 30, 52 << 10))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real(self, tmp, step, *a, **k)
+    monkeypatch.setattr(C.CheckpointManager, "_write", failing)
+    with pytest.raises(CheckpointError, match=r"step 4 could not be saved: the disk holding .* is full .*"
+                                              + STEP2 + r".*--resume"):
+        run(tiny(tmp_path, train__steps=4, checkpoint__interval=2))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == STEP2
+    monkeypatch.setattr(C.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(C.CheckpointManager, "_write",
+                        lambda self, tmp, step, *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        run(tiny(tmp_path / "other", train__steps=2, checkpoint__interval=2))

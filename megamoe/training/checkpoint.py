@@ -289,6 +289,31 @@ def validate_checkpoint(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+DISK_FULL_BYTES = 64 << 20   # a failed save with less free space than this is reported as a full disk
+
+
+def _disk_full(root: str, exc: BaseException) -> str | None:
+    """How full the disk is, when `exc` (a failed save) is a full disk: ENOSPC anywhere in its chain or message (torch's
+    zip writer says only "unexpected pos 704 vs 598"; megatron wraps its writer's errors), or less than
+    DISK_FULL_BYTES free now. None otherwise."""
+    import errno
+    seen, e, text = set(), exc, []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            text.append("ENOSPC")
+        text.append(str(e))
+        e = e.__cause__ or e.__context__
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    said = any("ENOSPC" == t or "No space left on device" in t for t in text)
+    if not said and (free is None or free >= DISK_FULL_BYTES):
+        return None
+    return f"{free / 2**20:.1f} MiB free" if free is not None else "no space left on device"
+
+
 class CheckpointManager:
     def __init__(self, root: str, keep_last: int = 3):
         self.root = os.path.abspath(root)
@@ -353,6 +378,23 @@ class CheckpointManager:
             with open(os.path.join(tmp, OWNER), "w") as f:
                 f.write(owner_tag() + "\n" + (f"job={job} attempt={attempt}\n" if job is not None else ""))
         _barrier()
+        try:
+            self._write(tmp, step, rank, model, optimizer, train_state, rank_state)
+        except (Exception, CheckpointException) as e:
+            full = _disk_full(self.root, e)
+            if full is None:
+                raise
+            raise CheckpointError(
+                f"{tmp}: step {step} could not be saved: the disk holding {self.root} is full ({full}). The last "
+                f"complete checkpoint is untouched ({self.find_latest() or 'none yet'}); free some space, then "
+                "resume with --resume (the half-written directory is removed by the next save)") from None
+        _barrier()
+        if rank == 0:
+            self._finalize(tmp, final, name)
+        _barrier()
+        return final
+
+    def _write(self, tmp, step, rank, model, optimizer, train_state, rank_state):
         model_sd = model_sharded_state_dict(model)
         with cuda_to_cpu():
             sd = {"model": model_sd,
@@ -366,11 +408,6 @@ class CheckpointManager:
             world = dist.get_world_size() if dist.is_initialized() else 1
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
                 json.dump(to_jsonable({"step": step, **train_state, "world_size": world}), f, indent=1)
-        _barrier()
-        if rank == 0:
-            self._finalize(tmp, final, name)
-        _barrier()
-        return final
 
     @staticmethod
     def _tmp_owner(tmp: str) -> str:
