@@ -268,7 +268,7 @@ def test_guard_catches_a_lost_score_scale(dense, tmp_path, monkeypatch):
     path, _ = dense
     convert.hf_to_moe(path, str(tmp_path / "moe"), num_experts=4, router="mixtral", gate_network="linear",
                       progress=False)
-    monkeypatch.setattr(mixtral, "apply_scale", lambda t, s: t)  # forget to fold the scale into w2
+    monkeypatch.setattr(mixtral, "apply_scale", lambda t, s, dtype=None: t)  # forget to fold the scale into w2
     with pytest.raises(GuardError, match="MixtralForCausalLM"):
         convert.moe_to_hf(str(tmp_path / "moe"), str(tmp_path / "hf"), "mixtral", progress=False)
     assert not os.path.exists(tmp_path / "hf")

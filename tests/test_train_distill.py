@@ -9,7 +9,7 @@ import torch
 
 from megamoe.errors import ConfigError
 from megamoe.training.distill import kd_loss, kd_loss_reference
-from tests.test_train import tiny
+from test_train import tiny
 
 
 def test_kd_loss_matches_the_written_out_kl():

@@ -78,8 +78,11 @@ def export_plan(cfg: ModelConfig):
     return plan
 
 
-def apply_scale(t: torch.Tensor, scale) -> torch.Tensor:
-    return t if scale is None else (t.float() * scale).to(t.dtype)
+def apply_scale(t: torch.Tensor, scale, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * t computed in fp32, in `dtype` (default t's; the export writes half-precision shards with a scale that
+    is not a power of two in fp32, megamoe/interchange/export_hf.py)."""
+    dtype = dtype or t.dtype
+    return t.to(dtype) if scale is None else (t.float() * scale).to(dtype)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:

@@ -166,10 +166,7 @@ def _tensors(ck, plan, hplan):
             dim, a, b = op[1]
             yield h, last[1].narrow(dim, a, b - a)
             continue
-        t = ck.get(o)
-        if op is not None:      # the folded score scale, multiplied in fp32, then in the export's dtype
-            t = (t.float() * op[1])
-        yield h, t.to(DTYPES[dt])
+        yield h, mx.apply_scale(ck.get(o), op[1] if op else None, DTYPES[dt])   # in the export's dtype
 
 
 def _power_of_two(x: float) -> bool:

@@ -72,7 +72,7 @@ class MoELayer(nn.Module):
         return env == "1" if env in ("0", "1") else device.type == "cuda"
 
     def _experts(self, x: torch.Tensor, routing) -> torch.Tensor:
-        if self.experts.select_backend(x, self._dense_top_k) == "dense":
+        if isinstance(self.experts, Experts) and self.experts.select_backend(x, self._dense_top_k) == "dense":
             return self.experts.forward_dense(x, combine_weights(routing, self.moe.num_experts))
         expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x, routing, self._probs_in_experts(x.device))
         return self.dispatcher.combine(self.experts(expert_in, tokens_per_expert, probs=handle.row_probs), handle)
