@@ -24,7 +24,6 @@ and the student's logits are materialised (the fused CPU cross entropy is not us
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from megamoe.errors import ConfigError
 
 log = logging.getLogger("megamoe.train")
 
-__all__ = ["Teacher", "kd_loss", "kd_loss_reference"]
+__all__ = ["Teacher", "kd_loss", "kd_loss_reference", "mixed_loss"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
@@ -47,6 +46,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights:
     log_p = F.log_softmax(teacher_logits.detach().float() / T, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)     # [B, S]
     return (T * T) * (kl * weights.to(kl.dtype)).sum()
+
+
+def mixed_loss(lm, kd, aux, weight: float):
+    """(1 - weight) * lm + weight * kd + aux: the loss a distilling step follows (tensors or floats)."""
+    return (1.0 - weight) * lm + weight * kd + aux
 
 
 def kd_loss_reference(student_logits, teacher_logits, weights, temperature=1.0):
@@ -71,10 +75,7 @@ class Teacher:
         """The teacher of `distill.teacher`: any directory megamoe.eval.load.load_model reads (a dense HF LLaMA, our
         shards, Mixtral, llama-moe v1/v2), in `dtype` (default: the student's params dtype)."""
         from megamoe.eval.load import load_model
-        path = dcfg.teacher
-        if not os.path.isdir(path):
-            raise ConfigError(f"distill.teacher: {path} is not a directory (a Hugging Face model or a megamoe shard "
-                              "directory)")
+        path = dcfg.teacher            # a directory: TrainConfig.validate checked it
         # building it draws init weights: the run's RNG streams (router noise, dropout) stay as they were
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda):

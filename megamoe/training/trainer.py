@@ -54,7 +54,7 @@ from megamoe.training.checkpoint import CheckpointManager
 from megamoe.training.config import (PARAMS_DTYPES, TrainConfig, build_schedule, cpu_has_native_bf16,
                                      resolve_precision, save_train_config)
 from megamoe.training.data import build_data, chat_manifest, full_weights, prepare_embedded_chat
-from megamoe.training.distill import Teacher, kd_loss
+from megamoe.training.distill import Teacher, kd_loss, mixed_loss
 from megamoe.training.evaluate import chat_samples, evaluate
 from megamoe.training.export import export_final_model
 from megamoe.training.init import load_initial_weights, resolve_model_config
@@ -155,14 +155,6 @@ def _kd(distill, out, inputs, weights, position_ids=None, segment_ids=None) -> t
     return kd_loss(out.logits, t_logits, weights, dcfg.temperature)
 
 
-def _mix(out, kd, distill, scale: float = 1.0) -> torch.Tensor:
-    """The loss to differentiate: lm + aux, or (1 - alpha) lm + alpha kd + aux when distilling; times `scale`."""
-    if kd is None:
-        return out.loss * scale if scale != 1.0 else out.loss
-    a = distill[1].weight
-    return ((1.0 - a) * out.lm_loss + a * kd + out.aux_loss) * scale
-
-
 def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=lambda lm, aux: True,
                distill=None) -> StepResult:
     """One optimizer step as the trainer runs it (the LR schedule is the caller's): zero the grad buffers;
@@ -190,12 +182,11 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
         for b in micro:
             out, batch, kd = _sft_forward(ddp, b, device, denominator, distill)
             # lm and kd are already global token means; aux is per micro-batch
-            loss = out.lm_loss + out.aux_loss / n_micro
-            if kd is not None:
-                a = distill[1].weight
-                loss = (1.0 - a) * out.lm_loss + a * kd + out.aux_loss / n_micro
+            if kd is None:
+                (out.lm_loss + out.aux_loss / n_micro).backward()
+            else:
+                mixed_loss(out.lm_loss, kd, out.aux_loss / n_micro, distill[1].weight).backward()
                 kd_sum += float(kd.detach())
-            loss.backward()
             lm_sum += float(out.lm_loss.detach())
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
@@ -211,7 +202,8 @@ def train_step(ddp, opt, next_batch, n_micro: int = 1, *, device=None, finite=la
             if distill is not None:   # the cross entropy's weights: the mean over the micro-batch's tokens
                 kd = _kd(distill, out, inputs, torch.full(inputs.shape, 1.0 / inputs.numel(), device=inputs.device))
                 kd_sum += float(kd.detach()) / n_micro
-            _mix(out, kd, distill, 1.0 / n_micro).backward()
+            loss = out.loss if kd is None else mixed_loss(out.lm_loss, kd, out.aux_loss, distill[1].weight)
+            (loss / n_micro).backward()
             lm_sum += float(out.lm_loss.detach()) / n_micro
             aux_sum += float(out.aux_loss.detach()) / n_micro
             stats.append(out.router_stats)
@@ -505,9 +497,8 @@ class Trainer:
                "mfu": mfu(tgs, self.fpt, self.peak), "skipped_steps": self.guard.skipped,
                "domain_weights": dict(self.data.weights)}
         if r.kd_loss is not None:   # distillation: the teacher's KL, and the loss the update followed
-            a = self.cfg.distill.weight
             rec["kd_loss"] = r.kd_loss
-            rec["loss"] = (1 - a) * r.lm_loss + a * r.kd_loss + r.aux_loss
+            rec["loss"] = mixed_loss(r.lm_loss, r.kd_loss, r.aux_loss, self.cfg.distill.weight)
         if rs:
             rec.update({k: rs[k] for k in ("expert_load", "expert_importance", "dropped_tokens", "dropped_total",
                                            "z_loss")})
